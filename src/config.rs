@@ -1,0 +1,740 @@
+//! Configuration: `config.yml` plus `VIGIL_*` environment overrides, parsed into a raw type and
+//! validated once into [`Config`], which is what every other stage takes.
+//!
+//! Precedence, lowest first: built-in defaults, the YAML file, environment variables. A variable
+//! names a key path with `__` between levels: `VIGIL_KAFKA__BROKERS=host:9092` sets
+//! `kafka.brokers`. Unknown keys and impossible values stop start-up with a message naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Yaml};
+use serde::{Deserialize, Serialize};
+
+use crate::features::{CATEGORICAL_FEATURES, NUMERIC_FEATURES};
+
+/// Errors found while loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The configuration exactly as written; see `config.yml` for every key and its meaning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub kafka: RawKafka,
+    pub encoding: Encoding,
+    pub pipeline: RawPipeline,
+    pub features: RawFeatures,
+    pub models: RawModels,
+    pub consensus: RawConsensus,
+    pub alerts: RawAlerts,
+    pub server: RawServer,
+    pub log: RawLog,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKafka {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: RawTopics,
+    pub client: BTreeMap<String, String>,
+    pub restore_state: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTopics {
+    pub transactions: String,
+    pub alerts: String,
+    pub dead_letter: String,
+}
+
+/// Wire encoding of transaction events on the input topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Json,
+    Avro,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPipeline {
+    pub workers: usize,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFeatures {
+    pub window: usize,
+    pub state_ttl_days: f64,
+    pub frequency_slots: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawModels {
+    pub dir: PathBuf,
+    pub categorical: Vec<String>,
+    pub numeric: Vec<String>,
+    pub isolation_forest: RawForest,
+    pub lof: RawLof,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawForest {
+    pub trees: usize,
+    pub samples: usize,
+    pub extension_level: usize,
+    pub contamination: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLof {
+    pub neighbors: usize,
+    pub contamination: f64,
+    pub index: LofIndexKind,
+}
+
+/// How LOF finds nearest neighbours; both give identical scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LofIndexKind {
+    Kdtree,
+    Brute,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConsensus {
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAlerts {
+    pub top_features: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+/// Log line format on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The numeric model features of the original design, minus `year`: time never repeats, so a
+/// model trained on last year sees every event of this year as out of range on that axis.
+pub const DEFAULT_NUMERIC: [&str; 20] = [
+    "TransactionAmount",
+    "CustomerAge",
+    "TransactionDuration",
+    "LoginAttempts",
+    "AccountBalance",
+    "rolling_mean_amount",
+    "rolling_mean_duration",
+    "seconds_since_last_transaction",
+    "is_not_most_frequent_ip",
+    "is_not_most_frequent_location",
+    "is_not_most_frequent_device",
+    "is_not_most_frequent_merchant",
+    "hour",
+    "month_sin",
+    "month_cos",
+    "weekday_sin",
+    "weekday_cos",
+    "day_sin",
+    "day_cos",
+    "exceeds_75_percent_balance",
+];
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            kafka: RawKafka::default(),
+            encoding: Encoding::Json,
+            pipeline: RawPipeline::default(),
+            features: RawFeatures::default(),
+            models: RawModels::default(),
+            consensus: RawConsensus::default(),
+            alerts: RawAlerts::default(),
+            server: RawServer::default(),
+            log: RawLog::default(),
+        }
+    }
+}
+
+impl Default for RawKafka {
+    fn default() -> Self {
+        Self {
+            brokers: EMBEDDED.to_string(),
+            group_id: "vigil".to_string(),
+            topics: RawTopics::default(),
+            client: BTreeMap::new(),
+            restore_state: true,
+        }
+    }
+}
+
+impl Default for RawTopics {
+    fn default() -> Self {
+        Self {
+            transactions: "transactions".to_string(),
+            alerts: "alerts".to_string(),
+            dead_letter: "transactions.dead-letter".to_string(),
+        }
+    }
+}
+
+impl Default for RawPipeline {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+impl Default for RawFeatures {
+    fn default() -> Self {
+        Self {
+            window: 2,
+            state_ttl_days: 400.0,
+            frequency_slots: 8,
+        }
+    }
+}
+
+impl Default for RawModels {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("models/current"),
+            categorical: CATEGORICAL_FEATURES.iter().map(|s| s.to_string()).collect(),
+            numeric: DEFAULT_NUMERIC.iter().map(|s| s.to_string()).collect(),
+            isolation_forest: RawForest::default(),
+            lof: RawLof::default(),
+        }
+    }
+}
+
+impl Default for RawForest {
+    fn default() -> Self {
+        Self {
+            trees: 100,
+            samples: 256,
+            extension_level: 0,
+            contamination: 0.05,
+        }
+    }
+}
+
+impl Default for RawLof {
+    fn default() -> Self {
+        Self {
+            neighbors: 20,
+            contamination: 0.05,
+            index: LofIndexKind::Kdtree,
+        }
+    }
+}
+
+impl Default for RawConsensus {
+    fn default() -> Self {
+        Self {
+            policy: "all".to_string(),
+        }
+    }
+}
+
+impl Default for RawAlerts {
+    fn default() -> Self {
+        Self { top_features: 3 }
+    }
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8080".to_string(),
+        }
+    }
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            filter: "info".to_string(),
+        }
+    }
+}
+
+/// `kafka.brokers` value that starts an in-process Kafka-protocol cluster (demo only).
+pub const EMBEDDED: &str = "embedded";
+
+/// Which models must flag an event for it to become an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Every model flags it (the default: fewer, surer alerts).
+    All,
+    /// At least one model flags it.
+    Any,
+    /// Only the isolation forest decides.
+    IsolationForest,
+    /// Only LOF decides.
+    Lof,
+}
+
+impl Policy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "all" => Some(Self::All),
+            "any" => Some(Self::Any),
+            "isolation_forest" => Some(Self::IsolationForest),
+            "lof" => Some(Self::Lof),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Any => "any",
+            Self::IsolationForest => "isolation_forest",
+            Self::Lof => "lof",
+        }
+    }
+}
+
+/// Checked configuration. Every field here has passed validation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub encoding: Encoding,
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub features: FeatureConfig,
+    pub models: ModelConfig,
+    pub policy: Policy,
+    pub top_features: usize,
+    pub server_addr: SocketAddr,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `None` means the embedded in-process cluster.
+    pub brokers: Option<String>,
+    pub group_id: String,
+    pub transactions_topic: String,
+    pub alerts_topic: String,
+    pub dead_letter_topic: String,
+    pub client: BTreeMap<String, String>,
+    pub restore_state: bool,
+}
+
+/// Parameters of the per-account state and feature stage.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FeatureConfig {
+    /// Events in the rolling means, the current one included.
+    pub window: usize,
+    /// An account idle for longer than this (event time) starts afresh.
+    pub state_ttl_secs: i64,
+    /// Slots of each frequent-value sketch (IP, location, device, merchant).
+    pub frequency_slots: usize,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        let raw = RawFeatures::default();
+        Self {
+            window: raw.window,
+            state_ttl_secs: (raw.state_ttl_days * 86_400.0) as i64,
+            frequency_slots: raw.frequency_slots,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub dir: PathBuf,
+    pub categorical: Vec<String>,
+    pub numeric: Vec<String>,
+    pub forest: ForestParams,
+    pub lof: LofParams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ForestParams {
+    pub trees: usize,
+    pub samples: usize,
+    pub extension_level: usize,
+    pub contamination: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LofParams {
+    pub neighbors: usize,
+    pub contamination: f64,
+    pub index: LofIndexKind,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        // The defaults are valid by construction; `validate_models` is the single source of the checks.
+        validate_models(&RawModels::default()).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+}
+
+/// Upper bound on model input width; the isolation forest is compiled for each width up to it.
+pub const MAX_MODEL_DIMS: usize = 48;
+
+impl Config {
+    /// Loads defaults, then `path` if given (it must exist), then `VIGIL_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        if let Some(path) = path {
+            if let Err(source) = std::fs::metadata(path) {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+            figment = figment.merge(Yaml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("VIGIL_").split("__"));
+        let raw: RawConfig = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// Parses a YAML document (no environment), for tests and tools.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Yaml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        raw.validate()
+    }
+}
+
+fn check_topic(key: &'static str, name: &str) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 249
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(invalid(
+            key,
+            format!("`{name}` is not a valid Kafka topic name (1-249 of [a-zA-Z0-9._-])"),
+        ))
+    }
+}
+
+fn check_contamination(key: &'static str, c: f64) -> Result<f64, ConfigError> {
+    if c > 0.0 && c <= 0.5 {
+        Ok(c)
+    } else {
+        Err(invalid(key, format!("{c} is outside (0, 0.5]")))
+    }
+}
+
+fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
+    for name in &m.categorical {
+        if !CATEGORICAL_FEATURES.contains(&name.as_str()) {
+            return Err(invalid(
+                "models.categorical",
+                format!("unknown feature `{name}`; known: {}", CATEGORICAL_FEATURES.join(", ")),
+            ));
+        }
+    }
+    for name in &m.numeric {
+        if !NUMERIC_FEATURES.contains(&name.as_str()) {
+            return Err(invalid(
+                "models.numeric",
+                format!("unknown feature `{name}`; known: {}", NUMERIC_FEATURES.join(", ")),
+            ));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = m
+        .numeric
+        .iter()
+        .chain(&m.categorical)
+        .find(|n| !seen.insert(n.as_str()))
+    {
+        return Err(invalid("models", format!("feature `{dup}` is listed twice")));
+    }
+    let forest_dims = m.numeric.len() + m.categorical.len();
+    if forest_dims == 0 {
+        return Err(invalid("models.numeric", "no model features are configured"));
+    }
+    if forest_dims > MAX_MODEL_DIMS {
+        return Err(invalid(
+            "models.numeric",
+            format!("{forest_dims} model features; at most {MAX_MODEL_DIMS} are supported"),
+        ));
+    }
+    let f = &m.isolation_forest;
+    if f.trees == 0 || f.trees > 10_000 {
+        return Err(invalid(
+            "models.isolation_forest.trees",
+            format!("{} is outside 1..=10000", f.trees),
+        ));
+    }
+    if f.samples < 2 || f.samples > 1_000_000 {
+        return Err(invalid(
+            "models.isolation_forest.samples",
+            format!("{} is outside 2..=1000000", f.samples),
+        ));
+    }
+    if f.extension_level >= forest_dims {
+        return Err(invalid(
+            "models.isolation_forest.extension_level",
+            format!(
+                "{} must be below the number of forest features ({forest_dims})",
+                f.extension_level
+            ),
+        ));
+    }
+    let l = &m.lof;
+    if l.neighbors == 0 || l.neighbors > 1000 {
+        return Err(invalid(
+            "models.lof.neighbors",
+            format!("{} is outside 1..=1000", l.neighbors),
+        ));
+    }
+    Ok(ModelConfig {
+        dir: m.dir.clone(),
+        categorical: m.categorical.clone(),
+        numeric: m.numeric.clone(),
+        forest: ForestParams {
+            trees: f.trees,
+            samples: f.samples,
+            extension_level: f.extension_level,
+            contamination: check_contamination(
+                "models.isolation_forest.contamination",
+                f.contamination,
+            )?,
+        },
+        lof: LofParams {
+            neighbors: l.neighbors,
+            contamination: check_contamination("models.lof.contamination", l.contamination)?,
+            index: l.index,
+        },
+    })
+}
+
+impl RawConfig {
+    /// Checks every value once; the result is what the rest of vigil uses.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let k = &self.kafka;
+        let brokers = match k.brokers.trim() {
+            "" => return Err(invalid("kafka.brokers", "is empty; use `embedded` or host:port")),
+            EMBEDDED => None,
+            list => Some(list.to_string()),
+        };
+        if k.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "is empty"));
+        }
+        let transactions = check_topic("kafka.topics.transactions", &k.topics.transactions)?;
+        let alerts = check_topic("kafka.topics.alerts", &k.topics.alerts)?;
+        let dead_letter = check_topic("kafka.topics.dead_letter", &k.topics.dead_letter)?;
+        if transactions == alerts || transactions == dead_letter || alerts == dead_letter {
+            return Err(invalid(
+                "kafka.topics",
+                "transactions, alerts and dead_letter must be three different topics",
+            ));
+        }
+        for reserved in ["enable.auto.offset.store", "group.id", "bootstrap.servers"] {
+            if k.client.contains_key(reserved) {
+                return Err(invalid(
+                    "kafka.client",
+                    format!("`{reserved}` is set by vigil itself and cannot be overridden"),
+                ));
+            }
+        }
+        if self.pipeline.workers == 0 || self.pipeline.workers > 256 {
+            return Err(invalid(
+                "pipeline.workers",
+                format!("{} is outside 1..=256", self.pipeline.workers),
+            ));
+        }
+        if self.pipeline.queue_capacity == 0 {
+            return Err(invalid("pipeline.queue_capacity", "must be at least 1"));
+        }
+        let f = &self.features;
+        if f.window == 0 || f.window > 64 {
+            return Err(invalid(
+                "features.window",
+                format!("{} is outside 1..=64", f.window),
+            ));
+        }
+        if !(f.state_ttl_days.is_finite() && f.state_ttl_days > 0.0 && f.state_ttl_days <= 36_500.0)
+        {
+            return Err(invalid(
+                "features.state_ttl_days",
+                format!("{} is outside (0, 36500]", f.state_ttl_days),
+            ));
+        }
+        if f.frequency_slots == 0 || f.frequency_slots > 64 {
+            return Err(invalid(
+                "features.frequency_slots",
+                format!("{} is outside 1..=64", f.frequency_slots),
+            ));
+        }
+        let models = validate_models(&self.models)?;
+        let policy = Policy::parse(&self.consensus.policy).ok_or_else(|| {
+            invalid(
+                "consensus.policy",
+                format!(
+                    "`{}` is not one of all, any, isolation_forest, lof",
+                    self.consensus.policy
+                ),
+            )
+        })?;
+        if self.alerts.top_features > 32 {
+            return Err(invalid(
+                "alerts.top_features",
+                format!("{} is outside 0..=32", self.alerts.top_features),
+            ));
+        }
+        let server_addr = self.server.addr.parse().map_err(|e| {
+            invalid(
+                "server.addr",
+                format!("`{}` is not ip:port ({e})", self.server.addr),
+            )
+        })?;
+        Ok(Config {
+            kafka: KafkaConfig {
+                brokers,
+                group_id: k.group_id.clone(),
+                transactions_topic: transactions,
+                alerts_topic: alerts,
+                dead_letter_topic: dead_letter,
+                client: k.client.clone(),
+                restore_state: k.restore_state,
+            },
+            encoding: self.encoding,
+            workers: self.pipeline.workers,
+            queue_capacity: self.pipeline.queue_capacity,
+            features: FeatureConfig {
+                window: f.window,
+                state_ttl_secs: (f.state_ttl_days * 86_400.0) as i64,
+                frequency_slots: f.frequency_slots,
+            },
+            models,
+            policy,
+            top_features: self.alerts.top_features,
+            server_addr,
+            log_format: self.log.format,
+            log_filter: self.log.filter.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml_error(text: &str) -> String {
+        match Config::from_yaml(text) {
+            Ok(_) => panic!("`{text}` was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn shipped_config_yml_equals_the_built_in_defaults() {
+        let text = include_str!("../config.yml");
+        let from_file: RawConfig = Figment::new()
+            .merge(Yaml::string(text))
+            .extract()
+            .unwrap_or_else(|e| panic!("config.yml: {e}"));
+        assert_eq!(from_file, RawConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let e = yaml_error("kafka:\n  brokerz: x\n");
+        assert!(e.contains("brokerz"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_name_their_key() {
+        for (yaml, key) in [
+            ("features:\n  window: 0\n", "features.window"),
+            (
+                "models:\n  isolation_forest:\n    contamination: 0.9\n",
+                "models.isolation_forest.contamination",
+            ),
+            ("models:\n  lof:\n    neighbors: 0\n", "models.lof.neighbors"),
+            ("consensus:\n  policy: most\n", "consensus.policy"),
+            ("server:\n  addr: nowhere\n", "server.addr"),
+            ("kafka:\n  topics:\n    alerts: transactions\n", "kafka.topics"),
+            ("models:\n  numeric: [Amount]\n", "models.numeric"),
+            (
+                "kafka:\n  client:\n    group.id: other\n",
+                "kafka.client",
+            ),
+        ] {
+            let e = yaml_error(yaml);
+            assert!(e.contains(key), "{yaml} -> {e}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("VIGIL_KAFKA__BROKERS", "kafka-1:9092");
+            jail.set_env("VIGIL_MODELS__LOF__NEIGHBORS", "7");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.kafka.brokers.as_deref(), Some("kafka-1:9092"));
+            assert_eq!(c.models.lof.neighbors, 7);
+            Ok(())
+        });
+    }
+}

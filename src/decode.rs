@@ -1,0 +1,653 @@
+//! Decode and validate: raw bytes (JSON, or Avro as a plain datum or in the Confluent wire format)
+//! become a checked [`Transaction`], or a [`DecodeError`] that says which field is wrong and why.
+//!
+//! Field names are those of the bundled dataset (`IP Address`, also accepted as `IPAddress`).
+//! Ranges are those of the original API: amount 0–1,000,000; age 18–120; duration 0–10,000 s;
+//! login attempts 0–10; balance 0–10,000,000.
+
+use std::fmt;
+use std::io::Cursor;
+
+use apache_avro::Schema;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Encoding;
+
+/// The Avro schema of an input event, as shipped in `schemas/transaction.avsc`.
+pub const TRANSACTION_AVSC: &str = include_str!("../schemas/transaction.avsc");
+
+/// An event as it arrives, every field optional so that a missing one is reported by name.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RawTransaction {
+    #[serde(rename = "TransactionID")]
+    pub transaction_id: Option<String>,
+    #[serde(rename = "AccountID")]
+    pub account_id: Option<String>,
+    #[serde(rename = "TransactionAmount")]
+    pub amount: Option<f64>,
+    #[serde(rename = "TransactionDate")]
+    pub date: Option<String>,
+    #[serde(rename = "TransactionType")]
+    pub transaction_type: Option<String>,
+    #[serde(rename = "Location")]
+    pub location: Option<String>,
+    #[serde(rename = "DeviceID")]
+    pub device_id: Option<String>,
+    #[serde(rename = "IP Address", alias = "IPAddress")]
+    pub ip_address: Option<String>,
+    #[serde(rename = "MerchantID")]
+    pub merchant_id: Option<String>,
+    #[serde(rename = "Channel")]
+    pub channel: Option<String>,
+    #[serde(rename = "CustomerAge")]
+    pub customer_age: Option<i64>,
+    #[serde(rename = "CustomerOccupation")]
+    pub occupation: Option<String>,
+    #[serde(rename = "TransactionDuration")]
+    pub duration: Option<i64>,
+    #[serde(rename = "LoginAttempts")]
+    pub login_attempts: Option<i64>,
+    #[serde(rename = "AccountBalance")]
+    pub balance: Option<f64>,
+    #[serde(rename = "PreviousTransactionDate")]
+    pub previous_date: Option<String>,
+}
+
+/// Debit or credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransactionType {
+    Debit,
+    Credit,
+}
+
+/// Where the transaction was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Channel {
+    #[serde(rename = "ATM")]
+    Atm,
+    Online,
+    Branch,
+}
+
+/// The customer's occupation as the core system records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Occupation {
+    Doctor,
+    Student,
+    Retired,
+    Engineer,
+}
+
+macro_rules! enum_names {
+    ($ty:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $name),+ }
+            }
+            fn parse(s: &str) -> Option<Self> {
+                match s { $($name => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+enum_names!(TransactionType { Debit => "Debit", Credit => "Credit" });
+enum_names!(Channel { Atm => "ATM", Online => "Online", Branch => "Branch" });
+enum_names!(Occupation { Doctor => "Doctor", Student => "Student", Retired => "Retired", Engineer => "Engineer" });
+
+/// A validated transaction: every field present and inside its range.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Transaction {
+    #[serde(rename = "TransactionID")]
+    pub transaction_id: String,
+    #[serde(rename = "AccountID")]
+    pub account_id: String,
+    #[serde(rename = "TransactionAmount")]
+    pub amount: f64,
+    /// Event time, seconds since the Unix epoch (UTC).
+    #[serde(rename = "TransactionDate", serialize_with = "serialize_time")]
+    pub time: i64,
+    #[serde(rename = "TransactionType")]
+    pub transaction_type: TransactionType,
+    #[serde(rename = "Location")]
+    pub location: String,
+    #[serde(rename = "DeviceID")]
+    pub device_id: String,
+    #[serde(rename = "IP Address")]
+    pub ip_address: String,
+    #[serde(rename = "MerchantID")]
+    pub merchant_id: String,
+    #[serde(rename = "Channel")]
+    pub channel: Channel,
+    #[serde(rename = "CustomerAge")]
+    pub customer_age: u32,
+    #[serde(rename = "CustomerOccupation")]
+    pub occupation: Occupation,
+    #[serde(rename = "TransactionDuration")]
+    pub duration: u32,
+    #[serde(rename = "LoginAttempts")]
+    pub login_attempts: u32,
+    #[serde(rename = "AccountBalance")]
+    pub balance: f64,
+    #[serde(rename = "PreviousTransactionDate", skip_serializing_if = "Option::is_none")]
+    pub previous_date: Option<String>,
+}
+
+/// Formats epoch seconds as the dataset's `YYYY-MM-DD HH:MM:SS`.
+pub fn format_time(secs: i64) -> String {
+    DateTime::<Utc>::from_timestamp(secs, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+fn serialize_time<S: serde::Serializer>(secs: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(*secs))
+}
+
+/// Why an event was rejected. `code()` is the metric label; `Display` is the dead-letter reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not valid {format}: {detail}")]
+    Malformed { format: &'static str, detail: String },
+    #[error("field `{field}` is missing")]
+    Missing { field: &'static str },
+    #[error("field `{field}` is empty")]
+    Empty { field: &'static str },
+    #[error("field `{field}` = {value} is outside {min}..={max}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        min: f64,
+        max: f64,
+    },
+    #[error("field `{field}` = `{value}` is not one of {allowed}")]
+    NotAllowed {
+        field: &'static str,
+        value: String,
+        allowed: String,
+    },
+    #[error("field `{field}` = `{value}` is not a timestamp (YYYY-MM-DD HH:MM:SS or RFC 3339)")]
+    BadTimestamp { field: &'static str, value: String },
+}
+
+impl DecodeError {
+    /// Short, stable label for metrics and the dead-letter `error.code` header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Malformed { .. } => "malformed",
+            Self::Missing { .. } => "missing_field",
+            Self::Empty { .. } => "empty_field",
+            Self::OutOfRange { .. } => "out_of_range",
+            Self::NotAllowed { .. } => "not_allowed",
+            Self::BadTimestamp { .. } => "bad_timestamp",
+        }
+    }
+
+    /// The field at fault, if the error is about one field.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::Malformed { .. } => None,
+            Self::Missing { field }
+            | Self::Empty { field }
+            | Self::OutOfRange { field, .. }
+            | Self::NotAllowed { field, .. }
+            | Self::BadTimestamp { field, .. } => Some(field),
+        }
+    }
+
+    /// Which stage rejected the event, for the dead-letter `error.stage` header.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Self::Malformed { .. } => "decode",
+            _ => "validate",
+        }
+    }
+}
+
+/// Decodes event bytes in one encoding; the Avro schema is parsed once, here.
+#[derive(Debug, Clone)]
+pub enum Decoder {
+    Json,
+    Avro(Box<Schema>),
+}
+
+impl Decoder {
+    pub fn new(encoding: Encoding) -> Self {
+        match encoding {
+            Encoding::Json => Self::Json,
+            Encoding::Avro => Self::Avro(Box::new(transaction_schema())),
+        }
+    }
+
+    /// Bytes to a checked transaction.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Transaction, DecodeError> {
+        let raw = match self {
+            Self::Json => {
+                serde_json::from_slice::<RawTransaction>(bytes).map_err(|e| DecodeError::Malformed {
+                    format: "JSON",
+                    detail: e.to_string(),
+                })?
+            }
+            Self::Avro(schema) => decode_avro(schema, bytes)?,
+        };
+        validate(raw)
+    }
+}
+
+/// The parsed transaction schema. The shipped schema is checked by a unit test, so parsing it
+/// cannot fail at run time.
+pub fn transaction_schema() -> Schema {
+    Schema::parse_str(TRANSACTION_AVSC).unwrap_or_else(|e| unreachable!("shipped schema: {e}"))
+}
+
+/// Confluent framing: magic byte 0 then a big-endian schema id. A plain datum never starts with
+/// 0 for a valid event, since that would be an empty TransactionID.
+const CONFLUENT_MAGIC: u8 = 0;
+const CONFLUENT_HEADER: usize = 5;
+
+fn decode_avro(schema: &Schema, bytes: &[u8]) -> Result<RawTransaction, DecodeError> {
+    let datum = match bytes.first() {
+        Some(&CONFLUENT_MAGIC) if bytes.len() > CONFLUENT_HEADER => &bytes[CONFLUENT_HEADER..],
+        _ => bytes,
+    };
+    let malformed = |detail: String| DecodeError::Malformed {
+        format: "Avro",
+        detail,
+    };
+    let mut reader = Cursor::new(datum);
+    let value = apache_avro::from_avro_datum(schema, &mut reader, None)
+        .map_err(|e| malformed(e.to_string()))?;
+    if (reader.position() as usize) != datum.len() {
+        return Err(malformed(format!(
+            "{} trailing bytes after the record",
+            datum.len() - reader.position() as usize
+        )));
+    }
+    raw_from_avro(value).map_err(malformed)
+}
+
+/// Maps a decoded record onto the raw event (the schema guarantees the field types).
+fn raw_from_avro(value: apache_avro::types::Value) -> Result<RawTransaction, String> {
+    use apache_avro::types::Value;
+    let Value::Record(fields) = value else {
+        return Err("not a record".into());
+    };
+    let mut raw = RawTransaction::default();
+    for (name, v) in fields {
+        let v = match v {
+            Value::Union(_, inner) => *inner,
+            v => v,
+        };
+        let (s, f, i) = match v {
+            Value::String(s) => (Some(s), None, None),
+            Value::Double(x) => (None, Some(x), None),
+            Value::Int(x) => (None, None, Some(i64::from(x))),
+            Value::Null => continue,
+            other => return Err(format!("field `{name}` has unexpected value {other:?}")),
+        };
+        match name.as_str() {
+            "TransactionID" => raw.transaction_id = s,
+            "AccountID" => raw.account_id = s,
+            "TransactionAmount" => raw.amount = f,
+            "TransactionDate" => raw.date = s,
+            "TransactionType" => raw.transaction_type = s,
+            "Location" => raw.location = s,
+            "DeviceID" => raw.device_id = s,
+            "IPAddress" => raw.ip_address = s,
+            "MerchantID" => raw.merchant_id = s,
+            "Channel" => raw.channel = s,
+            "CustomerAge" => raw.customer_age = i,
+            "CustomerOccupation" => raw.occupation = s,
+            "TransactionDuration" => raw.duration = i,
+            "LoginAttempts" => raw.login_attempts = i,
+            "AccountBalance" => raw.balance = f,
+            "PreviousTransactionDate" => raw.previous_date = s,
+            _ => {}
+        }
+    }
+    Ok(raw)
+}
+
+/// Encodes a transaction as an Avro datum of `schemas/transaction.avsc` (plain, no framing).
+pub fn encode_avro(schema: &Schema, tx: &Transaction) -> Result<Vec<u8>, apache_avro::Error> {
+    use apache_avro::types::Value;
+    let s = |v: &str| Value::String(v.to_string());
+    let record = Value::Record(vec![
+        ("TransactionID".into(), s(&tx.transaction_id)),
+        ("AccountID".into(), s(&tx.account_id)),
+        ("TransactionAmount".into(), Value::Double(tx.amount)),
+        ("TransactionDate".into(), s(&format_time(tx.time))),
+        ("TransactionType".into(), s(tx.transaction_type.as_str())),
+        ("Location".into(), s(&tx.location)),
+        ("DeviceID".into(), s(&tx.device_id)),
+        ("IPAddress".into(), s(&tx.ip_address)),
+        ("MerchantID".into(), s(&tx.merchant_id)),
+        ("Channel".into(), s(tx.channel.as_str())),
+        ("CustomerAge".into(), Value::Int(tx.customer_age as i32)),
+        ("CustomerOccupation".into(), s(tx.occupation.as_str())),
+        ("TransactionDuration".into(), Value::Int(tx.duration as i32)),
+        ("LoginAttempts".into(), Value::Int(tx.login_attempts as i32)),
+        ("AccountBalance".into(), Value::Double(tx.balance)),
+        (
+            "PreviousTransactionDate".into(),
+            Value::Union(
+                u32::from(tx.previous_date.is_some()),
+                Box::new(tx.previous_date.as_deref().map(s).unwrap_or(Value::Null)),
+            ),
+        ),
+    ]);
+    apache_avro::to_avro_datum(schema, record)
+}
+
+/// Parses the dataset's `YYYY-MM-DD HH:MM:SS` (UTC), `YYYY-MM-DDTHH:MM:SS`, or RFC 3339.
+pub fn parse_time(s: &str) -> Option<i64> {
+    let s = s.trim();
+    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc().timestamp());
+        }
+    }
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp())
+}
+
+fn required<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
+    v.ok_or(DecodeError::Missing { field })
+}
+
+fn text(v: Option<String>, field: &'static str) -> Result<String, DecodeError> {
+    let v = required(v, field)?;
+    if v.trim().is_empty() {
+        Err(DecodeError::Empty { field })
+    } else {
+        Ok(v)
+    }
+}
+
+fn ranged<T: Copy + Into<f64> + fmt::Display>(
+    v: Option<T>,
+    field: &'static str,
+    min: f64,
+    max: f64,
+) -> Result<T, DecodeError> {
+    let v = required(v, field)?;
+    let x: f64 = v.into();
+    if x.is_finite() && x >= min && x <= max {
+        Ok(v)
+    } else {
+        Err(DecodeError::OutOfRange {
+            field,
+            value: v.to_string(),
+            min,
+            max,
+        })
+    }
+}
+
+fn int_ranged(v: Option<i64>, field: &'static str, min: i64, max: i64) -> Result<u32, DecodeError> {
+    let v = required(v, field)?;
+    if (min..=max).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(DecodeError::OutOfRange {
+            field,
+            value: v.to_string(),
+            min: min as f64,
+            max: max as f64,
+        })
+    }
+}
+
+fn one_of<T>(
+    v: Option<String>,
+    field: &'static str,
+    parse: fn(&str) -> Option<T>,
+    names: &[&str],
+) -> Result<T, DecodeError> {
+    let v = text(v, field)?;
+    parse(&v).ok_or_else(|| DecodeError::NotAllowed {
+        field,
+        value: v,
+        allowed: names.join(", "),
+    })
+}
+
+/// Checks every field of a raw event, in schema order, and reports the first problem.
+pub fn validate(raw: RawTransaction) -> Result<Transaction, DecodeError> {
+    let transaction_id = text(raw.transaction_id, "TransactionID")?;
+    let account_id = text(raw.account_id, "AccountID")?;
+    let amount = ranged(raw.amount, "TransactionAmount", 0.0, 1_000_000.0)?;
+    let date = text(raw.date, "TransactionDate")?;
+    let time = parse_time(&date).ok_or(DecodeError::BadTimestamp {
+        field: "TransactionDate",
+        value: date,
+    })?;
+    let transaction_type = one_of(
+        raw.transaction_type,
+        "TransactionType",
+        TransactionType::parse,
+        TransactionType::NAMES,
+    )?;
+    let location = text(raw.location, "Location")?;
+    let device_id = text(raw.device_id, "DeviceID")?;
+    let ip_address = text(raw.ip_address, "IP Address")?;
+    let merchant_id = text(raw.merchant_id, "MerchantID")?;
+    let channel = one_of(raw.channel, "Channel", Channel::parse, Channel::NAMES)?;
+    let customer_age = int_ranged(raw.customer_age, "CustomerAge", 18, 120)?;
+    let occupation = one_of(
+        raw.occupation,
+        "CustomerOccupation",
+        Occupation::parse,
+        Occupation::NAMES,
+    )?;
+    let duration = int_ranged(raw.duration, "TransactionDuration", 0, 10_000)?;
+    let login_attempts = int_ranged(raw.login_attempts, "LoginAttempts", 0, 10)?;
+    let balance = ranged(raw.balance, "AccountBalance", 0.0, 10_000_000.0)?;
+    Ok(Transaction {
+        transaction_id,
+        account_id,
+        amount,
+        time,
+        transaction_type,
+        location,
+        device_id,
+        ip_address,
+        merchant_id,
+        channel,
+        customer_age,
+        occupation,
+        duration,
+        login_attempts,
+        balance,
+        previous_date: raw.previous_date,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"TransactionID":"TX000001","AccountID":"AC00128","TransactionAmount":14.09,
+        "TransactionDate":"2023-04-11 16:29:14","TransactionType":"Debit","Location":"San Diego",
+        "DeviceID":"D000380","IP Address":"162.198.218.92","MerchantID":"M015","Channel":"ATM",
+        "CustomerAge":70,"CustomerOccupation":"Doctor","TransactionDuration":81,"LoginAttempts":1,
+        "AccountBalance":5112.21,"PreviousTransactionDate":"2024-11-04 08:08:08"}"#;
+
+    fn with(field: &str, value: serde_json::Value) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap_or_default();
+        if let Some(map) = v.as_object_mut() {
+            if value.is_null() {
+                map.remove(field);
+            } else {
+                map.insert(field.to_string(), value);
+            }
+        }
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+
+    fn reject(bytes: &[u8]) -> DecodeError {
+        match Decoder::Json.decode(bytes) {
+            Ok(tx) => panic!("accepted {tx:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_dataset_row_decodes_with_all_fields() {
+        let tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tx.account_id, "AC00128");
+        assert_eq!(tx.amount, 14.09);
+        assert_eq!(format_time(tx.time), "2023-04-11 16:29:14");
+        assert_eq!(tx.channel, Channel::Atm);
+        assert_eq!(tx.ip_address, "162.198.218.92");
+    }
+
+    #[test]
+    fn ip_address_is_accepted_without_the_space() {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap_or_default();
+        let map = v.as_object_mut().unwrap_or_else(|| unreachable!());
+        let ip = map.remove("IP Address").unwrap_or_default();
+        map.insert("IPAddress".into(), ip);
+        let tx = Decoder::Json
+            .decode(&serde_json::to_vec(&v).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tx.ip_address, "162.198.218.92");
+    }
+
+    #[test]
+    fn broken_json_is_malformed() {
+        let e = reject(b"{\"TransactionID\": ");
+        assert_eq!(e.code(), "malformed");
+        assert_eq!(e.stage(), "decode");
+    }
+
+    #[test]
+    fn every_missing_field_is_named() {
+        for field in [
+            "TransactionID",
+            "AccountID",
+            "TransactionAmount",
+            "TransactionDate",
+            "TransactionType",
+            "Location",
+            "DeviceID",
+            "IP Address",
+            "MerchantID",
+            "Channel",
+            "CustomerAge",
+            "CustomerOccupation",
+            "TransactionDuration",
+            "LoginAttempts",
+            "AccountBalance",
+        ] {
+            let e = reject(&with(field, serde_json::Value::Null));
+            assert_eq!(e, DecodeError::Missing { field }, "{field}");
+            assert_eq!(e.stage(), "validate");
+        }
+    }
+
+    #[test]
+    fn empty_identifiers_are_rejected() {
+        let e = reject(&with("AccountID", " ".into()));
+        assert_eq!(e, DecodeError::Empty { field: "AccountID" });
+    }
+
+    #[test]
+    fn every_range_rule_rejects_just_outside_and_accepts_the_edges() {
+        for (field, low, high, bad_low, bad_high) in [
+            ("TransactionAmount", 0.0, 1_000_000.0, -0.01, 1_000_000.01),
+            ("CustomerAge", 18.0, 120.0, 17.0, 121.0),
+            ("TransactionDuration", 0.0, 10_000.0, -1.0, 10_001.0),
+            ("LoginAttempts", 0.0, 10.0, -1.0, 11.0),
+            ("AccountBalance", 0.0, 10_000_000.0, -0.01, 10_000_000.01),
+        ] {
+            let integer = !matches!(field, "TransactionAmount" | "AccountBalance");
+            let num = |x: f64| -> serde_json::Value {
+                if integer {
+                    (x as i64).into()
+                } else {
+                    x.into()
+                }
+            };
+            for ok in [low, high] {
+                assert!(Decoder::Json.decode(&with(field, num(ok))).is_ok(), "{field}={ok}");
+            }
+            for bad in [bad_low, bad_high] {
+                let e = reject(&with(field, num(bad)));
+                assert_eq!(e.code(), "out_of_range", "{field}={bad}: {e}");
+                assert_eq!(e.field(), Some(field));
+            }
+        }
+    }
+
+    #[test]
+    fn a_fractional_age_is_malformed_not_truncated() {
+        assert_eq!(reject(&with("CustomerAge", 30.5.into())).code(), "malformed");
+    }
+
+    #[test]
+    fn enum_fields_accept_only_their_values() {
+        for (field, bad) in [
+            ("TransactionType", "Refund"),
+            ("Channel", "Phone"),
+            ("CustomerOccupation", "Pilot"),
+        ] {
+            let e = reject(&with(field, bad.into()));
+            assert_eq!(e.code(), "not_allowed", "{field}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn timestamps_must_parse() {
+        let e = reject(&with("TransactionDate", "yesterday".into()));
+        assert_eq!(e.code(), "bad_timestamp");
+        for ok in ["2023-04-11T16:29:14", "2023-04-11T18:29:14+02:00"] {
+            let tx = Decoder::Json
+                .decode(&with("TransactionDate", ok.into()))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(format_time(tx.time), "2023-04-11 16:29:14");
+        }
+    }
+
+    #[test]
+    fn avro_plain_and_confluent_framed_decode_to_the_same_transaction() {
+        let tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let decoder = Decoder::new(Encoding::Avro);
+        let Decoder::Avro(schema) = &decoder else {
+            unreachable!()
+        };
+        let plain = encode_avro(schema, &tx).unwrap_or_else(|e| panic!("{e}"));
+        let mut framed = vec![0, 0, 0, 0, 42];
+        framed.extend_from_slice(&plain);
+        assert_eq!(decoder.decode(&plain).as_ref(), Ok(&tx));
+        assert_eq!(decoder.decode(&framed).as_ref(), Ok(&tx));
+    }
+
+    #[test]
+    fn truncated_or_padded_avro_is_malformed() {
+        let tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let decoder = Decoder::new(Encoding::Avro);
+        let Decoder::Avro(schema) = &decoder else {
+            unreachable!()
+        };
+        let plain = encode_avro(schema, &tx).unwrap_or_else(|e| panic!("{e}"));
+        let e = decoder.decode(&plain[..plain.len() / 2]).err();
+        assert_eq!(e.map(|e| e.code()), Some("malformed"));
+        let mut padded = plain.clone();
+        padded.push(7);
+        assert_eq!(decoder.decode(&padded).err().map(|e| e.code()), Some("malformed"));
+    }
+
+    #[test]
+    fn avro_values_are_validated_like_json() {
+        let mut tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        tx.login_attempts = 50;
+        let decoder = Decoder::new(Encoding::Avro);
+        let Decoder::Avro(schema) = &decoder else {
+            unreachable!()
+        };
+        let bytes = encode_avro(schema, &tx).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(decoder.decode(&bytes).err().map(|e| e.code()), Some("out_of_range"));
+    }
+}

@@ -1,0 +1,10 @@
+pub mod config;
+pub mod consensus;
+pub mod decode;
+pub mod features;
+pub mod models;
+pub mod state;
+pub mod train;
+pub mod metrics;
+pub mod pipeline;
+pub mod publish;

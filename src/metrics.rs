@@ -1,0 +1,157 @@
+//! Every Prometheus metric vigil exports, by name, in one place. Dashboards and alert rules
+//! refer to these names; `GET /metrics` renders [`Metrics::registry`].
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Handles to all metrics. Cloning is cheap (the handles are reference-counted).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Events read from the input topic (valid or not).
+    pub events_consumed: IntCounter,
+    /// Events that passed decoding and validation and were scored.
+    pub events_scored: IntCounter,
+    /// Invalid events, by reason code (see `DecodeError::code`).
+    pub events_invalid: IntCounterVec,
+    /// Dead-letter records acknowledged by the broker.
+    pub dead_letters: IntCounter,
+    /// Alerts acknowledged by the broker.
+    pub alerts: IntCounter,
+    /// Per-model flags, whether or not consensus made an alert.
+    pub model_flags: IntCounterVec,
+    /// Per-model score distribution.
+    pub model_scores: HistogramVec,
+    /// CPU time per event from decode to decision.
+    pub processing_seconds: Histogram,
+    /// Time from consumption to the broker acknowledging the outcome (offset stored).
+    pub end_to_end_seconds: Histogram,
+    /// Accounts held in memory.
+    pub accounts_tracked: IntGauge,
+    /// Approximate bytes of per-account state.
+    pub state_bytes: IntGauge,
+    /// Partitions currently assigned to this instance.
+    pub partitions_assigned: IntGauge,
+    /// Events replayed to rebuild state after an assignment.
+    pub state_restored_events: IntCounter,
+    /// Latest offset whose outcome is stored, per partition.
+    pub stored_offset: IntGaugeVec,
+    /// Publish failures after the producer gave up retrying.
+    pub publish_failures: IntCounter,
+    /// 1 when models are loaded; the gauge's label carries the version.
+    pub model_info: IntGaugeVec,
+    /// Unix time the loaded model was trained.
+    pub model_created_seconds: IntGauge,
+}
+
+/// Buckets for per-event CPU time: 1 µs to about 30 ms.
+fn cpu_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(1e-6, 2.0, 16).unwrap_or_default()
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("vigil".into()), None)?;
+        macro_rules! register {
+            ($metric:expr) => {{
+                let m = $metric;
+                registry.register(Box::new(m.clone()))?;
+                m
+            }};
+        }
+        Ok(Self {
+            events_consumed: register!(IntCounter::new(
+                "events_consumed_total",
+                "Events read from the input topic"
+            )?),
+            events_scored: register!(IntCounter::new(
+                "events_scored_total",
+                "Valid events scored by the models"
+            )?),
+            events_invalid: register!(IntCounterVec::new(
+                Opts::new("events_invalid_total", "Invalid events sent to the dead-letter topic"),
+                &["reason"]
+            )?),
+            dead_letters: register!(IntCounter::new(
+                "dead_letters_published_total",
+                "Dead-letter records acknowledged by the broker"
+            )?),
+            alerts: register!(IntCounter::new(
+                "alerts_published_total",
+                "Alerts acknowledged by the broker"
+            )?),
+            model_flags: register!(IntCounterVec::new(
+                Opts::new("model_flags_total", "Events each model flagged"),
+                &["model"]
+            )?),
+            model_scores: register!(HistogramVec::new(
+                HistogramOpts::new("model_score", "Anomaly score per model (higher = more anomalous)")
+                    .buckets(vec![
+                        0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2,
+                        1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0
+                    ]),
+                &["model"]
+            )?),
+            processing_seconds: register!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "processing_seconds",
+                    "CPU time per event, decode to decision"
+                )
+                .buckets(cpu_buckets())
+            )?),
+            end_to_end_seconds: register!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "end_to_end_seconds",
+                    "Time from consuming an event to its outcome being acknowledged"
+                )
+                .buckets(prometheus::exponential_buckets(1e-4, 2.0, 18).unwrap_or_default())
+            )?),
+            accounts_tracked: register!(IntGauge::new(
+                "accounts_tracked",
+                "Accounts held in memory"
+            )?),
+            state_bytes: register!(IntGauge::new(
+                "state_bytes",
+                "Approximate bytes of per-account state"
+            )?),
+            partitions_assigned: register!(IntGauge::new(
+                "partitions_assigned",
+                "Input partitions assigned to this instance"
+            )?),
+            state_restored_events: register!(IntCounter::new(
+                "state_restored_events_total",
+                "Events replayed from the input topic to rebuild account state"
+            )?),
+            stored_offset: register!(IntGaugeVec::new(
+                Opts::new(
+                    "stored_offset",
+                    "Next offset to commit per partition (outcome acknowledged below it)"
+                ),
+                &["partition"]
+            )?),
+            publish_failures: register!(IntCounter::new(
+                "publish_failures_total",
+                "Outcomes the producer could not deliver"
+            )?),
+            model_info: register!(IntGaugeVec::new(
+                Opts::new("model_info", "Loaded model version (value 1)"),
+                &["version"]
+            )?),
+            model_created_seconds: register!(IntGauge::new(
+                "model_created_timestamp_seconds",
+                "Unix time the loaded model was trained"
+            )?),
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

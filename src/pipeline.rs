@@ -1,0 +1,131 @@
+//! The per-event path, synchronous and free of I/O: bytes → decode → account state → features →
+//! both models → consensus → outcome. The stream workers, offline scoring and the tests all call
+//! [`Engine::process`], so "the same events through the same code" is literally true.
+
+use std::sync::Arc;
+
+use chrono::{SecondsFormat, Utc};
+
+use crate::config::{FeatureConfig, Policy};
+use crate::consensus::decide;
+use crate::decode::{DecodeError, Decoder, Transaction};
+use crate::features::compute;
+use crate::models::{ModelSet, Scratch, Verdict};
+use crate::publish::{Alert, SourceCoordinates, alert_id};
+use crate::state::PartitionState;
+
+/// What became of one event.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Scored; the models did not agree it is anomalous.
+    Clean(Scored),
+    /// Scored and alerted.
+    Alert(Box<Alert>, Scored),
+    /// Rejected by decode or validation.
+    Invalid(DecodeError),
+}
+
+/// The models' verdicts on a valid event.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub verdicts: [Verdict; 2],
+}
+
+/// Decoder, models and decision policy: everything needed to process an event.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub models: Arc<ModelSet>,
+    pub decoder: Decoder,
+    pub policy: Policy,
+    pub top_features: usize,
+}
+
+impl Engine {
+    pub fn new(models: Arc<ModelSet>, decoder: Decoder, policy: Policy, top_features: usize) -> Self {
+        Self {
+            models,
+            decoder,
+            policy,
+            top_features,
+        }
+    }
+
+    /// The state parameters the models were trained with (serving must use the same).
+    pub fn features(&self) -> &FeatureConfig {
+        &self.models.manifest.features
+    }
+
+    /// Processes one event of `source`'s partition, updating that partition's state.
+    pub fn process(
+        &self,
+        state: &mut PartitionState,
+        source: &SourceCoordinates,
+        payload: &[u8],
+        scratch: &mut Scratch,
+    ) -> Outcome {
+        state.next_offset = Some(source.offset + 1);
+        match self.decoder.decode(payload) {
+            Ok(tx) => self.score(state, source, tx, scratch),
+            Err(e) => Outcome::Invalid(e),
+        }
+    }
+
+    /// Scores a valid transaction against its account's state, then folds it into the state.
+    pub fn score(
+        &self,
+        state: &mut PartitionState,
+        source: &SourceCoordinates,
+        tx: Transaction,
+        scratch: &mut Scratch,
+    ) -> Outcome {
+        let cfg = *self.features();
+        let account = state.account_mut(&tx.account_id, tx.time, &cfg);
+        let features = compute(account, &tx);
+        let verdicts = self.models.assess(&features, scratch);
+        let scored = Scored { verdicts };
+        if !decide(self.policy, &verdicts) {
+            account.update(&tx, &cfg);
+            return Outcome::Clean(scored);
+        }
+        // Explained against the state before this event, then the event joins the state.
+        let top = self
+            .models
+            .explain(&features, account, &tx, self.top_features);
+        account.update(&tx, &cfg);
+        let reason = if top.is_empty() {
+            "the models score it above their thresholds".to_string()
+        } else {
+            top.iter()
+                .map(|c| c.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let event_time = chrono::DateTime::<Utc>::from_timestamp(tx.time, 0)
+            .unwrap_or_default()
+            .to_rfc3339_opts(SecondsFormat::Secs, true);
+        let alert = Alert {
+            alert_id: alert_id(source, self.models.version()),
+            transaction_id: tx.transaction_id.clone(),
+            account_id: tx.account_id.clone(),
+            event_time,
+            detected_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            source: source.clone(),
+            policy: self.policy.as_str(),
+            model_version: self.models.version().to_string(),
+            models: verdicts.to_vec(),
+            reason,
+            top_features: top,
+            transaction: tx,
+        };
+        Outcome::Alert(Box::new(alert), scored)
+    }
+
+    /// Folds an already-processed event into the state without scoring it (state restore).
+    pub fn warm(&self, state: &mut PartitionState, offset: i64, payload: &[u8]) {
+        state.next_offset = Some(offset + 1);
+        if let Ok(tx) = self.decoder.decode(payload) {
+            let cfg = *self.features();
+            state.account_mut(&tx.account_id, tx.time, &cfg).update(&tx, &cfg);
+        }
+    }
+}

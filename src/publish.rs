@@ -1,0 +1,232 @@
+//! Publish: alerts to the alerts topic and invalid events to the dead-letter topic, through one
+//! idempotent producer; and the acknowledgement side — an event's offset is stored for commit
+//! only after its outcome (alert, dead letter, or nothing to publish) is acknowledged, in order.
+//!
+//! Guarantee: at-least-once. Every consumed event's outcome is on the broker before its offset is
+//! committed, so a crash or restart re-processes (never skips) events after the last commit.
+//! A re-processed event yields the same `alert_id`, so consumers can drop duplicates.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::decode::{DecodeError, Transaction};
+use crate::models::{Contribution, Verdict};
+
+/// Where an event came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourceCoordinates {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The alert record (schema: `schemas/alert.avsc`; JSON has the same field names).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Alert {
+    pub alert_id: String,
+    pub transaction_id: String,
+    pub account_id: String,
+    pub event_time: String,
+    pub detected_at: String,
+    pub source: SourceCoordinates,
+    pub policy: &'static str,
+    pub model_version: String,
+    pub models: Vec<Verdict>,
+    pub reason: String,
+    pub top_features: Vec<Contribution>,
+    pub transaction: Transaction,
+}
+
+/// Deterministic alert id: the same event scored by the same model version always gets the
+/// same id, so a re-delivery is recognisable.
+pub fn alert_id(source: &SourceCoordinates, model_version: &str) -> String {
+    let digest = Sha256::digest(format!(
+        "{}/{}/{}/{model_version}",
+        source.topic, source.partition, source.offset
+    ));
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Dead-letter headers: the reason and where the event came from, plus the original headers.
+pub fn dead_letter_headers(
+    error: &DecodeError,
+    source: &SourceCoordinates,
+    original: Option<&OwnedHeaders>,
+) -> OwnedHeaders {
+    let partition = source.partition.to_string();
+    let offset = source.offset.to_string();
+    let message = error.to_string();
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "error",
+            value: Some(message.as_str()),
+        })
+        .insert(Header {
+            key: "error.code",
+            value: Some(error.code()),
+        })
+        .insert(Header {
+            key: "error.field",
+            value: error.field(),
+        })
+        .insert(Header {
+            key: "error.stage",
+            value: Some(error.stage()),
+        })
+        .insert(Header {
+            key: "source.topic",
+            value: Some(source.topic.as_str()),
+        })
+        .insert(Header {
+            key: "source.partition",
+            value: Some(partition.as_str()),
+        })
+        .insert(Header {
+            key: "source.offset",
+            value: Some(offset.as_str()),
+        });
+    if let Some(original) = original {
+        for h in original.iter() {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    headers
+}
+
+/// Enqueues a record, waiting while the producer's local queue is full (back-pressure, never
+/// drop). Returns the future of the broker's acknowledgement.
+pub async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// What was published for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// Scored, nothing to publish.
+    Clean,
+    Alert,
+    DeadLetter,
+}
+
+/// An event whose outcome is on its way to the broker; its offset may be stored once
+/// `delivery` (if any) is acknowledged and every earlier event of the partition was.
+pub struct Pending {
+    pub partition: i32,
+    pub offset: i64,
+    pub kind: OutcomeKind,
+    pub delivery: Option<DeliveryFuture>,
+    pub consumed_at: Instant,
+}
+
+/// Why an outcome could not be acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("delivery of the outcome of partition {partition} offset {offset} failed: {source}")]
+    Delivery {
+        partition: i32,
+        offset: i64,
+        source: KafkaError,
+    },
+    #[error("the producer was dropped before partition {partition} offset {offset} was acknowledged")]
+    Canceled { partition: i32, offset: i64 },
+}
+
+impl Pending {
+    /// Waits for the broker's acknowledgement (immediate for a clean event).
+    pub async fn acknowledged(self) -> Result<Self, PublishError> {
+        let (partition, offset) = (self.partition, self.offset);
+        let Pending {
+            delivery,
+            kind,
+            consumed_at,
+            ..
+        } = self;
+        if let Some(delivery) = delivery {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((source, _))) => {
+                    return Err(PublishError::Delivery {
+                        partition,
+                        offset,
+                        source,
+                    });
+                }
+                Err(_) => return Err(PublishError::Canceled { partition, offset }),
+            }
+        }
+        Ok(Self {
+            partition,
+            offset,
+            kind,
+            delivery: None,
+            consumed_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_ids_are_deterministic_per_event_and_model_version() {
+        let s = SourceCoordinates {
+            topic: "transactions".into(),
+            partition: 2,
+            offset: 41,
+        };
+        let a = alert_id(&s, "v1");
+        assert_eq!(a, alert_id(&s.clone(), "v1"));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, alert_id(&s, "v2"));
+        assert_ne!(a, alert_id(&SourceCoordinates { offset: 42, ..s }, "v1"));
+    }
+
+    #[test]
+    fn dead_letter_headers_carry_reason_source_and_original_headers() {
+        let e = DecodeError::Missing {
+            field: "AccountID",
+        };
+        let s = SourceCoordinates {
+            topic: "tx".into(),
+            partition: 1,
+            offset: 7,
+        };
+        let original = OwnedHeaders::new().insert(Header {
+            key: "trace",
+            value: Some("abc"),
+        });
+        let h = dead_letter_headers(&e, &s, Some(&original));
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("error").as_deref(), Some("field `AccountID` is missing"));
+        assert_eq!(get("error.code").as_deref(), Some("missing_field"));
+        assert_eq!(get("error.stage").as_deref(), Some("validate"));
+        assert_eq!(get("source.offset").as_deref(), Some("7"));
+        assert_eq!(get("trace").as_deref(), Some("abc"));
+    }
+}

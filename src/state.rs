@@ -1,0 +1,232 @@
+//! Per-account state: what vigil remembers about each account between its events — the last few
+//! amounts and durations, when it last transacted, and its most frequent IP, location, device and
+//! merchant — kept per Kafka partition so that a partition's accounts can move as a unit.
+//!
+//! Memory is bounded: the rolling buffers hold `window - 1` values, each frequent-value sketch
+//! holds `frequency_slots` entries (Space-Saving: exact while an account has used no more distinct
+//! values than slots), and an account idle for `state_ttl` in event time is forgotten.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::config::FeatureConfig;
+use crate::decode::Transaction;
+
+/// One slot of a [`FrequentValues`] sketch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Slot {
+    pub value: Box<str>,
+    pub count: u32,
+    /// Order of first arrival into the sketch; breaks count ties toward the older value.
+    #[serde(skip)]
+    arrival: u32,
+}
+
+/// Space-Saving heavy-hitter sketch with a fixed number of slots.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FrequentValues {
+    slots: Vec<Slot>,
+    #[serde(skip)]
+    arrivals: u32,
+}
+
+impl FrequentValues {
+    /// The value seen most often (earliest first seen on a tie), if any was seen.
+    pub fn most_frequent(&self) -> Option<&str> {
+        self.slots
+            .iter()
+            .max_by(|a, b| a.count.cmp(&b.count).then(b.arrival.cmp(&a.arrival)))
+            .map(|s| &*s.value)
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Counts one occurrence of `value`, replacing the least counted slot when all are taken.
+    pub fn observe(&mut self, value: &str, capacity: usize) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| &*s.value == value) {
+            slot.count += 1;
+            return;
+        }
+        self.arrivals += 1;
+        let fresh = Slot {
+            value: value.into(),
+            count: 1,
+            arrival: self.arrivals,
+        };
+        if self.slots.len() < capacity {
+            self.slots.push(fresh);
+        } else if let Some(min) = self
+            .slots
+            .iter_mut()
+            .min_by(|a, b| a.count.cmp(&b.count).then(b.arrival.cmp(&a.arrival)))
+        {
+            // Space-Saving: the newcomer inherits the evicted count, an upper bound on its own.
+            *min = Slot {
+                count: min.count + 1,
+                ..fresh
+            };
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.slots.iter().map(|s| s.value.len()).sum::<usize>()
+    }
+}
+
+/// Everything vigil keeps about one account.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AccountState {
+    /// The previous `window - 1` amounts, oldest first.
+    pub recent_amounts: VecDeque<f64>,
+    /// The previous `window - 1` durations, oldest first.
+    pub recent_durations: VecDeque<f64>,
+    /// Event time of the latest transaction seen (seconds since the epoch).
+    pub last_time: Option<i64>,
+    pub transactions: u64,
+    pub ips: FrequentValues,
+    pub locations: FrequentValues,
+    pub devices: FrequentValues,
+    pub merchants: FrequentValues,
+}
+
+impl AccountState {
+    /// Whether this state is too old to describe an event at `time`.
+    pub fn expired_at(&self, time: i64, cfg: &FeatureConfig) -> bool {
+        self.last_time
+            .is_some_and(|last| time.saturating_sub(last) > cfg.state_ttl_secs)
+    }
+
+    /// Folds one transaction into the state (after its features were computed).
+    pub fn update(&mut self, tx: &Transaction, cfg: &FeatureConfig) {
+        let keep = cfg.window.saturating_sub(1);
+        for (buf, v) in [
+            (&mut self.recent_amounts, tx.amount),
+            (&mut self.recent_durations, f64::from(tx.duration)),
+        ] {
+            if keep > 0 {
+                if buf.len() == keep {
+                    buf.pop_front();
+                }
+                buf.push_back(v);
+            }
+        }
+        // Late events do not move the clock back.
+        self.last_time = Some(self.last_time.map_or(tx.time, |t| t.max(tx.time)));
+        self.transactions += 1;
+        let slots = cfg.frequency_slots;
+        self.ips.observe(&tx.ip_address, slots);
+        self.locations.observe(&tx.location, slots);
+        self.devices.observe(&tx.device_id, slots);
+        self.merchants.observe(&tx.merchant_id, slots);
+    }
+
+    /// Heap and inline bytes held by this state, not counting the map entry's key.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + (self.recent_amounts.capacity() + self.recent_durations.capacity()) * 8
+            + self.ips.heap_bytes()
+            + self.locations.heap_bytes()
+            + self.devices.heap_bytes()
+            + self.merchants.heap_bytes()
+    }
+}
+
+/// The accounts of one input partition and the position the state has reached in it.
+#[derive(Debug, Default)]
+pub struct PartitionState {
+    pub accounts: HashMap<Box<str>, AccountState>,
+    /// The offset the next event must have for this state to be current; anything else (a
+    /// rebalance, a seek, a restart) means the state must be rebuilt first.
+    pub next_offset: Option<i64>,
+    /// Latest event time seen in this partition, used to sweep idle accounts.
+    pub watermark: i64,
+    events_since_sweep: u64,
+}
+
+/// How many events pass between sweeps for idle accounts.
+const SWEEP_EVERY: u64 = 10_000;
+
+impl PartitionState {
+    /// The account's state for an event at `time`, fresh if the account is new or expired.
+    pub fn account_mut(&mut self, account: &str, time: i64, cfg: &FeatureConfig) -> &mut AccountState {
+        self.watermark = self.watermark.max(time);
+        self.events_since_sweep += 1;
+        if self.events_since_sweep >= SWEEP_EVERY {
+            self.sweep(cfg);
+        }
+        if !self.accounts.contains_key(account) {
+            self.accounts.insert(account.into(), AccountState::default());
+        }
+        let state = self
+            .accounts
+            .get_mut(account)
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        if state.expired_at(time, cfg) {
+            *state = AccountState::default();
+        }
+        state
+    }
+
+    /// Forgets accounts idle for longer than the TTL relative to the partition's latest event.
+    pub fn sweep(&mut self, cfg: &FeatureConfig) {
+        self.events_since_sweep = 0;
+        let watermark = self.watermark;
+        self.accounts
+            .retain(|_, s| !s.expired_at(watermark, cfg));
+    }
+
+    /// Bytes held by all accounts of this partition, keys included.
+    pub fn bytes(&self) -> usize {
+        self.accounts
+            .iter()
+            .map(|(k, v)| k.len() + std::mem::size_of::<Box<str>>() + v.bytes())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frequent_values_are_exact_within_capacity_and_ties_go_to_the_first_seen() {
+        let mut f = FrequentValues::default();
+        for v in ["a", "b", "b", "a"] {
+            f.observe(v, 4);
+        }
+        assert_eq!(f.most_frequent(), Some("a"));
+        f.observe("b", 4);
+        assert_eq!(f.most_frequent(), Some("b"));
+    }
+
+    #[test]
+    fn frequent_values_stay_bounded_and_keep_the_heavy_hitter() {
+        let mut f = FrequentValues::default();
+        for i in 0..1000 {
+            f.observe("home", 4);
+            f.observe(&format!("other-{i}"), 4);
+        }
+        assert_eq!(f.slots().len(), 4);
+        assert_eq!(f.most_frequent(), Some("home"));
+    }
+
+    #[test]
+    fn idle_accounts_expire_after_the_ttl_in_event_time() {
+        let cfg = FeatureConfig {
+            state_ttl_secs: 100,
+            ..FeatureConfig::default()
+        };
+        let mut p = PartitionState::default();
+        p.account_mut("A", 1_000, &cfg).last_time = Some(1_000);
+        assert_eq!(p.account_mut("A", 1_100, &cfg).last_time, Some(1_000));
+        assert_eq!(p.account_mut("A", 1_101, &cfg).last_time, None);
+        p.account_mut("A", 1_101, &cfg).last_time = Some(1_101);
+        p.account_mut("B", 5_000, &cfg);
+        p.sweep(&cfg);
+        assert!(!p.accounts.contains_key("A"));
+    }
+}
