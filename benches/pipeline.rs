@@ -1,1 +1,157 @@
-fn main() {}
+//! CPU cost per event and of each model, on the bundled dataset's real feature vectors.
+//!
+//!     cargo bench --bench pipeline
+//!
+//! Also writes `target/lof_matrix.csv` (the LOF input matrix of all 2,512 events) so that
+//! `sklearn_oracle.py` can be timed on exactly the same numbers (see docs/benchmarks.md).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use extended_isolation_forest::Forest;
+use vigil::config::{Encoding, FeatureConfig, LofIndexKind, ModelConfig, Policy};
+use vigil::decode::Decoder;
+use vigil::models::lof::KnnIndex;
+use vigil::models::{Detector, ModelSet, Scratch, forest};
+use vigil::pipeline::Engine;
+use vigil::publish::SourceCoordinates;
+use vigil::state::PartitionState;
+use vigil::train::{bundled_history, in_event_time_order, replay_features, train};
+
+fn setup() -> (ModelSet, Vec<Vec<u8>>) {
+    let history = bundled_history().unwrap_or_default();
+    let models = train(&history, &ModelConfig::default(), &FeatureConfig::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let events = in_event_time_order(history.events);
+    let payloads = events
+        .iter()
+        .map(|t| serde_json::to_vec(t).unwrap_or_default())
+        .collect();
+    (models, payloads)
+}
+
+fn per_event(c: &mut Criterion) {
+    let (models, payloads) = setup();
+    let engine = Engine::new(
+        Arc::new(models),
+        Decoder::new(Encoding::Json),
+        Policy::All,
+        3,
+    );
+    let mut g = c.benchmark_group("per_event");
+    g.bench_function("decode_features_models_decision", |b| {
+        let mut state = PartitionState::default();
+        let mut scratch = Scratch::default();
+        let mut i = 0usize;
+        b.iter(|| {
+            let payload = &payloads[i % payloads.len()];
+            let source = SourceCoordinates {
+                topic: "bench".into(),
+                partition: 0,
+                offset: i as i64,
+            };
+            i += 1;
+            black_box(engine.process(&mut state, &source, payload, &mut scratch));
+        });
+    });
+    g.bench_function("decode_only", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            black_box(engine.decoder.decode(&payloads[i % payloads.len()]))
+        });
+    });
+    g.finish();
+}
+
+fn models(c: &mut Criterion) {
+    let (set, _) = setup();
+    let history = bundled_history().unwrap_or_default();
+    let rows = replay_features(
+        &in_event_time_order(history.events),
+        &FeatureConfig::default(),
+    );
+
+    // LOF: the real encoded feature vector (robust-scaled numerics + one-hot).
+    let lof_rows: Vec<Vec<f64>> = rows.iter().map(|r| set.lof.encoder.encode(r)).collect();
+    let dims = set.lof.model.dims;
+    let csv: String = std::iter::once(
+        (0..dims)
+            .map(|i| format!("x{i}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .chain(lof_rows.iter().map(|r| {
+        r.iter()
+            .map(|v| format!("{v:?}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }))
+    .collect::<Vec<_>>()
+    .join("\n");
+    let _ = std::fs::write("target/lof_matrix.csv", csv + "\n");
+
+    let mut g = c.benchmark_group(format!("lof_k20_{dims}dims_{}rows", lof_rows.len()));
+    for kind in [LofIndexKind::Kdtree, LofIndexKind::Brute] {
+        let index = KnnIndex::build(kind, &set.lof.model.points, dims);
+        g.bench_function(format!("{kind:?}").to_lowercase(), |b| {
+            let mut buf = Vec::new();
+            let mut i = 0usize;
+            b.iter(|| {
+                i += 1;
+                black_box(
+                    set.lof
+                        .model
+                        .score(&index, &lof_rows[i % lof_rows.len()], &mut buf),
+                )
+            });
+        });
+    }
+    g.finish();
+
+    // Isolation forest: the flattened copy against the crate's own scoring of the same trees.
+    let forest_rows: Vec<Vec<f64>> = rows.iter().map(|r| set.forest.encoder.encode(r)).collect();
+    let opts = forest::options(100, 256, 0, forest_rows.len());
+    let json = forest::train_crate_json(&forest_rows, &opts).unwrap_or_default();
+    let flat = forest::FlatForest::from_crate_json(&json).unwrap_or_else(|e| panic!("{e}"));
+    const N: usize = 23;
+    let crate_forest: Forest<f64, N> =
+        serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{e}"));
+    let arrays: Vec<[f64; N]> = forest_rows
+        .iter()
+        .map(|r| <[f64; N]>::try_from(r.as_slice()).unwrap_or([0.0; N]))
+        .collect();
+    let mut g = c.benchmark_group(format!("isolation_forest_100x256_{N}dims"));
+    g.bench_function("flattened", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            black_box(flat.score(&forest_rows[i % forest_rows.len()]))
+        });
+    });
+    g.bench_function("crate_forest_score", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            black_box(crate_forest.score(&arrays[i % arrays.len()]))
+        });
+    });
+    g.finish();
+
+    let mut scratch = Scratch::default();
+    c.bench_function("both_detectors_on_features", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            let f = &rows[i % rows.len()];
+            black_box((
+                set.forest.assess(f, &mut scratch),
+                set.lof.assess(f, &mut scratch),
+            ))
+        });
+    });
+}
+
+criterion_group!(benches, per_event, models);
+criterion_main!(benches);

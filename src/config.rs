@@ -441,7 +441,7 @@ impl Config {
             }
             figment = figment.merge(Yaml::file(path));
         }
-        figment = figment.merge(Env::prefixed("VIGIL_").split("__"));
+        figment = figment.merge(env_overrides());
         let raw: RawConfig = figment
             .extract()
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
@@ -456,6 +456,30 @@ impl Config {
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
         raw.validate()
     }
+}
+
+/// Top-level sections of the configuration, the only `VIGIL_*` variables read as keys (others,
+/// such as `VIGIL_CONFIG`, belong to the command line or to tools).
+const SECTIONS: [&str; 9] = [
+    "kafka",
+    "encoding",
+    "pipeline",
+    "features",
+    "models",
+    "consensus",
+    "alerts",
+    "server",
+    "log",
+];
+
+fn env_overrides() -> Env {
+    Env::prefixed("VIGIL_")
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            let first = key.split("__").next().unwrap_or("");
+            SECTIONS.contains(&first)
+        })
+        .split("__")
 }
 
 fn check_topic(key: &'static str, name: &str) -> Result<String, ConfigError> {
@@ -487,7 +511,10 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
         if !CATEGORICAL_FEATURES.contains(&name.as_str()) {
             return Err(invalid(
                 "models.categorical",
-                format!("unknown feature `{name}`; known: {}", CATEGORICAL_FEATURES.join(", ")),
+                format!(
+                    "unknown feature `{name}`; known: {}",
+                    CATEGORICAL_FEATURES.join(", ")
+                ),
             ));
         }
     }
@@ -495,7 +522,10 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
         if !NUMERIC_FEATURES.contains(&name.as_str()) {
             return Err(invalid(
                 "models.numeric",
-                format!("unknown feature `{name}`; known: {}", NUMERIC_FEATURES.join(", ")),
+                format!(
+                    "unknown feature `{name}`; known: {}",
+                    NUMERIC_FEATURES.join(", ")
+                ),
             ));
         }
     }
@@ -506,11 +536,17 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
         .chain(&m.categorical)
         .find(|n| !seen.insert(n.as_str()))
     {
-        return Err(invalid("models", format!("feature `{dup}` is listed twice")));
+        return Err(invalid(
+            "models",
+            format!("feature `{dup}` is listed twice"),
+        ));
     }
     let forest_dims = m.numeric.len() + m.categorical.len();
     if forest_dims == 0 {
-        return Err(invalid("models.numeric", "no model features are configured"));
+        return Err(invalid(
+            "models.numeric",
+            "no model features are configured",
+        ));
     }
     if forest_dims > MAX_MODEL_DIMS {
         return Err(invalid(
@@ -573,7 +609,12 @@ impl RawConfig {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let k = &self.kafka;
         let brokers = match k.brokers.trim() {
-            "" => return Err(invalid("kafka.brokers", "is empty; use `embedded` or host:port")),
+            "" => {
+                return Err(invalid(
+                    "kafka.brokers",
+                    "is empty; use `embedded` or host:port",
+                ));
+            }
             EMBEDDED => None,
             list => Some(list.to_string()),
         };
@@ -677,6 +718,7 @@ impl RawConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own error type
 mod tests {
     use super::*;
 
@@ -711,15 +753,18 @@ mod tests {
                 "models:\n  isolation_forest:\n    contamination: 0.9\n",
                 "models.isolation_forest.contamination",
             ),
-            ("models:\n  lof:\n    neighbors: 0\n", "models.lof.neighbors"),
+            (
+                "models:\n  lof:\n    neighbors: 0\n",
+                "models.lof.neighbors",
+            ),
             ("consensus:\n  policy: most\n", "consensus.policy"),
             ("server:\n  addr: nowhere\n", "server.addr"),
-            ("kafka:\n  topics:\n    alerts: transactions\n", "kafka.topics"),
-            ("models:\n  numeric: [Amount]\n", "models.numeric"),
             (
-                "kafka:\n  client:\n    group.id: other\n",
-                "kafka.client",
+                "kafka:\n  topics:\n    alerts: transactions\n",
+                "kafka.topics",
             ),
+            ("models:\n  numeric: [Amount]\n", "models.numeric"),
+            ("kafka:\n  client:\n    group.id: other\n", "kafka.client"),
         ] {
             let e = yaml_error(yaml);
             assert!(e.contains(key), "{yaml} -> {e}");
@@ -727,10 +772,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_key_under_a_section_in_the_environment_is_rejected() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("VIGIL_KAFKA__BROKERZ", "x");
+            let e = Config::load(None)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("brokerz"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("VIGIL_KAFKA__BROKERS", "kafka-1:9092");
             jail.set_env("VIGIL_MODELS__LOF__NEIGHBORS", "7");
+            jail.set_env("VIGIL_CONFIG", "elsewhere.yml");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.kafka.brokers.as_deref(), Some("kafka-1:9092"));
             assert_eq!(c.models.lof.neighbors, 7);

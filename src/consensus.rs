@@ -39,8 +39,13 @@ mod tests {
             ((true, true), [true, true, true, true]),
         ];
         for ((f, l), expected) in table {
-            let got = [Policy::All, Policy::Any, Policy::IsolationForest, Policy::Lof]
-                .map(|p| decide(p, &verdicts(f, l)));
+            let got = [
+                Policy::All,
+                Policy::Any,
+                Policy::IsolationForest,
+                Policy::Lof,
+            ]
+            .map(|p| decide(p, &verdicts(f, l)));
             assert_eq!(got, expected, "forest={f} lof={l}");
         }
     }

@@ -130,7 +130,10 @@ pub struct Transaction {
     pub login_attempts: u32,
     #[serde(rename = "AccountBalance")]
     pub balance: f64,
-    #[serde(rename = "PreviousTransactionDate", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "PreviousTransactionDate",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub previous_date: Option<String>,
 }
 
@@ -149,7 +152,10 @@ fn serialize_time<S: serde::Serializer>(secs: &i64, s: S) -> Result<S::Ok, S::Er
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
     #[error("not valid {format}: {detail}")]
-    Malformed { format: &'static str, detail: String },
+    Malformed {
+        format: &'static str,
+        detail: String,
+    },
     #[error("field `{field}` is missing")]
     Missing { field: &'static str },
     #[error("field `{field}` is empty")]
@@ -223,12 +229,12 @@ impl Decoder {
     /// Bytes to a checked transaction.
     pub fn decode(&self, bytes: &[u8]) -> Result<Transaction, DecodeError> {
         let raw = match self {
-            Self::Json => {
-                serde_json::from_slice::<RawTransaction>(bytes).map_err(|e| DecodeError::Malformed {
+            Self::Json => serde_json::from_slice::<RawTransaction>(bytes).map_err(|e| {
+                DecodeError::Malformed {
                     format: "JSON",
                     detail: e.to_string(),
-                })?
-            }
+                }
+            })?,
             Self::Avro(schema) => decode_avro(schema, bytes)?,
         };
         validate(raw)
@@ -343,7 +349,11 @@ pub fn encode_avro(schema: &Schema, tx: &Transaction) -> Result<Vec<u8>, apache_
 /// Parses the dataset's `YYYY-MM-DD HH:MM:SS` (UTC), `YYYY-MM-DDTHH:MM:SS`, or RFC 3339.
 pub fn parse_time(s: &str) -> Option<i64> {
     let s = s.trim();
-    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S%.f"] {
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M:%S%.f",
+    ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
             return Some(t.and_utc().timestamp());
         }
@@ -494,7 +504,9 @@ mod tests {
 
     #[test]
     fn a_dataset_row_decodes_with_all_fields() {
-        let tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let tx = Decoder::Json
+            .decode(GOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(tx.account_id, "AC00128");
         assert_eq!(tx.amount, 14.09);
         assert_eq!(format_time(tx.time), "2023-04-11 16:29:14");
@@ -563,14 +575,13 @@ mod tests {
         ] {
             let integer = !matches!(field, "TransactionAmount" | "AccountBalance");
             let num = |x: f64| -> serde_json::Value {
-                if integer {
-                    (x as i64).into()
-                } else {
-                    x.into()
-                }
+                if integer { (x as i64).into() } else { x.into() }
             };
             for ok in [low, high] {
-                assert!(Decoder::Json.decode(&with(field, num(ok))).is_ok(), "{field}={ok}");
+                assert!(
+                    Decoder::Json.decode(&with(field, num(ok))).is_ok(),
+                    "{field}={ok}"
+                );
             }
             for bad in [bad_low, bad_high] {
                 let e = reject(&with(field, num(bad)));
@@ -582,7 +593,10 @@ mod tests {
 
     #[test]
     fn a_fractional_age_is_malformed_not_truncated() {
-        assert_eq!(reject(&with("CustomerAge", 30.5.into())).code(), "malformed");
+        assert_eq!(
+            reject(&with("CustomerAge", 30.5.into())).code(),
+            "malformed"
+        );
     }
 
     #[test]
@@ -612,7 +626,9 @@ mod tests {
 
     #[test]
     fn avro_plain_and_confluent_framed_decode_to_the_same_transaction() {
-        let tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let tx = Decoder::Json
+            .decode(GOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
         let decoder = Decoder::new(Encoding::Avro);
         let Decoder::Avro(schema) = &decoder else {
             unreachable!()
@@ -626,7 +642,9 @@ mod tests {
 
     #[test]
     fn truncated_or_padded_avro_is_malformed() {
-        let tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let tx = Decoder::Json
+            .decode(GOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
         let decoder = Decoder::new(Encoding::Avro);
         let Decoder::Avro(schema) = &decoder else {
             unreachable!()
@@ -636,18 +654,26 @@ mod tests {
         assert_eq!(e.map(|e| e.code()), Some("malformed"));
         let mut padded = plain.clone();
         padded.push(7);
-        assert_eq!(decoder.decode(&padded).err().map(|e| e.code()), Some("malformed"));
+        assert_eq!(
+            decoder.decode(&padded).err().map(|e| e.code()),
+            Some("malformed")
+        );
     }
 
     #[test]
     fn avro_values_are_validated_like_json() {
-        let mut tx = Decoder::Json.decode(GOOD.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let mut tx = Decoder::Json
+            .decode(GOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
         tx.login_attempts = 50;
         let decoder = Decoder::new(Encoding::Avro);
         let Decoder::Avro(schema) = &decoder else {
             unreachable!()
         };
         let bytes = encode_avro(schema, &tx).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(decoder.decode(&bytes).err().map(|e| e.code()), Some("out_of_range"));
+        assert_eq!(
+            decoder.decode(&bytes).err().map(|e| e.code()),
+            Some("out_of_range")
+        );
     }
 }

@@ -177,7 +177,12 @@ mod tests {
         assert_eq!(col("rolling_mean_duration"), [60.0, 40.0, 60.0, 70.0]);
         assert_eq!(
             col("seconds_since_last_transaction"),
-            [0.0, 3600.0, 3.0 * 86400.0 + 10.0, 14.0 * 3600.0 + 59.0 * 60.0 + 50.0]
+            [
+                0.0,
+                3600.0,
+                3.0 * 86400.0 + 10.0,
+                14.0 * 3600.0 + 59.0 * 60.0 + 50.0
+            ]
         );
         assert_eq!(col("is_not_most_frequent_ip"), [0.0, 0.0, 1.0, 0.0]);
         assert_eq!(col("is_not_most_frequent_device"), [0.0, 0.0, 0.0, 1.0]);

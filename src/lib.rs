@@ -1,10 +1,37 @@
+//! vigil: real-time anomaly detection for bank transactions on Kafka.
+//!
+//! The data path, one module per stage:
+//!
+//! ```text
+//! Kafka ─ingest─▶ decode ─▶ state ─▶ features ─▶ models (IF, LOF) ─▶ consensus ─▶ publish ─▶ alerts
+//!                   └─ invalid ──────────────────────────────────────────────────▶ publish ─▶ dead letters
+//! ```
+//!
+//! - [`ingest`]: the group consumer, rebalance tracking, state restore from the input topic.
+//! - [`decode`]: JSON / Avro bytes to a validated [`decode::Transaction`], or a reason why not.
+//! - [`state`]: bounded per-account memory, kept per partition.
+//! - [`features`]: transaction + earlier state → feature vector (shared by stream and training).
+//! - [`models`]: isolation forest and LOF detectors, encoders, thresholds, artifacts.
+//! - [`consensus`]: the alert policy over the models' verdicts.
+//! - [`publish`]: alert and dead-letter records, delivery, at-least-once offset storing.
+//! - [`pipeline`]: the synchronous per-event path tying decode → consensus together.
+//! - [`run`]: the async wiring (workers, ackers, shutdown); [`server`]: the side HTTP server.
+//! - [`train`]: history → models; [`simulate`]: synthetic traffic; [`demo`]: the embedded default.
+//! - [`config`], [`metrics`] (every metric name), [`telemetry`] (logs).
+
 pub mod config;
 pub mod consensus;
 pub mod decode;
+pub mod demo;
 pub mod features;
-pub mod models;
-pub mod state;
-pub mod train;
+pub mod ingest;
 pub mod metrics;
+pub mod models;
 pub mod pipeline;
 pub mod publish;
+pub mod run;
+pub mod server;
+pub mod simulate;
+pub mod state;
+pub mod telemetry;
+pub mod train;

@@ -1,1 +1,254 @@
-fn main() {}
+//! The `vigil` command line. Everything real lives in the library; this file parses arguments,
+//! loads the configuration, and calls it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use vigil::config::{Config, ModelConfig};
+use vigil::demo::{DemoOptions, Embedded, run_demo};
+use vigil::run::{Shared, load_or_train, producer, run_stream};
+use vigil::simulate::{Simulator, produce};
+use vigil::train::{bundled_history, read_history, train};
+use vigil::{server, telemetry};
+
+/// Real-time anomaly detection for bank transactions on Kafka.
+///
+/// With no command, runs the demo: an embedded Kafka-protocol cluster, a simulator producing
+/// realistic transactions with anomalies mixed in, the detector and its HTTP server.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Configuration file [default: ./config.yml if present, else built-in defaults].
+    #[arg(long, short, global = true, env = "VIGIL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the stream processor (and the HTTP server) until SIGTERM or Ctrl-C.
+    Run,
+    /// Simulator + stream processor + server; an embedded cluster unless brokers are configured.
+    Demo {
+        /// Events per second the simulator produces.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Share of simulated events that are anomalies.
+        #[arg(long, default_value_t = 0.01)]
+        anomaly_share: f64,
+        /// Share of simulated events that are malformed (sent to the dead-letter topic).
+        #[arg(long, default_value_t = 0.002)]
+        malformed_share: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Train models from history and write a model directory.
+    Train {
+        /// Events as CSV (the dataset's header) or JSON lines [default: the bundled dataset].
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Output directory [default: models.dir from the configuration].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Produce simulated transactions to Kafka or to a JSON-lines file.
+    Simulate {
+        /// Events to produce (default: until Ctrl-C; required with --out).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Events per second (Kafka only).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 0.02)]
+        anomaly_share: f64,
+        #[arg(long, default_value_t = 0.0)]
+        malformed_share: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Write JSON lines here instead of producing to Kafka.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<Config> {
+    let path = path.or_else(|| {
+        let default = PathBuf::from("config.yml");
+        default.is_file().then_some(default)
+    });
+    Ok(Config::load(path.as_deref())?)
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+/// Starts the HTTP server in the background and prints where it is.
+async fn start_server(cfg: &Config, shared: Shared, shutdown: CancellationToken) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let addr = cfg.server_addr;
+    tokio::spawn(async move {
+        if let Err(e) = server::serve(addr, shared, shutdown, tx).await {
+            tracing::error!(error = %e, %addr, "HTTP server failed");
+        }
+    });
+    let bound = rx.await.context("HTTP server did not start")?;
+    tracing::info!("open http://{bound}/models, http://{bound}/metrics, http://{bound}/ready");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cfg = load_config(cli.config)?;
+    telemetry::init(cfg.log_format, &cfg.log_filter);
+    let command = cli.command.unwrap_or(Command::Demo {
+        rate: 200.0,
+        anomaly_share: 0.01,
+        malformed_share: 0.002,
+        seed: 42,
+        seconds: None,
+    });
+    match command {
+        Command::Run => {
+            let embedded = match &cfg.kafka.brokers {
+                Some(_) => None,
+                None => Some(Embedded::start(&cfg)?),
+            };
+            let brokers = cfg
+                .kafka
+                .brokers
+                .clone()
+                .or_else(|| embedded.as_ref().map(Embedded::bootstrap_servers))
+                .unwrap_or_default();
+            let shutdown = shutdown_on_signal();
+            let shared = Shared::new(load_or_train(&cfg)?)?;
+            start_server(&cfg, shared.clone(), shutdown.clone()).await?;
+            run_stream(&cfg, &brokers, shared, shutdown).await?;
+        }
+        Command::Demo {
+            rate,
+            anomaly_share,
+            malformed_share,
+            seed,
+            seconds,
+        } => {
+            let embedded = match &cfg.kafka.brokers {
+                Some(_) => None,
+                None => Some(Embedded::start(&cfg)?),
+            };
+            let brokers = match (&cfg.kafka.brokers, &embedded) {
+                (Some(b), _) => b.clone(),
+                (None, Some(e)) => {
+                    let b = e.bootstrap_servers();
+                    tracing::info!(brokers = %b, "started an embedded Kafka-protocol cluster (set VIGIL_KAFKA__BROKERS to use a real one)");
+                    b
+                }
+                (None, None) => bail!("no brokers"),
+            };
+            let shutdown = shutdown_on_signal();
+            let shared = Shared::new(load_or_train(&cfg)?)?;
+            start_server(&cfg, shared.clone(), shutdown.clone()).await?;
+            let opts = DemoOptions {
+                rate,
+                anomaly_share,
+                malformed_share,
+                seed,
+                duration: seconds.map(Duration::from_secs),
+            };
+            run_demo(&cfg, &brokers, shared, opts, shutdown).await?;
+        }
+        Command::Train { input, out } => {
+            let history = match &input {
+                Some(p) => read_history(p)?,
+                None => bundled_history()?,
+            };
+            for (line, e) in history.rejected.iter().take(20) {
+                tracing::warn!(line, error = %e, "skipped an invalid row");
+            }
+            let models = ModelConfig {
+                dir: out.unwrap_or(cfg.models.dir.clone()),
+                ..cfg.models.clone()
+            };
+            let set = train(&history, &models, &cfg.features)?;
+            set.save(&models.dir)?;
+            let m = &set.manifest;
+            println!(
+                "trained {} on {} events ({} rejected) from {}\n  isolation_forest threshold {:.4}\n  lof threshold {:.4}\n  written to {}",
+                m.version,
+                m.training.rows_valid,
+                m.training.rows_invalid,
+                m.training.source,
+                m.isolation_forest.threshold,
+                m.lof.threshold,
+                models.dir.display()
+            );
+        }
+        Command::Simulate {
+            count,
+            rate,
+            anomaly_share,
+            malformed_share,
+            seed,
+            out,
+        } => {
+            let mut sim = Simulator::new(seed, anomaly_share, malformed_share);
+            if let Some(path) = out {
+                let Some(count) = count else {
+                    bail!("--out needs --count");
+                };
+                let mut text = String::new();
+                for _ in 0..count {
+                    text.push_str(&String::from_utf8_lossy(&sim.next_event().payload));
+                    text.push('\n');
+                }
+                std::fs::write(&path, text).with_context(|| path.display().to_string())?;
+                println!("wrote {count} events to {}", path.display());
+                return Ok(());
+            }
+            let Some(brokers) = cfg.kafka.brokers.clone() else {
+                bail!(
+                    "simulate needs kafka.brokers (e.g. VIGIL_KAFKA__BROKERS=localhost:9092) or --out"
+                );
+            };
+            let p = producer(&cfg.kafka, &brokers)?;
+            let stop = shutdown_on_signal();
+            let n = produce(
+                &p,
+                &cfg.kafka.transactions_topic,
+                &mut sim,
+                rate,
+                count,
+                &stop,
+            )
+            .await?;
+            println!("produced {n} events to {}", cfg.kafka.transactions_topic);
+        }
+    }
+    Ok(())
+}

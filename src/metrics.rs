@@ -71,7 +71,10 @@ impl Metrics {
                 "Valid events scored by the models"
             )?),
             events_invalid: register!(IntCounterVec::new(
-                Opts::new("events_invalid_total", "Invalid events sent to the dead-letter topic"),
+                Opts::new(
+                    "events_invalid_total",
+                    "Invalid events sent to the dead-letter topic"
+                ),
                 &["reason"]
             )?),
             dead_letters: register!(IntCounter::new(
@@ -87,11 +90,14 @@ impl Metrics {
                 &["model"]
             )?),
             model_scores: register!(HistogramVec::new(
-                HistogramOpts::new("model_score", "Anomaly score per model (higher = more anomalous)")
-                    .buckets(vec![
-                        0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2,
-                        1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0
-                    ]),
+                HistogramOpts::new(
+                    "model_score",
+                    "Anomaly score per model (higher = more anomalous)"
+                )
+                .buckets(vec![
+                    0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3,
+                    1.5, 1.75, 2.0, 2.5, 3.0, 5.0
+                ]),
                 &["model"]
             )?),
             processing_seconds: register!(Histogram::with_opts(

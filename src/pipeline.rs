@@ -41,7 +41,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(models: Arc<ModelSet>, decoder: Decoder, policy: Policy, top_features: usize) -> Self {
+    pub fn new(
+        models: Arc<ModelSet>,
+        decoder: Decoder,
+        policy: Policy,
+        top_features: usize,
+    ) -> Self {
         Self {
             models,
             decoder,
@@ -125,7 +130,9 @@ impl Engine {
         state.next_offset = Some(offset + 1);
         if let Ok(tx) = self.decoder.decode(payload) {
             let cfg = *self.features();
-            state.account_mut(&tx.account_id, tx.time, &cfg).update(&tx, &cfg);
+            state
+                .account_mut(&tx.account_id, tx.time, &cfg)
+                .update(&tx, &cfg);
         }
     }
 }

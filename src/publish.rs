@@ -147,7 +147,9 @@ pub enum PublishError {
         offset: i64,
         source: KafkaError,
     },
-    #[error("the producer was dropped before partition {partition} offset {offset} was acknowledged")]
+    #[error(
+        "the producer was dropped before partition {partition} offset {offset} was acknowledged"
+    )]
     Canceled { partition: i32, offset: i64 },
 }
 
@@ -204,9 +206,7 @@ mod tests {
 
     #[test]
     fn dead_letter_headers_carry_reason_source_and_original_headers() {
-        let e = DecodeError::Missing {
-            field: "AccountID",
-        };
+        let e = DecodeError::Missing { field: "AccountID" };
         let s = SourceCoordinates {
             topic: "tx".into(),
             partition: 1,
@@ -223,7 +223,10 @@ mod tests {
                 .and_then(|x| x.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         };
-        assert_eq!(get("error").as_deref(), Some("field `AccountID` is missing"));
+        assert_eq!(
+            get("error").as_deref(),
+            Some("field `AccountID` is missing")
+        );
         assert_eq!(get("error.code").as_deref(), Some("missing_field"));
         assert_eq!(get("error.stage").as_deref(), Some("validate"));
         assert_eq!(get("source.offset").as_deref(), Some("7"));

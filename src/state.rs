@@ -152,14 +152,20 @@ const SWEEP_EVERY: u64 = 10_000;
 
 impl PartitionState {
     /// The account's state for an event at `time`, fresh if the account is new or expired.
-    pub fn account_mut(&mut self, account: &str, time: i64, cfg: &FeatureConfig) -> &mut AccountState {
+    pub fn account_mut(
+        &mut self,
+        account: &str,
+        time: i64,
+        cfg: &FeatureConfig,
+    ) -> &mut AccountState {
         self.watermark = self.watermark.max(time);
         self.events_since_sweep += 1;
         if self.events_since_sweep >= SWEEP_EVERY {
             self.sweep(cfg);
         }
         if !self.accounts.contains_key(account) {
-            self.accounts.insert(account.into(), AccountState::default());
+            self.accounts
+                .insert(account.into(), AccountState::default());
         }
         let state = self
             .accounts
@@ -175,8 +181,7 @@ impl PartitionState {
     pub fn sweep(&mut self, cfg: &FeatureConfig) {
         self.events_since_sweep = 0;
         let watermark = self.watermark;
-        self.accounts
-            .retain(|_, s| !s.expired_at(watermark, cfg));
+        self.accounts.retain(|_, s| !s.expired_at(watermark, cfg));
     }
 
     /// Bytes held by all accounts of this partition, keys included.

@@ -96,7 +96,11 @@ pub fn history_from_jsonl(source: &str, text: &str) -> History {
         fingerprint: sha256_hex(text.as_bytes()),
         ..History::default()
     };
-    for (line, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (line, l) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         match Decoder::Json.decode(l.as_bytes()) {
             Ok(tx) => h.events.push(tx),
             Err(e) => h.rejected.push((line + 1, e)),
@@ -227,8 +231,14 @@ pub fn train(
             rows_valid: history.events.len(),
             rows_invalid: history.rejected.len(),
             accounts,
-            first_event: events.first().map(|e| format_time(e.time)).unwrap_or_default(),
-            last_event: events.last().map(|e| format_time(e.time)).unwrap_or_default(),
+            first_event: events
+                .first()
+                .map(|e| format_time(e.time))
+                .unwrap_or_default(),
+            last_event: events
+                .last()
+                .map(|e| format_time(e.time))
+                .unwrap_or_default(),
         },
     };
     ModelSet::assemble(manifest, flat, lof, models.lof.index)
@@ -256,12 +266,25 @@ mod tests {
         let events = in_event_time_order(h.events.clone());
         let rows = replay_features(&events, &FeatureConfig::default());
         let mut scratch = crate::models::Scratch::default();
-        let mut flagged = |i: usize| rows.iter().filter(|r| set.assess(r, &mut scratch)[i].flagged).count();
+        let mut flagged = |i: usize| {
+            rows.iter()
+                .filter(|r| set.assess(r, &mut scratch)[i].flagged)
+                .count()
+        };
         let (f, l) = (flagged(0), flagged(1));
         // (1 - 0.05) quantile of the training scores: 5 % of 2,512 rows, give or take ties.
         assert!((110..=140).contains(&f), "forest flagged {f}");
-        let lof_train_flags = set.lof.model.training_lof.iter().filter(|s| **s > set.lof.threshold).count();
-        assert!((110..=140).contains(&lof_train_flags), "lof flagged {lof_train_flags} of training");
+        let lof_train_flags = set
+            .lof
+            .model
+            .training_lof
+            .iter()
+            .filter(|s| **s > set.lof.threshold)
+            .count();
+        assert!(
+            (110..=140).contains(&lof_train_flags),
+            "lof flagged {lof_train_flags} of training"
+        );
         assert!(l > 0);
 
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -58,7 +58,11 @@ pub fn percentile_sorted(sorted: &[f64], q: f64) -> f64 {
     let t = pos - lo as f64;
     let (a, b) = (sorted[lo], sorted[hi]);
     let diff = b - a;
-    if t >= 0.5 { b - diff * (1.0 - t) } else { a + diff * t }
+    if t >= 0.5 {
+        b - diff * (1.0 - t)
+    } else {
+        a + diff * t
+    }
 }
 
 /// Percentile of unsorted data (numpy's `percentile`, linear interpolation).
@@ -82,8 +86,10 @@ impl Encoder {
             .map(|name| {
                 let index = categorical_index(name)
                     .ok_or_else(|| ModelError::UnknownFeature(name.clone()))?;
-                let mut values: Vec<String> =
-                    rows.iter().map(|r| r.categorical[index].to_string()).collect();
+                let mut values: Vec<String> = rows
+                    .iter()
+                    .map(|r| r.categorical[index].to_string())
+                    .collect();
                 values.sort();
                 values.dedup();
                 Ok(Vocabulary {
@@ -215,7 +221,12 @@ mod tests {
 
     #[test]
     fn lof_rows_are_robust_scaled_with_one_hot_categoricals() {
-        let rows = [row(1.0, "ATM"), row(2.0, "Online"), row(3.0, "ATM"), row(4.0, "Branch")];
+        let rows = [
+            row(1.0, "ATM"),
+            row(2.0, "Online"),
+            row(3.0, "ATM"),
+            row(4.0, "Branch"),
+        ];
         let enc = Encoder::fit(
             &["TransactionAmount".into()],
             &["Channel".into()],
@@ -226,7 +237,12 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             enc.columns,
-            ["TransactionAmount", "Channel=ATM", "Channel=Branch", "Channel=Online"]
+            [
+                "TransactionAmount",
+                "Channel=ATM",
+                "Channel=Branch",
+                "Channel=Online"
+            ]
         );
         // median 2.5, IQR 3.25 - 1.75 = 1.5
         assert_eq!(enc.encode(&row(4.0, "Online")), [1.0, 0.0, 0.0, 1.0]);

@@ -141,7 +141,13 @@ impl FlatForest {
                         // zero terms keep that meaning here.
                         let count = many.len().max(2) as u32;
                         if many.is_empty() {
-                            self.terms.extend([Term { dim: 0, n: 0.0, p: 0.0 }; 2]);
+                            self.terms.extend(
+                                [Term {
+                                    dim: 0,
+                                    n: 0.0,
+                                    p: 0.0,
+                                }; 2],
+                            );
                         }
                         Node {
                             dim: start,
@@ -177,7 +183,11 @@ impl FlatForest {
                         .iter()
                         .fold(0.0, |sum, t| sum + (x[t.dim as usize] - t.p) * t.n),
                 };
-                i = if side <= 0.0 { i + 1 } else { node.right as usize };
+                i = if side <= 0.0 {
+                    i + 1
+                } else {
+                    node.right as usize
+                };
             }
         }
         let eh = total / self.roots.len() as f64;
@@ -259,8 +269,9 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let data = inliers(2000, &mut rng);
         for extension_level in [0, 2] {
-            let forest = Forest::<f64, 3>::from_slice(&data, &options(100, 256, extension_level, 2000))
-                .unwrap_or_else(|e| panic!("{e}"));
+            let forest =
+                Forest::<f64, 3>::from_slice(&data, &options(100, 256, extension_level, 2000))
+                    .unwrap_or_else(|e| panic!("{e}"));
             let json = serde_json::to_vec(&forest).unwrap_or_default();
             let flat = FlatForest::from_crate_json(&json).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(flat.dims, 3);
@@ -270,7 +281,11 @@ mod tests {
                     rng.gen_range(-8.0..8.0),
                     rng.gen_range(0.0..60.0),
                 ];
-                assert_eq!(flat.score(&x).to_bits(), forest.score(&x).to_bits(), "{x:?}");
+                assert_eq!(
+                    flat.score(&x).to_bits(),
+                    forest.score(&x).to_bits(),
+                    "{x:?}"
+                );
             }
         }
     }
@@ -281,8 +296,11 @@ mod tests {
         let a = (std::f64::consts::TAU * 8.0 / 12.0).sin();
         let b = (std::f64::consts::TAU * 10.0 / 12.0).sin();
         assert_ne!(a, b);
-        let rows: Vec<Vec<f64>> = (0..64).map(|i| vec![if i % 2 == 0 { a } else { b }, f64::from(i)]).collect();
-        let forest = train(&rows, &options(50, 32, 0, rows.len())).unwrap_or_else(|e| panic!("{e}"));
+        let rows: Vec<Vec<f64>> = (0..64)
+            .map(|i| vec![if i % 2 == 0 { a } else { b }, f64::from(i)])
+            .collect();
+        let forest =
+            train(&rows, &options(50, 32, 0, rows.len())).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(forest.roots.len(), 50);
     }
 
@@ -290,12 +308,19 @@ mod tests {
     fn planted_outliers_are_ranked_above_inliers() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let rows: Vec<Vec<f64>> = (0..1000)
-            .map(|_| (0..6).map(|_| rng.gen_range(-1.0..1.0) + rng.gen_range(-1.0..1.0)).collect())
+            .map(|_| {
+                (0..6)
+                    .map(|_| rng.gen_range(-1.0..1.0) + rng.gen_range(-1.0..1.0))
+                    .collect()
+            })
             .collect();
-        let forest = train(&rows, &options(100, 256, 0, rows.len())).unwrap_or_else(|e| panic!("{e}"));
+        let forest =
+            train(&rows, &options(100, 256, 0, rows.len())).unwrap_or_else(|e| panic!("{e}"));
         let mut labelled: Vec<(f64, bool)> = Vec::new();
         for _ in 0..500 {
-            let x: Vec<f64> = (0..6).map(|_| rng.gen_range(-1.0..1.0) + rng.gen_range(-1.0..1.0)).collect();
+            let x: Vec<f64> = (0..6)
+                .map(|_| rng.gen_range(-1.0..1.0) + rng.gen_range(-1.0..1.0))
+                .collect();
             labelled.push((forest.score(&x), false));
         }
         // Planted outliers: uniform over a box three times wider than the inliers' support.

@@ -103,7 +103,14 @@ impl KnnIndex {
     }
 
     /// The `k` nearest training rows to `q` as (distance, row), nearest first.
-    pub fn nearest(&self, points: &[f64], dims: usize, q: &[f64], k: usize, out: &mut Vec<(f64, u32)>) {
+    pub fn nearest(
+        &self,
+        points: &[f64],
+        dims: usize,
+        q: &[f64],
+        k: usize,
+        out: &mut Vec<(f64, u32)>,
+    ) {
         match self {
             Self::KdTree(tree) => tree.nearest(q, k, out),
             Self::Brute => brute_nearest(points, dims, q, k, out),
@@ -134,13 +141,20 @@ fn brute_nearest(points: &[f64], dims: usize, q: &[f64], k: usize, out: &mut Vec
 
 impl LofModel {
     /// Fits on row-major `points` of width `dims` with `k` neighbours (capped at n - 1).
-    pub fn fit(points: Vec<f64>, dims: usize, k: usize, index: &KnnIndex) -> Result<Self, ModelError> {
+    pub fn fit(
+        points: Vec<f64>,
+        dims: usize,
+        k: usize,
+        index: &KnnIndex,
+    ) -> Result<Self, ModelError> {
         if dims == 0 || points.len() % dims != 0 {
             return Err(ModelError::Inconsistent("LOF rows of unequal width".into()));
         }
         let n = points.len() / dims;
         if n < 2 {
-            return Err(ModelError::Training("LOF needs at least 2 training rows".into()));
+            return Err(ModelError::Training(
+                "LOF needs at least 2 training rows".into(),
+            ));
         }
         let k = k.min(n - 1);
         let mut neighbours: Vec<Vec<(f64, u32)>> = Vec::with_capacity(n);
@@ -193,7 +207,11 @@ fn local_reachability_density(neighbours: &[(f64, u32)], k_distance: &[f64]) -> 
 }
 
 fn mean_ratio(neighbours: &[(f64, u32)], lrd: &[f64], own: f64) -> f64 {
-    neighbours.iter().map(|&(_, j)| lrd[j as usize] / own).sum::<f64>() / neighbours.len() as f64
+    neighbours
+        .iter()
+        .map(|&(_, j)| lrd[j as usize] / own)
+        .sum::<f64>()
+        / neighbours.len() as f64
 }
 
 #[cfg(test)]
@@ -204,7 +222,10 @@ mod tests {
         let mut lines = text.lines();
         let dims = lines.next().map_or(0, |h| h.split(',').count());
         let values = lines
-            .flat_map(|l| l.split(',').map(|v| v.trim().parse::<f64>().unwrap_or(f64::NAN)))
+            .flat_map(|l| {
+                l.split(',')
+                    .map(|v| v.trim().parse::<f64>().unwrap_or(f64::NAN))
+            })
             .collect();
         (values, dims)
     }
@@ -217,19 +238,29 @@ mod tests {
         let expected: Vec<f64> = include_str!("../../tests/fixtures/lof_expected.csv")
             .lines()
             .skip(1)
-            .map(|l| l.split(',').next().unwrap_or("").parse::<f64>().unwrap_or(f64::NAN))
+            .map(|l| {
+                l.split(',')
+                    .next()
+                    .unwrap_or("")
+                    .parse::<f64>()
+                    .unwrap_or(f64::NAN)
+            })
             .collect();
         for kind in [LofIndexKind::Kdtree, LofIndexKind::Brute] {
             let index = KnnIndex::build(kind, &train, dims);
             assert_eq!(index.kind(), kind);
-            let lof = LofModel::fit(train.clone(), dims, 20, &index).unwrap_or_else(|e| panic!("{e}"));
+            let lof =
+                LofModel::fit(train.clone(), dims, 20, &index).unwrap_or_else(|e| panic!("{e}"));
             let mut buf = Vec::new();
             let rows: Vec<&[f64]> = score.chunks_exact(dims).collect();
             assert_eq!(rows.len(), expected.len());
             for (i, (row, want)) in rows.iter().zip(&expected).enumerate() {
                 let got = lof.score(&index, row, &mut buf);
                 let rel = ((got - want) / want).abs();
-                assert!(rel <= 1e-9, "{kind:?} row {i}: {got} vs scikit-learn {want}");
+                assert!(
+                    rel <= 1e-9,
+                    "{kind:?} row {i}: {got} vs scikit-learn {want}"
+                );
             }
         }
     }

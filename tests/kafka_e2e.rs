@@ -1,0 +1,527 @@
+//! End-to-end tests against a real Apache Kafka broker (started by `kafka/broker.sh`, address in
+//! `VIGIL_TEST_BROKERS`; `tests/run-all.sh` does both). The `vigil` binary runs as a separate
+//! process, exactly as in production, and is stopped with SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use vigil::config::{Encoding, FeatureConfig, LofIndexKind, ModelConfig, Policy};
+use vigil::decode::{Decoder, Transaction};
+use vigil::models::{ModelSet, Scratch};
+use vigil::pipeline::{Engine, Outcome};
+use vigil::publish::SourceCoordinates;
+use vigil::state::PartitionState;
+use vigil::train::{bundled_history, in_event_time_order, train};
+
+const PARTITIONS: i32 = 3;
+
+fn brokers() -> Option<String> {
+    match std::env::var("VIGIL_TEST_BROKERS") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("VIGIL_TEST_BROKERS is not set; run tests/run-all.sh")
+        }
+        _ => {
+            eprintln!("skipped: no broker (VIGIL_TEST_BROKERS unset); tests/run-all.sh starts one");
+            None
+        }
+    }
+}
+
+struct Topics {
+    transactions: String,
+    alerts: String,
+    dead_letter: String,
+    group: String,
+}
+
+impl Topics {
+    fn new(test: &str) -> Self {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p = format!("e2e-{test}-{nonce}");
+        Self {
+            transactions: format!("{p}-tx"),
+            alerts: format!("{p}-alerts"),
+            dead_letter: format!("{p}-dlq"),
+            group: format!("{p}-group"),
+        }
+    }
+
+    async fn create(&self, brokers: &str) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .unwrap();
+        let topics = [
+            NewTopic::new(&self.transactions, PARTITIONS, TopicReplication::Fixed(1)),
+            NewTopic::new(&self.alerts, 1, TopicReplication::Fixed(1)),
+            NewTopic::new(&self.dead_letter, 1, TopicReplication::Fixed(1)),
+        ];
+        for r in admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+}
+
+/// The model both the live process and the offline scoring use, saved once to disk.
+fn model_dir(dir: &Path) -> ModelSet {
+    let set = train(
+        &bundled_history().unwrap(),
+        &ModelConfig::default(),
+        &FeatureConfig::default(),
+    )
+    .unwrap();
+    set.save(dir).unwrap();
+    ModelSet::load(dir, LofIndexKind::Kdtree).unwrap()
+}
+
+/// The vigil process; killed if a test fails before stopping it.
+struct Vigil(Child);
+
+impl Drop for Vigil {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_vigil(brokers: &str, t: &Topics, models: &Path, workdir: &Path) -> Vigil {
+    let log = std::fs::File::create(workdir.join(format!("vigil-{}.log", t.group))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("run")
+        .current_dir(workdir)
+        .env("VIGIL_KAFKA__BROKERS", brokers)
+        .env("VIGIL_KAFKA__GROUP_ID", &t.group)
+        .env("VIGIL_KAFKA__TOPICS__TRANSACTIONS", &t.transactions)
+        .env("VIGIL_KAFKA__TOPICS__ALERTS", &t.alerts)
+        .env("VIGIL_KAFKA__TOPICS__DEAD_LETTER", &t.dead_letter)
+        .env("VIGIL_MODELS__DIR", models)
+        .env("VIGIL_SERVER__ADDR", "127.0.0.1:0")
+        .env("VIGIL_LOG__FORMAT", "json")
+        .stdout(log)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Vigil(child)
+}
+
+fn sigterm(vigil: &mut Vigil) -> std::process::ExitStatus {
+    let child = &mut vigil.0;
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vigil did not exit within 60 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn producer(brokers: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+fn produce(p: &BaseProducer, topic: &str, key: &str, payload: &[u8]) {
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match p.send(record) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                record = back;
+                p.poll(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// The dataset in event-time order as JSON events, keyed by account.
+fn dataset_events() -> Vec<Transaction> {
+    in_event_time_order(bundled_history().unwrap().events)
+}
+
+/// Malformed events with the reason code each must be rejected for.
+fn malformed_events() -> Vec<(String, Vec<u8>, &'static str)> {
+    let good = serde_json::to_value(&dataset_events()[0]).unwrap();
+    let with = |k: &str, v: serde_json::Value| {
+        let mut x = good.clone();
+        x.as_object_mut().unwrap().insert(k.into(), v);
+        serde_json::to_vec(&x).unwrap()
+    };
+    let without = |k: &str| {
+        let mut x = good.clone();
+        x.as_object_mut().unwrap().remove(k);
+        serde_json::to_vec(&x).unwrap()
+    };
+    vec![
+        ("BAD1".into(), b"{not json".to_vec(), "malformed"),
+        ("BAD2".into(), vec![0xff, 0xfe, 0x00, 0x01], "malformed"),
+        ("BAD3".into(), without("AccountBalance"), "missing_field"),
+        (
+            "BAD4".into(),
+            with("TransactionAmount", (-5.0).into()),
+            "out_of_range",
+        ),
+        (
+            "BAD5".into(),
+            with("CustomerAge", 150.into()),
+            "out_of_range",
+        ),
+        (
+            "BAD6".into(),
+            with("LoginAttempts", 11.into()),
+            "out_of_range",
+        ),
+        (
+            "BAD7".into(),
+            with("Channel", "Carrier pigeon".into()),
+            "not_allowed",
+        ),
+        (
+            "BAD8".into(),
+            with("TransactionDate", "31/12/2023".into()),
+            "bad_timestamp",
+        ),
+        ("BAD9".into(), with("AccountID", "".into()), "empty_field"),
+        ("BAD10".into(), Vec::new(), "malformed"),
+    ]
+}
+
+/// Offline: the same events in the same per-account order through the same engine.
+/// Returns transaction id -> (forest score, LOF score) of every alert.
+fn offline_alerts(models: ModelSet, events: &[Transaction]) -> BTreeMap<String, (f64, f64)> {
+    let engine = Engine::new(
+        Arc::new(models),
+        Decoder::new(Encoding::Json),
+        Policy::All,
+        3,
+    );
+    let mut state = PartitionState::default();
+    let mut scratch = Scratch::default();
+    let mut out = BTreeMap::new();
+    for (i, tx) in events.iter().enumerate() {
+        let source = SourceCoordinates {
+            topic: "offline".into(),
+            partition: 0,
+            offset: i as i64,
+        };
+        let payload = serde_json::to_vec(tx).unwrap();
+        if let Outcome::Alert(a, s) = engine.process(&mut state, &source, &payload, &mut scratch) {
+            out.insert(
+                a.transaction_id.clone(),
+                (s.verdicts[0].score, s.verdicts[1].score),
+            );
+        }
+    }
+    out
+}
+
+fn read_all(
+    brokers: &str,
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+        } else if out.len() >= want {
+            break;
+        }
+    }
+    out
+}
+
+/// Waits until the group has committed every partition's end offset.
+fn wait_all_committed(brokers: &str, t: &Topics, vigil: &mut Vigil, timeout: Duration) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &t.group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (committed, end) = committed_and_end(&c, t);
+        if committed == end {
+            return committed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group committed {committed} of {end} offsets in {timeout:?}"
+        );
+        if let Some(status) = vigil.0.try_wait().unwrap() {
+            panic!("vigil exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn committed_and_end(c: &BaseConsumer, t: &Topics) -> (i64, i64) {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(&t.transactions, p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    let mut sum_committed = 0;
+    let mut sum_end = 0;
+    for p in 0..PARTITIONS {
+        if let Some(Offset::Offset(o)) = committed
+            .find_partition(&t.transactions, p)
+            .map(|e| e.offset())
+        {
+            sum_committed += o;
+        }
+        let (_, high) = c
+            .fetch_watermarks(&t.transactions, p, Duration::from_secs(5))
+            .unwrap();
+        sum_end += high;
+    }
+    (sum_committed, sum_end)
+}
+
+fn alerts_by_transaction(
+    msgs: &[rdkafka::message::OwnedMessage],
+) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let mut out: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for m in msgs {
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let id = v["transaction_id"].as_str().unwrap().to_string();
+        assert_eq!(
+            m.key(),
+            v["account_id"].as_str().map(str::as_bytes),
+            "alerts are keyed by account"
+        );
+        out.entry(id).or_default().push(v);
+    }
+    out
+}
+
+fn assert_alerts_match_offline(
+    live: &BTreeMap<String, Vec<serde_json::Value>>,
+    expected: &BTreeMap<String, (f64, f64)>,
+) {
+    let live_ids: BTreeSet<&String> = live.keys().collect();
+    let want_ids: BTreeSet<&String> = expected.keys().collect();
+    assert_eq!(
+        live_ids, want_ids,
+        "alerted transactions differ from offline scoring"
+    );
+    for (id, alerts) in live {
+        let (forest, lof) = expected[id];
+        for a in alerts {
+            assert_eq!(a["models"][0]["model"], "isolation_forest");
+            assert_eq!(a["models"][0]["score"].as_f64(), Some(forest), "{id}");
+            assert_eq!(a["models"][1]["score"].as_f64(), Some(lof), "{id}");
+            assert_eq!(a["policy"], "all");
+            assert!(
+                a["models"][0]["flagged"].as_bool().unwrap()
+                    && a["models"][1]["flagged"].as_bool().unwrap()
+            );
+            assert!(!a["reason"].as_str().unwrap().is_empty());
+            assert_eq!(
+                a["transaction"]["TransactionID"].as_str(),
+                Some(id.as_str())
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
+    let Some(brokers) = brokers() else { return };
+    let t = Topics::new("full");
+    t.create(&brokers).await;
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir(&work.path().join("model"));
+
+    let events = dataset_events();
+    let bad = malformed_events();
+    let p = producer(&brokers);
+    for (i, tx) in events.iter().enumerate() {
+        produce(
+            &p,
+            &t.transactions,
+            &tx.account_id,
+            &serde_json::to_vec(tx).unwrap(),
+        );
+        if i % 250 == 0 {
+            let (key, payload, _) = &bad[(i / 250) % bad.len()];
+            produce(&p, &t.transactions, key, payload);
+        }
+    }
+    let produced_bad = events.len().div_ceil(250);
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path());
+    let committed = wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120));
+    assert_eq!(committed as usize, events.len() + produced_bad);
+
+    let expected = offline_alerts(models, &events);
+    assert!(!expected.is_empty());
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    let live = alerts_by_transaction(&alerts);
+    assert_alerts_match_offline(&live, &expected);
+    assert_eq!(
+        alerts.len(),
+        expected.len(),
+        "no alert is published twice in an uninterrupted run"
+    );
+
+    let dead = read_all(
+        &brokers,
+        &t.dead_letter,
+        produced_bad,
+        Duration::from_secs(30),
+    );
+    assert_eq!(dead.len(), produced_bad);
+    let originals: HashMap<Vec<u8>, &'static str> = bad
+        .iter()
+        .map(|(_, payload, code)| (payload.clone(), *code))
+        .collect();
+    for m in &dead {
+        let header = |k: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let payload = m.payload().unwrap_or_default().to_vec();
+        let code = originals
+            .get(&payload)
+            .expect("dead letter carries the original bytes");
+        assert_eq!(header("error.code").as_deref(), Some(*code));
+        assert!(!header("error").unwrap().is_empty());
+        assert_eq!(
+            header("source.topic").as_deref(),
+            Some(t.transactions.as_str())
+        );
+        assert!(header("source.offset").unwrap().parse::<i64>().is_ok());
+    }
+
+    assert!(
+        sigterm(&mut vigil).success(),
+        "vigil exits cleanly on SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
+    let Some(brokers) = brokers() else { return };
+    let t = Topics::new("restart");
+    t.create(&brokers).await;
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir(&work.path().join("model"));
+    let events = dataset_events();
+    let expected = offline_alerts(models, &events);
+
+    // The first half is waiting when vigil starts; the second arrives while it runs.
+    let half = events.len() / 2;
+    let p = producer(&brokers);
+    for tx in &events[..half] {
+        produce(
+            &p,
+            &t.transactions,
+            &tx.account_id,
+            &serde_json::to_vec(tx).unwrap(),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path());
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", &t.group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed_and_end(&reader, &t).0 == 0 {
+        assert!(Instant::now() < deadline, "vigil committed nothing in 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rest = events[half..].to_vec();
+    let b = brokers.clone();
+    let topic = t.transactions.clone();
+    let feeder = std::thread::spawn(move || {
+        let p = producer(&b);
+        for (i, tx) in rest.iter().enumerate() {
+            produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
+            if i % 50 == 0 {
+                p.flush(Duration::from_secs(10)).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        sigterm(&mut vigil).success(),
+        "vigil exits cleanly on SIGTERM"
+    );
+    let (committed_at_stop, _) = committed_and_end(&reader, &t);
+    feeder.join().unwrap();
+    assert!(
+        (committed_at_stop as usize) < events.len(),
+        "stopped mid-stream: {committed_at_stop} of {} committed",
+        events.len()
+    );
+
+    let mut again = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path());
+    let committed = wait_all_committed(&brokers, &t, &mut again, Duration::from_secs(120));
+    assert_eq!(committed as usize, events.len());
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    let live = alerts_by_transaction(&alerts);
+    // Restored state makes the second run's features equal to an uninterrupted run's.
+    assert_alerts_match_offline(&live, &expected);
+    for (id, copies) in &live {
+        let ids: BTreeSet<&str> = copies
+            .iter()
+            .map(|a| a["alert_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "a re-delivered alert for {id} keeps its alert_id"
+        );
+    }
+    assert!(sigterm(&mut again).success());
+}
