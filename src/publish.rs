@@ -191,6 +191,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_alert_schema_parses_with_the_transaction_schema() {
+        let schemas = apache_avro::Schema::parse_list([
+            crate::decode::TRANSACTION_AVSC,
+            include_str!("../schemas/alert.avsc"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(schemas.len(), 2);
+    }
+
+    #[test]
     fn alert_ids_are_deterministic_per_event_and_model_version() {
         let s = SourceCoordinates {
             topic: "transactions".into(),

@@ -126,7 +126,10 @@ impl Simulator {
         let rng = &mut self.rng;
         let day = self.clock - self.clock.rem_euclid(86_400);
         tx.transaction_id = format!("SIM{id:09}");
-        tx.time = day + tx.time.rem_euclid(86_400);
+        // Keep the row's weekday and time of day (the dataset has no weekend traffic).
+        let weekday = |t: i64| (t.div_euclid(86_400) + 3).rem_euclid(7);
+        let shift = (weekday(tx.time) - weekday(day)).rem_euclid(7);
+        tx.time = day + shift * 86_400 + tx.time.rem_euclid(86_400);
         tx.previous_date = None;
         match label {
             Label::Normal | Label::Malformed => {}

@@ -226,24 +226,24 @@ macro_rules! dispatch_width {
 }
 
 /// Trains with the crate (its RNG cannot be seeded) and returns the crate's own serialisation.
-pub fn train_crate_json(rows: &[Vec<f64>], opts: &ForestOptions) -> Result<Vec<u8>, ModelError> {
-    let width = rows.first().map_or(0, Vec::len);
-    dispatch_width!(width, rows, opts, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32])
-}
-
-/// Trains a forest on `rows` and returns it flattened.
 ///
 /// The rows are rounded to `f32` precision first. The crate draws each split with rand 0.8's
 /// `Uniform::new(min, max)`, which loops about `|min| / (max - min)` times: two values a few ulps
 /// apart (sin and cos of symmetric angles produce exactly those) make it spin for hours. In
 /// `f32` precision distinct values are at least 2^-23 apart relatively, which bounds that loop to
 /// milliseconds; the lost precision is far below anything an anomaly depends on.
-pub fn train(rows: &[Vec<f64>], opts: &ForestOptions) -> Result<FlatForest, ModelError> {
+pub fn train_crate_json(rows: &[Vec<f64>], opts: &ForestOptions) -> Result<Vec<u8>, ModelError> {
     let rounded: Vec<Vec<f64>> = rows
         .iter()
         .map(|r| r.iter().map(|&x| f64::from(x as f32)).collect())
         .collect();
-    FlatForest::from_crate_json(&train_crate_json(&rounded, opts)?)
+    let width = rows.first().map_or(0, Vec::len);
+    dispatch_width!(width, &rounded, opts, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32])
+}
+
+/// Trains a forest on `rows` and returns it flattened.
+pub fn train(rows: &[Vec<f64>], opts: &ForestOptions) -> Result<FlatForest, ModelError> {
+    FlatForest::from_crate_json(&train_crate_json(rows, opts)?)
 }
 
 #[cfg(test)]
