@@ -17,7 +17,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use vigil::config::{Encoding, FeatureConfig, LofIndexKind, ModelConfig, Policy};
-use vigil::decode::{Decoder, Transaction};
+use vigil::decode::{Decoder, Transaction, encode_avro, transaction_schema};
 use vigil::models::{ModelSet, Scratch};
 use vigil::pipeline::{Engine, Outcome};
 use vigil::publish::SourceCoordinates;
@@ -103,7 +103,13 @@ impl Drop for Vigil {
     }
 }
 
-fn spawn_vigil(brokers: &str, t: &Topics, models: &Path, workdir: &Path) -> Vigil {
+fn spawn_vigil(
+    brokers: &str,
+    t: &Topics,
+    models: &Path,
+    workdir: &Path,
+    extra: &[(&str, &str)],
+) -> Vigil {
     let log = std::fs::File::create(workdir.join(format!("vigil-{}.log", t.group))).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
         .arg("run")
@@ -116,6 +122,7 @@ fn spawn_vigil(brokers: &str, t: &Topics, models: &Path, workdir: &Path) -> Vigi
         .env("VIGIL_MODELS__DIR", models)
         .env("VIGIL_SERVER__ADDR", "127.0.0.1:0")
         .env("VIGIL_LOG__FORMAT", "json")
+        .envs(extra.iter().copied())
         .stdout(log)
         .stderr(Stdio::inherit())
         .spawn()
@@ -394,7 +401,7 @@ async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
     let produced_bad = events.len().div_ceil(250);
     p.flush(Duration::from_secs(30)).unwrap();
 
-    let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path());
+    let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &[]);
     let committed = wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120));
     assert_eq!(committed as usize, events.len() + produced_bad);
 
@@ -467,7 +474,7 @@ async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
         );
     }
     p.flush(Duration::from_secs(30)).unwrap();
-    let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path());
+    let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &[]);
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", &t.group)
@@ -505,7 +512,7 @@ async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
         events.len()
     );
 
-    let mut again = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path());
+    let mut again = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &[]);
     let committed = wait_all_committed(&brokers, &t, &mut again, Duration::from_secs(120));
     assert_eq!(committed as usize, events.len());
     let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
@@ -524,4 +531,45 @@ async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
         );
     }
     assert!(sigterm(&mut again).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn avro_events_plain_and_confluent_framed_are_scored_like_json() {
+    let Some(brokers) = brokers() else { return };
+    let t = Topics::new("avro");
+    t.create(&brokers).await;
+    let work = tempfile::tempdir().unwrap();
+    let models = model_dir(&work.path().join("model"));
+    let events = dataset_events()[..800].to_vec();
+    let expected = offline_alerts(models, &events);
+
+    let schema = transaction_schema();
+    let p = producer(&brokers);
+    for (i, tx) in events.iter().enumerate() {
+        let datum = encode_avro(&schema, tx).unwrap();
+        let payload = if i % 2 == 0 {
+            datum
+        } else {
+            [&[0u8, 0, 0, 0, 7][..], &datum].concat()
+        };
+        produce(&p, &t.transactions, &tx.account_id, &payload);
+    }
+    produce(&p, &t.transactions, "BAD", b"definitely not avro");
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    let mut vigil = spawn_vigil(
+        &brokers,
+        &t,
+        &work.path().join("model"),
+        work.path(),
+        &[("VIGIL_ENCODING", "avro")],
+    );
+    let committed = wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120));
+    assert_eq!(committed as usize, events.len() + 1);
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    assert_alerts_match_offline(&alerts_by_transaction(&alerts), &expected);
+    let dead = read_all(&brokers, &t.dead_letter, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload(), Some(&b"definitely not avro"[..]));
+    assert!(sigterm(&mut vigil).success());
 }
