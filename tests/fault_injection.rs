@@ -2,6 +2,9 @@
 //! broker refuses an outcome. (The real-broker suites are in `kafka_e2e.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::shared;
+
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -11,9 +14,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use vigil::config::{Config, FeatureConfig, ModelConfig};
-use vigil::run::{RunError, Shared, run_stream};
-use vigil::train::{bundled_history, in_event_time_order, train};
+use vigil::config::Config;
+use vigil::run::{RunError, run_stream};
+use vigil::train::{bundled_history, in_event_time_order};
 
 fn committed(brokers: &str, group: &str, topic: &str) -> Offset {
     let c: BaseConsumer = ClientConfig::new()
@@ -25,16 +28,6 @@ fn committed(brokers: &str, group: &str, topic: &str) -> Offset {
     tpl.add_partition(topic, 0);
     let got = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
     got.find_partition(topic, 0).unwrap().offset()
-}
-
-fn shared() -> Shared {
-    let set = train(
-        &bundled_history().unwrap(),
-        &ModelConfig::default(),
-        &FeatureConfig::default(),
-    )
-    .unwrap();
-    Shared::new(set).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,26 +1,17 @@
 //! Router-level tests of the side server, driven with `tower::ServiceExt::oneshot`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::shared;
+
 use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use vigil::config::{FeatureConfig, ModelConfig};
 use vigil::run::Shared;
 use vigil::server::router;
-use vigil::train::{bundled_history, train};
-
-fn shared() -> Shared {
-    let set = train(
-        &bundled_history().unwrap(),
-        &ModelConfig::default(),
-        &FeatureConfig::default(),
-    )
-    .unwrap();
-    Shared::new(set).unwrap()
-}
 
 async fn get(shared: &Shared, path: &str) -> (StatusCode, String) {
     let response = router(shared.clone())

@@ -3,6 +3,8 @@
 //! process, exactly as in production, and is stopped with SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -16,13 +18,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use vigil::config::{Encoding, FeatureConfig, LofIndexKind, ModelConfig, Policy};
+use vigil::config::{Encoding, LofIndexKind, Policy};
 use vigil::decode::{Decoder, Transaction, encode_avro, transaction_schema};
 use vigil::models::{ModelSet, Scratch};
 use vigil::pipeline::{Engine, Outcome};
 use vigil::publish::SourceCoordinates;
 use vigil::state::PartitionState;
-use vigil::train::{bundled_history, in_event_time_order, train};
+use vigil::train::{bundled_history, in_event_time_order};
 
 const PARTITIONS: i32 = 3;
 
@@ -83,13 +85,7 @@ impl Topics {
 
 /// The model both the live process and the offline scoring use, saved once to disk.
 fn model_dir(dir: &Path) -> ModelSet {
-    let set = train(
-        &bundled_history().unwrap(),
-        &ModelConfig::default(),
-        &FeatureConfig::default(),
-    )
-    .unwrap();
-    set.save(dir).unwrap();
+    common::trained_models().save(dir).unwrap();
     ModelSet::load(dir, LofIndexKind::Kdtree).unwrap()
 }
 
