@@ -37,8 +37,10 @@ async fn a_refused_outcome_stops_vigil_without_committing_its_offset_and_a_resta
         mock.create_topic(t, 1, 1).unwrap();
     }
     let brokers = mock.bootstrap_servers();
+    // A short session: the mock broker lets the restarted member in only after the first
+    // member's session times out.
     let cfg = Config::from_yaml(&format!(
-        "kafka: {{brokers: '{brokers}', group_id: g, topics: {{transactions: tx, alerts: alerts, dead_letter: dlq}}}}\n"
+        "kafka: {{brokers: '{brokers}', group_id: g, topics: {{transactions: tx, alerts: alerts, dead_letter: dlq}}, client: {{session.timeout.ms: '6000', heartbeat.interval.ms: '1000'}}}}\n"
     ))
     .unwrap();
 
