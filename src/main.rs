@@ -127,13 +127,13 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let cfg = load_config(cli.config)?;
     telemetry::init(cfg.log_format, &cfg.log_filter);
-    let command = cli.command.unwrap_or(Command::Demo {
-        rate: 200.0,
-        anomaly_share: 0.01,
-        malformed_share: 0.002,
-        seed: 42,
-        seconds: None,
-    });
+    // No command means `vigil demo` with its defaults.
+    let command = match cli.command {
+        Some(c) => c,
+        None => Cli::parse_from(["vigil", "demo"])
+            .command
+            .unwrap_or(Command::Run),
+    };
     match command {
         Command::Run => {
             let embedded = match &cfg.kafka.brokers {
