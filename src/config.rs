@@ -137,6 +137,7 @@ pub struct RawConsensus {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAlerts {
     pub top_features: usize,
+    pub encoding: Encoding,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,7 +286,10 @@ impl Default for RawConsensus {
 
 impl Default for RawAlerts {
     fn default() -> Self {
-        Self { top_features: 3 }
+        Self {
+            top_features: 3,
+            encoding: Encoding::Json,
+        }
     }
 }
 
@@ -355,6 +359,7 @@ pub struct Config {
     pub models: ModelConfig,
     pub policy: Policy,
     pub top_features: usize,
+    pub alert_encoding: Encoding,
     pub server_addr: SocketAddr,
     pub log_format: LogFormat,
     pub log_filter: String,
@@ -710,6 +715,7 @@ impl RawConfig {
             models,
             policy,
             top_features: self.alerts.top_features,
+            alert_encoding: self.alerts.encoding,
             server_addr,
             log_format: self.log.format,
             log_filter: self.log.filter.clone(),

@@ -317,9 +317,14 @@ fn raw_from_avro(value: apache_avro::types::Value) -> Result<RawTransaction, Str
 
 /// Encodes a transaction as an Avro datum of `schemas/transaction.avsc` (plain, no framing).
 pub fn encode_avro(schema: &Schema, tx: &Transaction) -> Result<Vec<u8>, apache_avro::Error> {
+    apache_avro::to_avro_datum(schema, transaction_avro_value(tx))
+}
+
+/// A transaction as an Avro record value of `schemas/transaction.avsc`.
+pub fn transaction_avro_value(tx: &Transaction) -> apache_avro::types::Value {
     use apache_avro::types::Value;
     let s = |v: &str| Value::String(v.to_string());
-    let record = Value::Record(vec![
+    Value::Record(vec![
         ("TransactionID".into(), s(&tx.transaction_id)),
         ("AccountID".into(), s(&tx.account_id)),
         ("TransactionAmount".into(), Value::Double(tx.amount)),
@@ -342,8 +347,7 @@ pub fn encode_avro(schema: &Schema, tx: &Transaction) -> Result<Vec<u8>, apache_
                 Box::new(tx.previous_date.as_deref().map(s).unwrap_or(Value::Null)),
             ),
         ),
-    ]);
-    apache_avro::to_avro_datum(schema, record)
+    ])
 }
 
 /// Parses the dataset's `YYYY-MM-DD HH:MM:SS` (UTC), `YYYY-MM-DDTHH:MM:SS`, or RFC 3339.

@@ -14,7 +14,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::decode::{DecodeError, Transaction};
+use crate::config::Encoding;
+use crate::decode::{DecodeError, TRANSACTION_AVSC, Transaction, transaction_avro_value};
 use crate::models::{Contribution, Verdict};
 
 /// Where an event came from.
@@ -40,6 +41,128 @@ pub struct Alert {
     pub reason: String,
     pub top_features: Vec<Contribution>,
     pub transaction: Transaction,
+}
+
+/// The Avro schema of an alert, as shipped in `schemas/alert.avsc` (it refers to the
+/// transaction schema by name).
+pub const ALERT_AVSC: &str = include_str!("../schemas/alert.avsc");
+
+/// An alert that could not be encoded (a bug, not bad input: alerts are vigil's own data).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("alert as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("alert as Avro: {0}")]
+    Avro(#[from] apache_avro::Error),
+}
+
+/// Encodes alerts for the alerts topic: JSON, or an Avro datum of `schemas/alert.avsc`.
+#[derive(Debug, Clone)]
+pub enum AlertEncoder {
+    Json,
+    Avro {
+        transaction: Box<apache_avro::Schema>,
+        alert: Box<apache_avro::Schema>,
+    },
+}
+
+impl AlertEncoder {
+    pub fn new(encoding: Encoding) -> Self {
+        match encoding {
+            Encoding::Json => Self::Json,
+            Encoding::Avro => {
+                // Both shipped schemas are checked by a unit test, so parsing cannot fail here.
+                let mut schemas = apache_avro::Schema::parse_list([TRANSACTION_AVSC, ALERT_AVSC])
+                    .unwrap_or_else(|e| unreachable!("shipped schemas: {e}"));
+                let alert = schemas.pop().unwrap_or_else(|| unreachable!());
+                let transaction = schemas.pop().unwrap_or_else(|| unreachable!());
+                Self::Avro {
+                    transaction: Box::new(transaction),
+                    alert: Box::new(alert),
+                }
+            }
+        }
+    }
+
+    /// The alert's bytes on the wire.
+    pub fn encode(&self, alert: &Alert) -> Result<Vec<u8>, EncodeError> {
+        Ok(match self {
+            Self::Json => serde_json::to_vec(alert)?,
+            Self::Avro {
+                transaction,
+                alert: schema,
+            } => apache_avro::to_avro_datum_schemata(
+                schema,
+                vec![transaction.as_ref(), schema.as_ref()],
+                alert_avro_value(alert),
+            )?,
+        })
+    }
+}
+
+fn alert_avro_value(a: &Alert) -> apache_avro::types::Value {
+    use apache_avro::types::Value;
+    let s = |v: &str| Value::String(v.to_string());
+    let record = |fields: Vec<(&str, Value)>| {
+        Value::Record(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        )
+    };
+    record(vec![
+        ("alert_id", s(&a.alert_id)),
+        ("transaction_id", s(&a.transaction_id)),
+        ("account_id", s(&a.account_id)),
+        ("event_time", s(&a.event_time)),
+        ("detected_at", s(&a.detected_at)),
+        (
+            "source",
+            record(vec![
+                ("topic", s(&a.source.topic)),
+                ("partition", Value::Int(a.source.partition)),
+                ("offset", Value::Long(a.source.offset)),
+            ]),
+        ),
+        ("policy", s(a.policy)),
+        ("model_version", s(&a.model_version)),
+        (
+            "models",
+            Value::Array(
+                a.models
+                    .iter()
+                    .map(|v| {
+                        record(vec![
+                            ("model", s(v.model)),
+                            ("score", Value::Double(v.score)),
+                            ("threshold", Value::Double(v.threshold)),
+                            ("flagged", Value::Boolean(v.flagged)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        ("reason", s(&a.reason)),
+        (
+            "top_features",
+            Value::Array(
+                a.top_features
+                    .iter()
+                    .map(|c| {
+                        record(vec![
+                            ("feature", s(c.feature)),
+                            ("value", Value::Double(c.value)),
+                            ("baseline", Value::Double(c.baseline)),
+                            ("deviation", Value::Double(c.deviation)),
+                            ("detail", s(&c.detail)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        ("transaction", transaction_avro_value(&a.transaction)),
+    ])
 }
 
 /// Deterministic alert id: the same event scored by the same model version always gets the
@@ -189,6 +312,78 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_avro_alert_decodes_back_with_the_shipped_schemas() {
+        let tx = crate::train::bundled_history()
+            .map(|h| h.events[0].clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let alert = Alert {
+            alert_id: "a1".into(),
+            transaction_id: tx.transaction_id.clone(),
+            account_id: tx.account_id.clone(),
+            event_time: "2023-04-11T16:29:14Z".into(),
+            detected_at: "2026-11-24T00:00:00.000Z".into(),
+            source: SourceCoordinates {
+                topic: "transactions".into(),
+                partition: 2,
+                offset: 9,
+            },
+            policy: "all",
+            model_version: "v1".into(),
+            models: vec![Verdict {
+                model: "lof",
+                score: 3.5,
+                threshold: 1.2,
+                flagged: true,
+            }],
+            reason: "amount".into(),
+            top_features: vec![Contribution {
+                feature: "TransactionAmount",
+                value: 900.0,
+                baseline: 200.0,
+                deviation: 4.2,
+                detail: "amount".into(),
+            }],
+            transaction: tx.clone(),
+        };
+        let AlertEncoder::Avro {
+            transaction,
+            alert: schema,
+        } = AlertEncoder::new(Encoding::Avro)
+        else {
+            unreachable!()
+        };
+        let bytes = AlertEncoder::Avro {
+            transaction: transaction.clone(),
+            alert: schema.clone(),
+        }
+        .encode(&alert)
+        .unwrap_or_else(|e| panic!("{e}"));
+        let value = apache_avro::from_avro_datum_schemata(
+            &schema,
+            vec![transaction.as_ref(), schema.as_ref()],
+            &mut bytes.as_slice(),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let apache_avro::types::Value::Record(fields) = value else {
+            panic!("not a record")
+        };
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(
+            get("alert_id"),
+            Some(apache_avro::types::Value::String("a1".into()))
+        );
+        assert_eq!(
+            get("transaction"),
+            Some(crate::decode::transaction_avro_value(&tx))
+        );
+        let json = AlertEncoder::new(Encoding::Json)
+            .encode(&alert)
+            .unwrap_or_default();
+        assert!(String::from_utf8_lossy(&json).contains("\"alert_id\":\"a1\""));
+    }
 
     #[test]
     fn the_shipped_alert_schema_parses_with_the_transaction_schema() {

@@ -31,7 +31,8 @@ use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
 use crate::pipeline::{Engine, Outcome, Scored};
 use crate::publish::{
-    OutcomeKind, Pending, PublishError, SourceCoordinates, dead_letter_headers, enqueue,
+    AlertEncoder, EncodeError, OutcomeKind, Pending, PublishError, SourceCoordinates,
+    dead_letter_headers, enqueue,
 };
 use crate::train::{HistoryError, bundled_history, train};
 
@@ -42,6 +43,8 @@ pub enum RunError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -120,6 +123,7 @@ impl Shared {
 
 struct Worker {
     engine: Engine,
+    alerts: AlertEncoder,
     kafka: KafkaConfig,
     brokers: String,
     producer: FutureProducer,
@@ -185,11 +189,7 @@ impl Worker {
     }
 
     /// Processes one message and enqueues its outcome.
-    async fn handle(
-        &self,
-        msg: &OwnedMessage,
-        scratch: &mut Scratch,
-    ) -> Result<Pending, KafkaError> {
+    async fn handle(&self, msg: &OwnedMessage, scratch: &mut Scratch) -> Result<Pending, RunError> {
         let consumed_at = Instant::now();
         let (partition, offset) = (msg.partition(), msg.offset());
         self.ensure_state(partition, offset).await;
@@ -227,7 +227,7 @@ impl Worker {
                     reason = %alert.reason,
                     "alert"
                 );
-                let body = serde_json::to_vec(&alert).unwrap_or_default();
+                let body = self.alerts.encode(&alert)?;
                 let record = FutureRecord::to(&self.kafka.alerts_topic)
                     .key(alert.account_id.as_bytes())
                     .payload(body.as_slice());
@@ -287,7 +287,7 @@ impl Worker {
                     tracing::error!(error = %e, partition = msg.partition(), offset = msg.offset(),
                         "cannot publish an outcome; stopping without storing its offset");
                     shutdown.cancel();
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
             if acks.send(pending).await.is_err() {
@@ -401,6 +401,7 @@ pub async fn run_stream(
         routes.push(events_tx);
         let worker = Worker {
             engine: engine.clone(),
+            alerts: AlertEncoder::new(cfg.alert_encoding),
             kafka: cfg.kafka.clone(),
             brokers: brokers.to_string(),
             producer: producer.clone(),
