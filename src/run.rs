@@ -166,12 +166,18 @@ impl Worker {
                 );
                 self.shared.store.insert(partition, state);
             }
-            Ok((_, Err(e))) => tracing::warn!(
-                partition,
-                error = %e,
-                "could not rebuild account state; continuing with empty state for this partition"
-            ),
-            Err(e) => tracing::warn!(partition, error = %e, "state restore task failed"),
+            Ok((_, Err(e))) => {
+                tracing::warn!(
+                    partition,
+                    error = %e,
+                    "could not rebuild account state; continuing with empty state for this partition"
+                );
+                self.shared.store.insert(partition, Default::default());
+            }
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "state restore task failed; continuing with empty state");
+                self.shared.store.insert(partition, Default::default());
+            }
         }
     }
 
