@@ -306,7 +306,19 @@ fn committed_and_end(c: &BaseConsumer, t: &Topics) -> (i64, i64) {
     for p in 0..PARTITIONS {
         tpl.add_partition(&t.transactions, p);
     }
-    let committed = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    // A just-started broker answers NotCoordinator while it loads the offsets topic: retry.
+    let mut attempts = 0;
+    let committed = loop {
+        match c.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+            Ok(committed) => break committed,
+            Err(e) if attempts < 40 => {
+                attempts += 1;
+                eprintln!("committed offsets not available yet ({e}); retrying");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("committed offsets: {e}"),
+        }
+    };
     let mut sum_committed = 0;
     let mut sum_end = 0;
     for p in 0..PARTITIONS {
@@ -371,13 +383,21 @@ fn assert_alerts_match_offline(
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
-    let Some(brokers) = brokers() else { return };
-    let t = Topics::new("full");
+/// Broker, fresh topics, a work directory and the saved model every test starts from.
+async fn setup(name: &str) -> Option<(String, Topics, tempfile::TempDir, ModelSet)> {
+    let brokers = brokers()?;
+    let t = Topics::new(name);
     t.create(&brokers).await;
     let work = tempfile::tempdir().unwrap();
     let models = model_dir(&work.path().join("model"));
+    Some((brokers, t, work, models))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
+    let Some((brokers, t, work, models)) = setup("full").await else {
+        return;
+    };
 
     let events = dataset_events();
     let bad = malformed_events();
@@ -450,11 +470,9 @@ async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
-    let Some(brokers) = brokers() else { return };
-    let t = Topics::new("restart");
-    t.create(&brokers).await;
-    let work = tempfile::tempdir().unwrap();
-    let models = model_dir(&work.path().join("model"));
+    let Some((brokers, t, work, models)) = setup("restart").await else {
+        return;
+    };
     let events = dataset_events();
     let expected = offline_alerts(models, &events);
 
@@ -531,11 +549,9 @@ async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn avro_events_plain_and_confluent_framed_are_scored_like_json() {
-    let Some(brokers) = brokers() else { return };
-    let t = Topics::new("avro");
-    t.create(&brokers).await;
-    let work = tempfile::tempdir().unwrap();
-    let models = model_dir(&work.path().join("model"));
+    let Some((brokers, t, work, models)) = setup("avro").await else {
+        return;
+    };
     let events = dataset_events()[..800].to_vec();
     let expected = offline_alerts(models, &events);
 
