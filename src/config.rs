@@ -49,6 +49,7 @@ pub struct RawConfig {
     pub alerts: RawAlerts,
     pub server: RawServer,
     pub log: RawLog,
+    pub traces: RawTraces,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +152,15 @@ pub struct RawServer {
 pub struct RawLog {
     pub format: LogFormat,
     pub filter: String,
+    pub file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTraces {
+    pub otlp_endpoint: String,
+    pub sample_ratio: f64,
+    pub service_name: String,
 }
 
 /// Log line format on stdout.
@@ -198,6 +208,7 @@ impl Default for RawConfig {
             alerts: RawAlerts::default(),
             server: RawServer::default(),
             log: RawLog::default(),
+            traces: RawTraces::default(),
         }
     }
 }
@@ -306,6 +317,17 @@ impl Default for RawLog {
         Self {
             format: LogFormat::Pretty,
             filter: "info".to_string(),
+            file: String::new(),
+        }
+    }
+}
+
+impl Default for RawTraces {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 0.1,
+            service_name: "vigil".to_string(),
         }
     }
 }
@@ -363,6 +385,18 @@ pub struct Config {
     pub server_addr: SocketAddr,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// Also write JSON log lines to this file (appended; rotate it with copytruncate).
+    pub log_file: Option<PathBuf>,
+    pub traces: TraceConfig,
+}
+
+/// OpenTelemetry export of per-event spans; `endpoint: None` turns it off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceConfig {
+    /// OTLP/HTTP traces URL (`…/v1/traces`).
+    pub endpoint: Option<String>,
+    pub sample_ratio: f64,
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -465,7 +499,7 @@ impl Config {
 
 /// Top-level sections of the configuration, the only `VIGIL_*` variables read as keys (others,
 /// such as `VIGIL_CONFIG`, belong to the command line or to tools).
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "kafka",
     "encoding",
     "pipeline",
@@ -475,6 +509,7 @@ const SECTIONS: [&str; 9] = [
     "alerts",
     "server",
     "log",
+    "traces",
 ];
 
 fn env_overrides() -> Env {
@@ -694,6 +729,7 @@ impl RawConfig {
                 format!("`{}` is not ip:port ({e})", self.server.addr),
             )
         })?;
+        let traces = self.traces.validate()?;
         Ok(Config {
             kafka: KafkaConfig {
                 brokers,
@@ -719,6 +755,43 @@ impl RawConfig {
             server_addr,
             log_format: self.log.format,
             log_filter: self.log.filter.clone(),
+            log_file: (!self.log.file.trim().is_empty())
+                .then(|| PathBuf::from(self.log.file.trim())),
+            traces,
+        })
+    }
+}
+
+impl RawTraces {
+    fn validate(&self) -> Result<TraceConfig, ConfigError> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(invalid(
+                "traces.sample_ratio",
+                format!("{} is outside 0..=1", self.sample_ratio),
+            ));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(invalid("traces.service_name", "must not be empty"));
+        }
+        let base = self.otlp_endpoint.trim().trim_end_matches('/');
+        let endpoint = if base.is_empty() {
+            None
+        } else if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(invalid(
+                "traces.otlp_endpoint",
+                format!(
+                    "`{base}` is not an http(s) URL (OTLP over HTTP, e.g. http://collector:4318)"
+                ),
+            ));
+        } else if base.ends_with("/v1/traces") {
+            Some(base.to_string())
+        } else {
+            Some(format!("{base}/v1/traces"))
+        };
+        Ok(TraceConfig {
+            endpoint,
+            sample_ratio: self.sample_ratio,
+            service_name: self.service_name.trim().to_string(),
         })
     }
 }
@@ -771,6 +844,11 @@ mod tests {
             ),
             ("models:\n  numeric: [Amount]\n", "models.numeric"),
             ("kafka:\n  client:\n    group.id: other\n", "kafka.client"),
+            ("traces:\n  sample_ratio: 2\n", "traces.sample_ratio"),
+            (
+                "traces:\n  otlp_endpoint: collector:4318\n",
+                "traces.otlp_endpoint",
+            ),
         ] {
             let e = yaml_error(yaml);
             assert!(e.contains(key), "{yaml} -> {e}");
@@ -788,6 +866,18 @@ mod tests {
             assert!(e.contains("brokerz"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_the_endpoint_gets_the_traces_path() {
+        let c = Config::from_yaml("").map_err(|e| e.to_string());
+        assert_eq!(c.map(|c| c.traces.endpoint), Ok(None));
+        let c = Config::from_yaml("traces:\n  otlp_endpoint: http://jaeger:4318/\n")
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            c.map(|c| c.traces.endpoint),
+            Ok(Some("http://jaeger:4318/v1/traces".to_string()))
+        );
     }
 
     #[test]

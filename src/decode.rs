@@ -178,6 +178,16 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every value `code()` returns.
+    pub const CODES: [&'static str; 6] = [
+        "malformed",
+        "missing_field",
+        "empty_field",
+        "out_of_range",
+        "not_allowed",
+        "bad_timestamp",
+    ];
+
     /// Short, stable label for metrics and the dead-letter `error.code` header.
     pub fn code(&self) -> &'static str {
         match self {
@@ -238,6 +248,26 @@ impl Decoder {
             Self::Avro(schema) => decode_avro(schema, bytes)?,
         };
         validate(raw)
+    }
+
+    /// Best-effort `(transaction id, account id)` of an event that failed decoding or
+    /// validation, so that its log line and dead letter can be found by either id.
+    pub fn identify(&self, bytes: &[u8]) -> (Option<String>, Option<String>) {
+        #[derive(Deserialize)]
+        struct Ids {
+            #[serde(rename = "TransactionID")]
+            transaction_id: Option<String>,
+            #[serde(rename = "AccountID")]
+            account_id: Option<String>,
+        }
+        match self {
+            Self::Json => serde_json::from_slice::<Ids>(bytes)
+                .map(|i| (i.transaction_id, i.account_id))
+                .unwrap_or_default(),
+            Self::Avro(schema) => decode_avro(schema, bytes)
+                .map(|r| (r.transaction_id, r.account_id))
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -528,6 +558,48 @@ mod tests {
             .decode(&serde_json::to_vec(&v).unwrap_or_default())
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(tx.ip_address, "162.198.218.92");
+    }
+
+    #[test]
+    fn every_error_code_is_listed_in_codes() {
+        let errors = [
+            DecodeError::Malformed {
+                format: "JSON",
+                detail: String::new(),
+            },
+            DecodeError::Missing { field: "x" },
+            DecodeError::Empty { field: "x" },
+            DecodeError::OutOfRange {
+                field: "x",
+                value: String::new(),
+                min: 0.0,
+                max: 1.0,
+            },
+            DecodeError::NotAllowed {
+                field: "x",
+                value: String::new(),
+                allowed: String::new(),
+            },
+            DecodeError::BadTimestamp {
+                field: "x",
+                value: String::new(),
+            },
+        ];
+        let codes: Vec<_> = errors.iter().map(DecodeError::code).collect();
+        assert_eq!(codes, DecodeError::CODES);
+    }
+
+    #[test]
+    fn an_invalid_event_is_still_identified_by_its_ids_when_they_parse() {
+        let bad = with("TransactionAmount", serde_json::json!("lots"));
+        assert_eq!(
+            Decoder::Json.identify(&bad),
+            (Some("TX000001".into()), Some("AC00128".into()))
+        );
+        assert_eq!(
+            Decoder::Json.identify(b"{\"TransactionID\": "),
+            (None, None)
+        );
     }
 
     #[test]

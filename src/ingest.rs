@@ -17,7 +17,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{Offset, Statistics, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
@@ -48,7 +48,20 @@ pub struct GroupContext {
     pub metrics: Metrics,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        for topic in statistics.topics.values() {
+            for (partition, p) in &topic.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[&partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -64,6 +77,8 @@ impl ConsumerContext for GroupContext {
                 for e in tpl.elements() {
                     self.store.remove(&e.partition());
                 }
+                // Another instance owns these partitions now and reports their lag.
+                self.metrics.consumer_lag.reset();
                 self.status.assigned.store(0, Ordering::Relaxed);
                 self.metrics.partitions_assigned.set(0);
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
@@ -97,7 +112,9 @@ pub fn group_consumer(
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Feeds `vigil_consumer_lag` (GroupContext::stats).
+        .set("statistics.interval.ms", "5000");
     for (k, v) in client_config(kafka, brokers).config_map() {
         c.set(k, v);
     }

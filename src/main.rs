@@ -126,7 +126,7 @@ async fn start_server(cfg: &Config, shared: Shared, shutdown: CancellationToken)
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let cfg = load_config(cli.config)?;
-    telemetry::init(cfg.log_format, &cfg.log_filter);
+    let _telemetry = telemetry::init(&cfg)?;
     // No command means `vigil demo` with its defaults.
     let command = match cli.command {
         Some(c) => c,

@@ -44,6 +44,15 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     /// Unix time the loaded model was trained.
     pub model_created_seconds: IntGauge,
+    /// 1 when `/ready` would answer 200.
+    pub ready: IntGauge,
+    /// High watermark minus committed offset per assigned partition, from librdkafka's
+    /// statistics (every `statistics.interval.ms`).
+    pub consumer_lag: IntGaugeVec,
+    /// HTTP requests by matched route, method and status code.
+    pub http_requests: IntCounterVec,
+    /// HTTP request latency by matched route.
+    pub http_seconds: HistogramVec,
 }
 
 /// Buckets for per-event CPU time: 1 µs to about 30 ms.
@@ -149,8 +158,46 @@ impl Metrics {
                 "model_created_timestamp_seconds",
                 "Unix time the loaded model was trained"
             )?),
+            ready: register!(IntGauge::new(
+                "ready",
+                "1 when models are loaded and partitions are assigned"
+            )?),
+            consumer_lag: register!(IntGaugeVec::new(
+                Opts::new(
+                    "consumer_lag",
+                    "Events behind the high watermark per partition (committed offsets)"
+                ),
+                &["partition"]
+            )?),
+            http_requests: register!(IntCounterVec::new(
+                Opts::new("http_requests_total", "HTTP requests by route and status"),
+                &["route", "method", "status"]
+            )?),
+            http_seconds: register!(HistogramVec::new(
+                HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
+                    .buckets(prometheus::exponential_buckets(1e-4, 4.0, 10).unwrap_or_default()),
+                &["route"]
+            )?),
             registry,
         })
+        .and_then(Self::with_known_series)
+    }
+
+    /// Registers the process collector (memory, CPU, file descriptors) and creates the series
+    /// whose label values are known up front at zero, so that `rate()` and alert rules see
+    /// them before the first event of their kind.
+    fn with_known_series(self) -> Result<Self, prometheus::Error> {
+        self.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        for code in crate::decode::DecodeError::CODES {
+            self.events_invalid.with_label_values(&[code]);
+        }
+        for model in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
+            self.model_flags.with_label_values(&[model]);
+            self.model_scores.with_label_values(&[model]);
+        }
+        Ok(self)
     }
 
     /// The Prometheus text exposition of every metric.

@@ -69,7 +69,8 @@ impl Engine {
         scratch: &mut Scratch,
     ) -> Outcome {
         state.next_offset = Some(source.offset + 1);
-        match self.decoder.decode(payload) {
+        let decoded = tracing::trace_span!("decode").in_scope(|| self.decoder.decode(payload));
+        match decoded {
             Ok(tx) => self.score(state, source, tx, scratch),
             Err(e) => Outcome::Invalid(e),
         }
@@ -83,11 +84,20 @@ impl Engine {
         tx: Transaction,
         scratch: &mut Scratch,
     ) -> Outcome {
+        let event = tracing::Span::current();
+        if !event.is_disabled() {
+            event.record("transaction_id", tx.transaction_id.as_str());
+            event.record("account_id", tx.account_id.as_str());
+        }
         let cfg = *self.features();
+        let span = tracing::trace_span!("features").entered();
         let account = state.account_mut(&tx.account_id, tx.time, &cfg);
         let features = compute(account, &tx);
-        let verdicts = self.models.assess(&features, scratch);
+        drop(span);
+        let verdicts =
+            tracing::trace_span!("models").in_scope(|| self.models.assess(&features, scratch));
         let scored = Scored { verdicts };
+        let _consensus = tracing::trace_span!("consensus").entered();
         if !decide(self.policy, &verdicts) {
             account.update(&tx, &cfg);
             return Outcome::Clean(scored);

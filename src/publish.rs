@@ -251,6 +251,16 @@ pub enum OutcomeKind {
     DeadLetter,
 }
 
+impl OutcomeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Clean => "clean",
+            Self::Alert => "alert",
+            Self::DeadLetter => "dead_letter",
+        }
+    }
+}
+
 /// An event whose outcome is on its way to the broker; its offset may be stored once
 /// `delivery` (if any) is acknowledged and every earlier event of the partition was.
 pub struct Pending {
@@ -259,6 +269,8 @@ pub struct Pending {
     pub kind: OutcomeKind,
     pub delivery: Option<DeliveryFuture>,
     pub consumed_at: Instant,
+    /// The event's trace span (disabled unless traces are exported); it ends with this value.
+    pub span: tracing::Span,
 }
 
 /// Why an outcome could not be acknowledged.
@@ -278,16 +290,11 @@ pub enum PublishError {
 
 impl Pending {
     /// Waits for the broker's acknowledgement (immediate for a clean event).
-    pub async fn acknowledged(self) -> Result<Self, PublishError> {
+    pub async fn acknowledged(mut self) -> Result<Self, PublishError> {
         let (partition, offset) = (self.partition, self.offset);
-        let Pending {
-            delivery,
-            kind,
-            consumed_at,
-            ..
-        } = self;
-        if let Some(delivery) = delivery {
-            match delivery.await {
+        if let Some(delivery) = self.delivery.take() {
+            let span = tracing::trace_span!(parent: &self.span, "acknowledge");
+            match tracing::Instrument::instrument(delivery, span).await {
                 Ok(Ok(_)) => {}
                 Ok(Err((source, _))) => {
                     return Err(PublishError::Delivery {
@@ -299,13 +306,7 @@ impl Pending {
                 Err(_) => return Err(PublishError::Canceled { partition, offset }),
             }
         }
-        Ok(Self {
-            partition,
-            offset,
-            kind,
-            delivery: None,
-            consumed_at,
-        })
+        Ok(self)
     }
 }
 

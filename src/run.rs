@@ -21,6 +21,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::{Config, KafkaConfig};
 use crate::decode::Decoder;
@@ -198,6 +199,31 @@ impl Worker {
     async fn handle(&self, msg: &OwnedMessage, scratch: &mut Scratch) -> Result<Pending, RunError> {
         let consumed_at = Instant::now();
         let (partition, offset) = (msg.partition(), msg.offset());
+        let span = tracing::trace_span!(
+            "event",
+            topic = msg.topic(),
+            partition,
+            offset,
+            transaction_id = tracing::field::Empty,
+            account_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let mut pending = self
+            .handle_in(msg, scratch, consumed_at)
+            .instrument(span.clone())
+            .await?;
+        span.record("outcome", pending.kind.as_str());
+        pending.span = span;
+        Ok(pending)
+    }
+
+    async fn handle_in(
+        &self,
+        msg: &OwnedMessage,
+        scratch: &mut Scratch,
+        consumed_at: Instant,
+    ) -> Result<Pending, RunError> {
+        let (partition, offset) = (msg.partition(), msg.offset());
         self.ensure_state(partition, offset).await;
         let source = SourceCoordinates {
             topic: msg.topic().to_string(),
@@ -239,7 +265,11 @@ impl Worker {
                     .payload(body.as_slice());
                 (
                     OutcomeKind::Alert,
-                    Some(enqueue(&self.producer, record).await?),
+                    Some(
+                        enqueue(&self.producer, record)
+                            .instrument(tracing::trace_span!("publish"))
+                            .await?,
+                    ),
                 )
             }
             Outcome::Invalid(error) => {
@@ -248,7 +278,10 @@ impl Worker {
                     .events_invalid
                     .with_label_values(&[error.code()])
                     .inc();
+                let (transaction_id, account_id) = self.engine.decoder.identify(payload);
                 tracing::warn!(
+                    transaction_id = transaction_id.as_deref().unwrap_or(""),
+                    account_id = account_id.as_deref().unwrap_or(""),
                     partition,
                     offset,
                     code = error.code(),
@@ -266,7 +299,11 @@ impl Worker {
                 }
                 (
                     OutcomeKind::DeadLetter,
-                    Some(enqueue(&self.producer, record).await?),
+                    Some(
+                        enqueue(&self.producer, record)
+                            .instrument(tracing::trace_span!("publish"))
+                            .await?,
+                    ),
                 )
             }
         };
@@ -276,6 +313,7 @@ impl Worker {
             kind,
             delivery,
             consumed_at,
+            span: tracing::Span::none(),
         })
     }
 

@@ -1,11 +1,14 @@
 //! The side HTTP server (axum): `GET /health`, `GET /ready` (503 until models are loaded and
 //! partitions assigned), `GET /models` (versions, parameters, thresholds, features) and
-//! `GET /metrics` (Prometheus text). It reads shared state and never changes it.
+//! `GET /metrics` (Prometheus text). It reads shared state and never changes it. Every request
+//! is counted by matched route, method and status (`vigil_http_requests_total`).
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
-use axum::extract::State;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -23,7 +26,29 @@ pub fn router(shared: Shared) -> Router {
         .route("/models", get(models))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(shared.clone(), track))
         .with_state(shared)
+}
+
+/// Counts and times every request. Unmatched paths share one label so that scanners cannot
+/// grow the number of series.
+async fn track(State(s): State<Shared>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let method = request.method().clone();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = &s.metrics;
+    m.http_requests
+        .with_label_values(&[route.as_str(), method.as_str(), response.status().as_str()])
+        .inc();
+    m.http_seconds
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn index() -> Json<serde_json::Value> {
@@ -86,6 +111,7 @@ async fn models(State(s): State<Shared>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
+    s.metrics.ready.set(i64::from(s.status.ready()));
     (
         [(
             header::CONTENT_TYPE,

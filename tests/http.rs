@@ -102,3 +102,40 @@ async fn unknown_paths_get_a_json_404() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "not found");
 }
+
+#[tokio::test]
+async fn requests_are_counted_by_matched_route_and_status_and_unknown_paths_share_one_label() {
+    let s = shared();
+    get(&s, "/health").await;
+    get(&s, "/health").await;
+    get(&s, "/ready").await;
+    get(&s, "/wp-admin/a").await;
+    get(&s, "/wp-admin/b").await;
+    let (_, body) = get(&s, "/metrics").await;
+    for line in [
+        r#"vigil_http_requests_total{method="GET",route="/health",status="200"} 2"#,
+        r#"vigil_http_requests_total{method="GET",route="/ready",status="503"} 1"#,
+        r#"vigil_http_requests_total{method="GET",route="unmatched",status="404"} 2"#,
+        r#"vigil_http_request_duration_seconds_count{route="/health"} 2"#,
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing `{line}` in\n{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn known_series_exist_at_zero_before_their_first_event() {
+    let (_, body) = get(&shared(), "/metrics").await;
+    for line in [
+        r#"vigil_events_invalid_total{reason="malformed"} 0"#,
+        r#"vigil_events_invalid_total{reason="bad_timestamp"} 0"#,
+        r#"vigil_model_flags_total{model="isolation_forest"} 0"#,
+        r#"vigil_model_score_count{model="lof"} 0"#,
+        "vigil_ready 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing `{line}`");
+    }
+    assert!(body.contains("vigil_process_resident_memory_bytes "));
+}
