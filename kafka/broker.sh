@@ -7,6 +7,8 @@
 #   kafka/broker.sh status           exit 0 if it answers
 #   kafka/broker.sh topic NAME [P]   create a topic with P partitions (default 3)
 #   kafka/broker.sh bootstrap        print the bootstrap address
+#   kafka/broker.sh kafka-topics ... / kafka-configs ...
+#                                    the Kafka CLI tools (kafka-topics.sh, kafka-configs.sh)
 #
 # Port: VIGIL_TEST_KAFKA_PORT (default 19092; the controller uses the next port).
 set -euo pipefail
@@ -107,5 +109,7 @@ case "${1:-}" in
   status) status ;;
   topic) shift; topic "$@" ;;
   bootstrap) echo "$bootstrap" ;;
-  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+  kafka-topics) fetch; shift; kafka_java org.apache.kafka.tools.TopicCommand "$@" ;;
+  kafka-configs) fetch; shift; kafka_java kafka.admin.ConfigCommand "$@" ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac
