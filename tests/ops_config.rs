@@ -1,0 +1,1104 @@
+//! The operations files, checked with the real tools that run here (promtool, amtool,
+//! logrotate, openssl, the Kafka CLI on the test broker) and against each other: every name,
+//! port, path and variable one file expects of another is there. Docker, Grafana, Elasticsearch,
+//! Kibana, Filebeat and Traefik do not run on these machines, so their files are checked for
+//! syntax and consistency only.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{repo, tool};
+use serde_json::Value as Json;
+use serde_yaml::Value as Yaml;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn yaml(path: &str) -> Yaml {
+    serde_yaml::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn json(path: &str) -> Json {
+    serde_json::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+fn strs(v: &Yaml) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every `${NAME}` (with or without `:-default` / `:?message`) in a text.
+fn variables(text: &str) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut rest = code.as_str();
+    while let Some(i) = rest.find("${") {
+        rest = &rest[i + 2..];
+        let end = rest.find('}').unwrap();
+        let inner = &rest[..end];
+        let name_end = inner.find([':', '-']).unwrap_or(inner.len());
+        let has_default = inner[name_end..].starts_with(":-");
+        out.insert(inner[..name_end].to_string(), has_default);
+        rest = &rest[end..];
+    }
+    out
+}
+
+struct Compose(Yaml);
+
+impl Compose {
+    fn load() -> Self {
+        Self(yaml("docker-compose.yml"))
+    }
+    fn services(&self) -> BTreeMap<String, &Yaml> {
+        self.0["services"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().to_string(), v))
+            .collect()
+    }
+    fn service(&self, name: &str) -> &Yaml {
+        let s = &self.0["services"][name];
+        assert!(s.is_mapping(), "no service {name}");
+        s
+    }
+    fn env(&self, service: &str) -> BTreeMap<String, String> {
+        self.service(service)["environment"]
+            .as_mapping()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            Yaml::String(s) => s.clone(),
+                            other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+                        };
+                        (k.as_str().unwrap().to_string(), v)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    /// (source, target) of each volume entry.
+    fn mounts(&self, service: &str) -> Vec<(String, String)> {
+        strs(&self.service(service)["volumes"])
+            .iter()
+            .map(|m| {
+                let mut parts = m.split(':');
+                (
+                    parts.next().unwrap().to_string(),
+                    parts.next().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+    fn networks(&self, service: &str) -> BTreeSet<String> {
+        let n = strs(&self.service(service)["networks"]);
+        if n.is_empty() {
+            BTreeSet::from(["default".to_string()])
+        } else {
+            n.into_iter().collect()
+        }
+    }
+    /// The host path a container path of `service` comes from: the repository path for a bind
+    /// mount, `volume:<name>/<rest>` for a named volume.
+    fn source_of(&self, service: &str, container_path: &str) -> Option<String> {
+        self.mounts(service)
+            .into_iter()
+            .filter(|(_, target)| {
+                container_path == target || container_path.starts_with(&format!("{target}/"))
+            })
+            .max_by_key(|(_, target)| target.len())
+            .map(|(source, target)| {
+                let rest = container_path[target.len()..].trim_start_matches('/');
+                match source.strip_prefix("./") {
+                    Some(local) if rest.is_empty() => local.to_string(),
+                    Some(local) => format!("{local}/{rest}"),
+                    None if rest.is_empty() => format!("volume:{source}"),
+                    None => format!("volume:{source}/{rest}"),
+                }
+            })
+    }
+    /// Asserts that `from` can reach `to` (they share a network).
+    fn assert_reachable(&self, from: &str, to: &str) {
+        let shared: Vec<_> = self
+            .networks(from)
+            .intersection(&self.networks(to))
+            .cloned()
+            .collect();
+        assert!(!shared.is_empty(), "{from} and {to} share no network");
+    }
+}
+
+/// The certificate files make-certs.sh creates, as `volume:certs/<path>` strings, plus the
+/// htpasswd file the certs service writes.
+fn certs_made(compose: &Compose) -> BTreeSet<String> {
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("sh")
+        .arg(repo().join("logging/make-certs.sh"))
+        .arg(dir.path()));
+    let mut files = BTreeSet::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(format!(
+                    "volume:certs/{}",
+                    p.strip_prefix(root).unwrap().display()
+                ));
+            }
+        }
+    }
+    walk(dir.path(), dir.path(), &mut files);
+    let command = strs(&compose.service("certs")["command"]).join(" ");
+    let htpasswd = command
+        .split("make-htpasswd.sh ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the certs service writes the htpasswd file");
+    files.insert(compose.source_of("certs", htpasswd).unwrap());
+    files
+}
+
+// ---- Prometheus, Alertmanager, logrotate: the real tools -------------------------------------
+
+#[test]
+fn promtool_accepts_the_prometheus_config_and_its_rules() {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let out = run(Command::new(promtool)
+        .args(["check", "config"])
+        .arg(repo().join("monitoring/prometheus.yml")));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn rule_unit_tests_make_every_alert_fire_and_resolve() {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    run(Command::new(promtool)
+        .args(["test", "rules"])
+        .arg(repo().join("monitoring/rules/vigil.test.yml")));
+
+    // Coverage: each alert has a case where it fires and a later one where it is gone.
+    let rules = yaml("monitoring/rules/vigil.yml");
+    let alerts: BTreeSet<String> = rules["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .filter_map(|r| r["alert"].as_str().map(str::to_string))
+        .collect();
+    assert!(alerts.len() >= 9, "{alerts:?}");
+    let tests = yaml("monitoring/rules/vigil.test.yml");
+    let mut fired: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+    for t in tests["tests"].as_sequence().unwrap() {
+        for case in t["alert_rule_test"].as_sequence().unwrap() {
+            let name = case["alertname"].as_str().unwrap().to_string();
+            let firing = case["exp_alerts"]
+                .as_sequence()
+                .is_some_and(|a| !a.is_empty());
+            let at = case["eval_time"].as_str().unwrap().to_string();
+            fired.entry(name).or_default().push((at, firing));
+        }
+    }
+    let minutes = |t: &str| t.trim_end_matches('m').parse::<u32>().unwrap();
+    for alert in &alerts {
+        let cases = fired
+            .get(alert)
+            .unwrap_or_else(|| panic!("{alert} is not tested"));
+        let first_fire = cases
+            .iter()
+            .filter(|(_, f)| *f)
+            .map(|(t, _)| minutes(t))
+            .min()
+            .unwrap_or_else(|| panic!("{alert} never fires in the tests"));
+        assert!(
+            cases.iter().any(|(t, f)| !f && minutes(t) > first_fire),
+            "{alert} never resolves in the tests"
+        );
+    }
+}
+
+#[test]
+fn alertmanager_config_renders_from_the_environment_and_amtool_accepts_it() {
+    let Some(amtool) = tool("amtool") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alertmanager.yml");
+    let template = repo().join("monitoring/alertmanager/alertmanager.yml");
+    let vars = variables(&read("monitoring/alertmanager/alertmanager.yml"));
+    assert!(
+        vars.contains_key("ALERTMANAGER_ONCALL_WEBHOOK_URL"),
+        "{vars:?}"
+    );
+    run(Command::new("sh")
+        .arg(repo().join("monitoring/alertmanager/render.sh"))
+        .arg(&template)
+        .arg(&out)
+        .env(
+            "ALERTMANAGER_ONCALL_WEBHOOK_URL",
+            "https://hooks.example.com/pager?a=1&b=2",
+        )
+        .env(
+            "ALERTMANAGER_TEAM_WEBHOOK_URL",
+            "http://team.example.com/hook",
+        ));
+    let rendered = std::fs::read_to_string(&out).unwrap();
+    assert!(rendered.contains("https://hooks.example.com/pager?a=1&b=2"));
+    assert!(
+        !variables(
+            &rendered
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+        .iter()
+        .any(|_| true)
+    );
+    let checked = run(Command::new(amtool).arg("check-config").arg(&out));
+    assert!(
+        checked.contains("SUCCESS") && checked.contains("2 receivers"),
+        "{checked}"
+    );
+
+    // Rendering without the variables fails and names the first missing one.
+    let failed = Command::new("sh")
+        .arg(repo().join("monitoring/alertmanager/render.sh"))
+        .arg(&template)
+        .arg(dir.path().join("unset.yml"))
+        .env_remove("ALERTMANAGER_ONCALL_WEBHOOK_URL")
+        .env_remove("ALERTMANAGER_TEAM_WEBHOOK_URL")
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr)
+            .contains("ALERTMANAGER_ONCALL_WEBHOOK_URL is not set")
+    );
+    assert!(!dir.path().join("unset.yml").exists());
+}
+
+#[test]
+fn logrotate_accepts_the_config_and_copytruncate_rotates_a_file_still_open_for_append() {
+    let Some(logrotate) = tool("logrotate") else {
+        return;
+    };
+    let conf = read("logging/logrotate/vigil");
+    run(Command::new(&logrotate)
+        .arg("-d")
+        .arg(repo().join("logging/logrotate/vigil")));
+
+    // The same rules on a file in a temporary directory, forced: the writer keeps its handle.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("vigil.log");
+    let local = conf.replace(
+        "/var/log/vigil/*.log",
+        &format!("{}/*.log", dir.path().display()),
+    );
+    let local_conf = dir.path().join("logrotate.conf");
+    std::fs::write(&local_conf, local).unwrap();
+    let mut writer = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    use std::io::Write;
+    writeln!(writer, "{{\"message\":\"before\"}}").unwrap();
+    run(Command::new(&logrotate)
+        .arg("-f")
+        .arg("-s")
+        .arg(dir.path().join("state"))
+        .arg(&local_conf));
+    writeln!(writer, "{{\"message\":\"after\"}}").unwrap();
+    drop(writer);
+    let rotated: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("vigil.log-"))
+        .collect();
+    assert_eq!(rotated.len(), 1, "{rotated:?}");
+    let old = std::fs::read_to_string(dir.path().join(&rotated[0])).unwrap();
+    assert_eq!(old, "{\"message\":\"before\"}\n");
+    // Appending after the truncation starts at the beginning, not at the old length.
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "{\"message\":\"after\"}\n"
+    );
+}
+
+// ---- docker-compose.yml ------------------------------------------------------------------------
+
+#[test]
+fn compose_services_start_in_order_after_services_that_exist() {
+    let compose = Compose::load();
+    let services = compose.services();
+    for name in [
+        "kafka",
+        "kafka-init",
+        "vigil",
+        "simulator",
+        "prometheus",
+        "alertmanager",
+        "grafana",
+        "elasticsearch",
+        "kibana",
+        "filebeat",
+        "traefik",
+        "jaeger",
+        "certs",
+    ] {
+        assert!(services.contains_key(name), "no {name} service");
+    }
+    assert_eq!(
+        strs(&compose.service("simulator")["profiles"]),
+        ["simulator"]
+    );
+    assert_eq!(strs(&compose.service("jaeger")["profiles"]), ["tracing"]);
+    for (name, service) in &services {
+        let Some(deps) = service["depends_on"].as_mapping() else {
+            continue;
+        };
+        for (dep, how) in deps {
+            let dep = dep.as_str().unwrap();
+            let target = services
+                .get(dep)
+                .unwrap_or_else(|| panic!("{name} depends on missing {dep}"));
+            let condition = how["condition"].as_str().unwrap();
+            match condition {
+                "service_healthy" => assert!(
+                    target["healthcheck"].is_mapping() || dep == "vigil",
+                    "{name} waits for {dep} to be healthy but it has no health check"
+                ),
+                "service_completed_successfully" => assert_eq!(
+                    target["restart"].as_str(),
+                    Some("no"),
+                    "{dep} is a one-shot and must not restart"
+                ),
+                "service_started" => {}
+                other => panic!("{name}: unknown condition {other}"),
+            }
+        }
+    }
+    // vigil's health check is in its image; the compose one must match the port it listens on.
+    let addr = &compose.env("vigil")["VIGIL_SERVER__ADDR"];
+    let port = addr.rsplit(':').next().unwrap();
+    let check = strs(&compose.service("vigil")["healthcheck"]["test"]).join(" ");
+    assert!(check.contains(&format!(":{port}/health")), "{check}");
+    assert!(read("Dockerfile").contains(&format!("VIGIL_SERVER__ADDR=0.0.0.0:{port}")));
+}
+
+#[test]
+fn compose_mounts_exist_and_volumes_and_networks_are_declared() {
+    let compose = Compose::load();
+    let volumes: BTreeSet<String> = compose.0["volumes"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    let mut networks: BTreeSet<String> = compose.0["networks"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    networks.insert("default".into());
+    for name in compose.services().keys() {
+        for (source, _) in compose.mounts(name) {
+            match source.strip_prefix("./") {
+                Some(local) => assert!(
+                    repo().join(local).exists(),
+                    "{name} mounts missing ./{local}"
+                ),
+                None => assert!(
+                    volumes.contains(&source),
+                    "{name} uses undeclared volume {source}"
+                ),
+            }
+        }
+        for n in compose.networks(name) {
+            assert!(networks.contains(&n), "{name} uses undeclared network {n}");
+        }
+    }
+    // The logging services have a network of their own.
+    for s in ["elasticsearch", "kibana", "filebeat"] {
+        assert_eq!(
+            compose.networks(s),
+            BTreeSet::from(["logging".to_string()]),
+            "{s}"
+        );
+    }
+    // Scripts a container runs with `sh` must be in the repository.
+    for script in [
+        "kafka/create-topics.sh",
+        "logging/make-certs.sh",
+        "monitoring/traefik/make-htpasswd.sh",
+        "logging/elasticsearch/setup.sh",
+        "logging/kibana/import.sh",
+        "monitoring/alertmanager/render.sh",
+    ] {
+        run(Command::new("sh").arg("-n").arg(repo().join(script)));
+    }
+}
+
+#[test]
+fn secrets_come_from_env_and_env_example_commits_only_placeholders() {
+    let compose_text = read("docker-compose.yml");
+    let example = read(".env.example");
+    let declared: BTreeMap<String, String> = example
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    for (name, has_default) in variables(&compose_text) {
+        assert!(
+            has_default || declared.contains_key(&name),
+            "docker-compose.yml needs {name} but .env.example does not declare it"
+        );
+    }
+    for (name, value) in &declared {
+        if name.contains("PASSWORD") || name.ends_with("_KEY") || name.contains("WEBHOOK") {
+            assert!(
+                value.contains("change-me"),
+                "{name} in .env.example holds a real-looking value"
+            );
+        }
+    }
+    let ignored = read(".gitignore");
+    assert!(
+        ignored.lines().any(|l| l == ".env"),
+        ".env is not git-ignored"
+    );
+    assert!(!repo().join(".env").exists() || ignored.contains(".env"));
+    // No password or key is written into the compose file itself.
+    for (service, _) in Compose::load().services() {
+        for (k, v) in Compose::load().env(&service) {
+            if k.contains("PASSWORD") || k.ends_with("ENCRYPTION_KEY") {
+                assert!(v.starts_with("${"), "{service}.{k} is not taken from .env");
+            }
+        }
+    }
+}
+
+#[test]
+fn config_files_read_only_variables_their_service_is_given() {
+    let compose = Compose::load();
+    for (service, file) in [
+        ("filebeat", "logging/filebeat/filebeat.yml"),
+        ("kibana", "logging/kibana/kibana.yml"),
+        ("alertmanager", "monitoring/alertmanager/alertmanager.yml"),
+        ("es-setup", "logging/elasticsearch/setup.sh"),
+        ("certs", "monitoring/traefik/make-htpasswd.sh"),
+    ] {
+        let env = compose.env(service);
+        let text = read(file);
+        let mut needed: BTreeSet<String> = variables(&text).into_keys().collect();
+        // Plain $NAME in shell scripts too.
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$')) {
+            if let Some(name) = word.strip_prefix('$') {
+                if name.chars().all(|c| c.is_ascii_uppercase() || c == '_') && name.len() > 3 {
+                    needed.insert(name.to_string());
+                }
+            }
+        }
+        for name in needed {
+            let defaulted = text.contains(&format!("${{{name}:-"));
+            assert!(
+                defaulted || env.contains_key(&name),
+                "{file} reads {name}, which {service} is not given"
+            );
+        }
+    }
+}
+
+// ---- Monitoring wiring -------------------------------------------------------------------------
+
+#[test]
+fn prometheus_scrapes_and_alerts_services_that_exist_on_its_network() {
+    let compose = Compose::load();
+    let prometheus = yaml("monitoring/prometheus.yml");
+    let mut targets = Vec::new();
+    for job in prometheus["scrape_configs"].as_sequence().unwrap() {
+        for sc in job["static_configs"].as_sequence().unwrap() {
+            targets.extend(strs(&sc["targets"]));
+        }
+    }
+    for am in prometheus["alerting"]["alertmanagers"]
+        .as_sequence()
+        .unwrap()
+    {
+        for sc in am["static_configs"].as_sequence().unwrap() {
+            targets.extend(strs(&sc["targets"]));
+        }
+    }
+    let vigil_port = compose.env("vigil")["VIGIL_SERVER__ADDR"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    for target in targets {
+        let (host, port) = target.split_once(':').unwrap();
+        if host == "localhost" {
+            continue;
+        }
+        compose.assert_reachable("prometheus", host);
+        match host {
+            "vigil" => assert_eq!(port, vigil_port),
+            "alertmanager" => assert_eq!(port, "9093"),
+            other => panic!("unexpected target {other}"),
+        }
+    }
+    // Rule files resolve to the mounted rules directory.
+    for f in strs(&prometheus["rule_files"]) {
+        let source = compose
+            .source_of("prometheus", &format!("/etc/prometheus/{f}"))
+            .unwrap();
+        assert!(repo().join(&source).is_file(), "{source}");
+    }
+}
+
+#[test]
+fn grafana_provisions_the_datasource_and_dashboards_it_mounts() {
+    let compose = Compose::load();
+    let ds = yaml("monitoring/grafana/provisioning/datasources/prometheus.yml");
+    let ds = &ds["datasources"][0];
+    let url = ds["url"].as_str().unwrap();
+    let host = url.trim_start_matches("http://").split(':').next().unwrap();
+    compose.assert_reachable("grafana", host);
+    let uid = ds["uid"].as_str().unwrap();
+
+    let provider = yaml("monitoring/grafana/provisioning/dashboards/vigil.yml");
+    let path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    let source = compose.source_of("grafana", path).unwrap();
+    assert_eq!(source, "monitoring/grafana/dashboards");
+    let home = &compose.env("grafana")["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"];
+    assert!(
+        repo()
+            .join(compose.source_of("grafana", home).unwrap())
+            .is_file()
+    );
+
+    let mut count = 0;
+    for entry in std::fs::read_dir(repo().join(&source)).unwrap() {
+        let path = entry.unwrap().path();
+        let d: Json = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut uids = BTreeSet::new();
+        fn datasources(v: &Json, out: &mut BTreeSet<String>) {
+            match v {
+                Json::Object(m) => {
+                    if let Some(Json::Object(ds)) = m.get("datasource") {
+                        if ds.get("type").and_then(Json::as_str) == Some("prometheus") {
+                            out.insert(ds["uid"].as_str().unwrap().to_string());
+                        }
+                    }
+                    m.values().for_each(|v| datasources(v, out));
+                }
+                Json::Array(a) => a.iter().for_each(|v| datasources(v, out)),
+                _ => {}
+            }
+        }
+        datasources(&d, &mut uids);
+        assert_eq!(
+            uids,
+            BTreeSet::from([uid.to_string()]),
+            "{}",
+            path.display()
+        );
+        let titles: Vec<&str> = d["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["title"].as_str())
+            .collect();
+        for needed in [
+            "Throughput",
+            "Consumer lag by partition",
+            "End-to-end latency",
+            "Flag rate per model",
+            "Isolation Forest score distribution",
+            "LOF score distribution",
+            "Dead letters by reason",
+            "Accounts tracked",
+            "Memory",
+            "Requests by route and status",
+        ] {
+            assert!(
+                titles.contains(&needed),
+                "{} has no {needed} panel",
+                path.display()
+            );
+        }
+        count += 1;
+    }
+    assert!(count > 0);
+}
+
+#[test]
+fn traefik_routes_reach_compose_services_through_defined_middlewares() {
+    let compose = Compose::load();
+    let dynamic = yaml("monitoring/traefik/dynamic.yml");
+    let http = &dynamic["http"];
+    let middlewares: BTreeSet<String> = http["middlewares"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    let ports = BTreeMap::from([("grafana", "3000"), ("kibana", "5601")]);
+    let routers = http["routers"].as_mapping().unwrap();
+    assert_eq!(routers.len(), 2);
+    for (name, router) in routers {
+        let name = name.as_str().unwrap();
+        let used = strs(&router["middlewares"]);
+        for m in &used {
+            assert!(
+                middlewares.contains(m),
+                "router {name} uses undefined middleware {m}"
+            );
+        }
+        assert!(
+            used.contains(&"basic-auth".to_string()) && used.contains(&"rate-limit".to_string())
+        );
+        let service = router["service"].as_str().unwrap();
+        let lb = &http["services"][service]["loadBalancer"];
+        for server in lb["servers"].as_sequence().unwrap() {
+            let url = server["url"].as_str().unwrap();
+            let hostport = url.split("://").nth(1).unwrap();
+            let (host, port) = hostport.split_once(':').unwrap();
+            compose.assert_reachable("traefik", host);
+            assert_eq!(Some(&port), ports.get(host), "{url}");
+            if url.starts_with("https://") {
+                let transport = lb["serversTransport"]
+                    .as_str()
+                    .expect("https upstream without a transport");
+                assert!(http["serversTransports"][transport]["rootCAs"].is_sequence());
+            }
+        }
+        let prefix = router["rule"].as_str().unwrap();
+        assert!(prefix.contains(&format!("/{name}")), "{prefix}");
+    }
+    assert!(
+        http["middlewares"]["rate-limit"]["rateLimit"]["average"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        http["middlewares"]["basic-auth"]["basicAuth"]["removeHeader"].as_bool(),
+        Some(true)
+    );
+    // Kibana serves under the prefix Traefik routes, Grafana too.
+    assert_eq!(
+        yaml("logging/kibana/kibana.yml")["server.basePath"].as_str(),
+        Some("/kibana")
+    );
+    assert!(compose.env("grafana")["GF_SERVER_ROOT_URL"].ends_with("/grafana/"));
+    // The static config loads the dynamic file from where compose mounts it.
+    let static_cfg = yaml("monitoring/traefik/traefik.yml");
+    let file = static_cfg["providers"]["file"]["filename"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        compose.source_of("traefik", file).unwrap(),
+        "monitoring/traefik/dynamic.yml"
+    );
+}
+
+#[test]
+fn every_certificate_path_is_a_file_the_certs_service_creates() {
+    let Some(_) = tool("openssl") else { return };
+    let compose = Compose::load();
+    let made = certs_made(&compose);
+    let mut checked = 0;
+    let mut check = |service: &str, path: &str| {
+        let source = compose
+            .source_of(service, path)
+            .unwrap_or_else(|| panic!("{service}: {path} is not under any mount"));
+        assert!(
+            made.contains(&source),
+            "{service}: {path} ({source}) is not made by make-certs.sh: {made:?}"
+        );
+        checked += 1;
+    };
+    // Elasticsearch: paths relative to its config directory.
+    for (k, v) in compose.env("elasticsearch") {
+        if k.starts_with("xpack.security")
+            && (k.ends_with(".key") || k.ends_with(".certificate") || k.ends_with("authorities"))
+        {
+            check(
+                "elasticsearch",
+                &format!("/usr/share/elasticsearch/config/{v}"),
+            );
+        }
+    }
+    let kibana = yaml("logging/kibana/kibana.yml");
+    for k in ["server.ssl.certificate", "server.ssl.key"] {
+        check("kibana", kibana[k].as_str().unwrap());
+    }
+    for ca in strs(&kibana["elasticsearch.ssl.certificateAuthorities"]) {
+        check("kibana", &ca);
+    }
+    let filebeat = yaml("logging/filebeat/filebeat.yml");
+    for ca in strs(&filebeat["output.elasticsearch"]["ssl"]["certificate_authorities"]) {
+        check("filebeat", &ca);
+    }
+    let traefik = yaml("monitoring/traefik/dynamic.yml");
+    for c in traefik["tls"]["certificates"].as_sequence().unwrap() {
+        check("traefik", c["certFile"].as_str().unwrap());
+        check("traefik", c["keyFile"].as_str().unwrap());
+    }
+    check(
+        "traefik",
+        traefik["http"]["middlewares"]["basic-auth"]["basicAuth"]["usersFile"]
+            .as_str()
+            .unwrap(),
+    );
+    for ca in strs(&traefik["http"]["serversTransports"]["kibana-tls"]["rootCAs"]) {
+        check("traefik", &ca);
+    }
+    // The one-shot setup services get the CA where their scripts look for it.
+    check("es-setup", &compose.env("es-setup")["ES_CA"]);
+    check("kibana-setup", &compose.env("kibana-setup")["KIBANA_CA"]);
+    assert!(checked >= 14, "{checked}");
+}
+
+#[test]
+fn make_certs_signs_server_certificates_for_the_service_names_and_htpasswd_verifies() {
+    let Some(openssl) = tool("openssl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("sh")
+        .arg(repo().join("logging/make-certs.sh"))
+        .arg(dir.path()));
+    for name in ["elasticsearch", "kibana", "traefik"] {
+        let cert = dir.path().join(format!("{name}/{name}.crt"));
+        run(Command::new(&openssl)
+            .args(["verify", "-CAfile"])
+            .arg(dir.path().join("ca/ca.crt"))
+            .arg(&cert));
+        let san = run(Command::new(&openssl)
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(&cert));
+        assert!(san.contains(&format!("DNS:{name}")), "{san}");
+    }
+    // A second run keeps what exists.
+    let before = std::fs::read(dir.path().join("kibana/kibana.crt")).unwrap();
+    run(Command::new("sh")
+        .arg(repo().join("logging/make-certs.sh"))
+        .arg(dir.path()));
+    assert_eq!(
+        before,
+        std::fs::read(dir.path().join("kibana/kibana.crt")).unwrap()
+    );
+
+    let htpasswd = dir.path().join("traefik/htpasswd");
+    run(Command::new("sh")
+        .arg(repo().join("monitoring/traefik/make-htpasswd.sh"))
+        .arg(&htpasswd)
+        .env("TRAEFIK_USER", "ops")
+        .env("TRAEFIK_PASSWORD", "s3cret"));
+    let line = std::fs::read_to_string(&htpasswd).unwrap();
+    let (user, hash) = line.trim().split_once(':').unwrap();
+    assert_eq!(user, "ops");
+    let salt = hash.split('$').nth(2).unwrap();
+    let again = run(Command::new(&openssl).args(["passwd", "-apr1", "-salt", salt, "s3cret"]));
+    assert_eq!(again.trim(), hash);
+}
+
+// ---- Logging wiring ----------------------------------------------------------------------------
+
+#[test]
+fn filebeat_ships_the_file_vigil_writes_into_the_index_kibana_searches() {
+    let compose = Compose::load();
+    let log_file = compose.env("vigil")["VIGIL_LOG__FILE"].clone();
+    let vigil_source = compose.source_of("vigil", &log_file).unwrap();
+    let filebeat = yaml("logging/filebeat/filebeat.yml");
+    let input = &filebeat["filebeat.inputs"][0];
+    let pattern = strs(&input["paths"])[0].clone();
+    let (dir, glob) = pattern.rsplit_once('/').unwrap();
+    let filebeat_dir = compose.source_of("filebeat", dir).unwrap();
+    assert!(
+        vigil_source.starts_with(&format!("{filebeat_dir}/")),
+        "{vigil_source} vs {filebeat_dir}"
+    );
+    assert!(glob == "*.log" && log_file.ends_with(".log"));
+    assert!(
+        input["parsers"][0]["ndjson"].is_mapping(),
+        "Filebeat must parse the JSON lines"
+    );
+    // The file rotates where Filebeat reads it.
+    assert!(read("logging/logrotate/vigil").contains(&pattern));
+    assert_eq!(compose.source_of("logrotate", dir).unwrap(), filebeat_dir);
+
+    let out = &filebeat["output.elasticsearch"];
+    for host in strs(&out["hosts"]) {
+        assert!(host.starts_with("https://"), "{host}");
+        let h = host
+            .trim_start_matches("https://")
+            .split(':')
+            .next()
+            .unwrap();
+        compose.assert_reachable("filebeat", h);
+    }
+    let index = out["index"].as_str().unwrap();
+    let template = json("logging/elasticsearch/index-template.json");
+    let patterns: Vec<&str> = template["index_patterns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        patterns
+            .iter()
+            .any(|p| index.starts_with(p.trim_end_matches('*'))),
+        "{index} vs {patterns:?}"
+    );
+    // Filebeat logs in as the writer es-setup creates, whose role may write that index.
+    let user = out["username"].as_str().unwrap();
+    let setup = read("logging/elasticsearch/setup.sh");
+    assert!(
+        setup.contains(&format!("/_security/user/{user}")),
+        "es-setup does not create {user}"
+    );
+    assert!(setup.contains(&format!("\"{}\"", patterns[0])));
+
+    let saved = read("logging/kibana/saved-objects.ndjson");
+    let view = saved
+        .lines()
+        .map(|l| serde_json::from_str::<Json>(l).unwrap())
+        .find(|o| o["type"] == "index-pattern")
+        .unwrap();
+    let title = view["attributes"]["title"].as_str().unwrap();
+    assert!(
+        patterns.contains(&title),
+        "Kibana data view {title} vs template {patterns:?}"
+    );
+    // Fields the saved searches show are mapped by the template.
+    let mapped = template["template"]["mappings"]["properties"]
+        .as_object()
+        .unwrap();
+    for o in saved
+        .lines()
+        .map(|l| serde_json::from_str::<Json>(l).unwrap())
+        .filter(|o| o["type"] == "search")
+    {
+        for c in o["attributes"]["columns"].as_array().unwrap() {
+            assert!(
+                mapped.contains_key(c.as_str().unwrap()),
+                "{c} is not mapped"
+            );
+        }
+    }
+}
+
+#[test]
+fn kibana_saved_objects_reference_objects_that_exist() {
+    let saved = read("logging/kibana/saved-objects.ndjson");
+    let objects: Vec<Json> = saved
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: BTreeSet<(String, String)> = objects
+        .iter()
+        .map(|o| {
+            (
+                o["type"].as_str().unwrap().into(),
+                o["id"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let titles: Vec<&str> = objects
+        .iter()
+        .filter_map(|o| o["attributes"]["title"].as_str())
+        .collect();
+    for needed in [
+        "vigil alerts by account",
+        "vigil dead letters by reason",
+        "vigil errors and warnings",
+    ] {
+        assert!(titles.contains(&needed), "no saved search {needed}");
+    }
+    for o in &objects {
+        for r in o["references"].as_array().unwrap() {
+            let key = (
+                r["type"].as_str().unwrap().to_string(),
+                r["id"].as_str().unwrap().to_string(),
+            );
+            assert!(ids.contains(&key), "{} references missing {key:?}", o["id"]);
+        }
+        if o["type"] == "search" {
+            let source: Json = serde_json::from_str(
+                o["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(source["query"]["language"], "kuery");
+            let refname = source["indexRefName"].as_str().unwrap();
+            assert!(
+                o["references"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["name"] == refname)
+            );
+        }
+    }
+    // The searches match what vigil logs.
+    let run_rs = std::fs::read_to_string(repo().join("src/run.rs")).unwrap();
+    assert!(run_rs.contains("\"invalid event sent to the dead-letter topic\""));
+    assert!(saved.contains("invalid event sent to the dead-letter topic"));
+}
+
+#[test]
+fn index_template_uses_the_lifecycle_policy_es_setup_loads() {
+    let template = json("logging/elasticsearch/index-template.json");
+    let policy_name = template["template"]["settings"]["index.lifecycle.name"]
+        .as_str()
+        .unwrap();
+    let setup = read("logging/elasticsearch/setup.sh");
+    assert!(
+        setup.contains(&format!("/_ilm/policy/{policy_name} ")),
+        "setup.sh does not load {policy_name}"
+    );
+    let policy = json("logging/elasticsearch/ilm-policy.json");
+    assert!(policy["policy"]["phases"]["hot"]["actions"]["rollover"].is_object());
+    assert!(policy["policy"]["phases"]["delete"]["actions"]["delete"].is_object());
+    assert!(
+        template["data_stream"].is_object(),
+        "Filebeat 8 writes to a data stream"
+    );
+    for field in [
+        "@timestamp",
+        "transaction_id",
+        "account_id",
+        "partition",
+        "offset",
+        "level",
+        "message",
+    ] {
+        assert!(
+            template["template"]["mappings"]["properties"][field].is_object(),
+            "{field}"
+        );
+    }
+}
+
+// ---- Kafka topics ------------------------------------------------------------------------------
+
+fn topics_conf() -> Vec<(String, i32)> {
+    read("kafka/topics.conf")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            (
+                w.next().unwrap().to_string(),
+                w.next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn topics_conf_creates_the_topics_vigil_is_configured_with() {
+    let cfg = vigil::config::Config::from_yaml(&read("config.yml")).unwrap();
+    let names: BTreeSet<String> = topics_conf().into_iter().map(|(n, _)| n).collect();
+    let wanted = BTreeSet::from([
+        cfg.kafka.transactions_topic.clone(),
+        cfg.kafka.alerts_topic.clone(),
+        cfg.kafka.dead_letter_topic.clone(),
+    ]);
+    assert_eq!(names, wanted);
+}
+
+#[test]
+fn create_topics_script_creates_the_topics_on_a_real_broker_and_is_idempotent() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let Ok(brokers) = std::env::var("VIGIL_TEST_BROKERS") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "VIGIL_TEST_BROKERS is not set; run tests/run-all.sh"
+        );
+        eprintln!("skipped: no broker (tests/run-all.sh starts one)");
+        return;
+    };
+    // The shipped names, prefixed so the test cannot collide with anything else on the broker.
+    let prefix = format!("ops-{}-", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let conf: String = read("kafka/topics.conf")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| format!("{prefix}{l}\n"))
+        .collect();
+    let conf_path: PathBuf = dir.path().join("topics.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let broker_sh = repo().join("kafka/broker.sh");
+    for _ in 0..2 {
+        run(Command::new("sh")
+            .arg(repo().join("kafka/create-topics.sh"))
+            .arg(&conf_path)
+            .env("BOOTSTRAP", &brokers)
+            .env(
+                "KAFKA_TOPICS",
+                format!("{} kafka-topics", broker_sh.display()),
+            )
+            .env(
+                "KAFKA_CONFIGS",
+                format!("{} kafka-configs", broker_sh.display()),
+            ));
+    }
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(None, std::time::Duration::from_secs(10))
+        .unwrap();
+    for (name, partitions) in topics_conf() {
+        let full = format!("{prefix}{name}");
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == full)
+            .unwrap_or_else(|| panic!("{full} was not created"));
+        assert_eq!(topic.partitions().len() as i32, partitions, "{full}");
+    }
+}
