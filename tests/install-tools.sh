@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs, if missing, the tools the test suite runs for real: Java + Maven (Kafka broker),
+# cmake/g++/make/curl (librdkafka), Prometheus + promtool, Alertmanager's amtool, logrotate and
+# openssl. Debian packages; idempotent (does nothing when everything is there).
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+have cmake || need+=(cmake)
+have c++ || need+=(g++)
+have make || need+=(make)
+have java || need+=(default-jre-headless)
+have mvn || need+=(maven)
+have curl || need+=(curl)
+have openssl || need+=(openssl)
+have prometheus || need+=(prometheus)
+have promtool || need+=(prometheus)
+have amtool || need+=(prometheus-alertmanager)
+have logrotate || need+=(logrotate)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null; then sudo=(sudo); else
+    echo "install-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+fi
+echo "install-tools: installing ${need[*]}" >&2
+"${sudo[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}"
