@@ -58,7 +58,8 @@ fn filter(directives: &str) -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+/// One layer of the subscriber, boxed so that the set can be chosen at run time.
+pub type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 fn json_layer<W>(writer: W) -> BoxedLayer
 where
@@ -99,9 +100,33 @@ fn tracer_provider(cfg: &TraceConfig) -> Result<Option<SdkTracerProvider>, Telem
 
 /// Installs the global subscriber. A second call installs nothing and returns a no-op guard.
 pub fn init(cfg: &Config) -> Result<Telemetry, TelemetryError> {
+    let (layers, telemetry) = layers(cfg, std::io::stdout)?;
+    let installed = tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok();
+    Ok(if installed {
+        telemetry
+    } else {
+        Telemetry {
+            _file: None,
+            tracer: None,
+        }
+    })
+}
+
+/// The layers `init` installs, with `console` in place of stdout (benchmarks pass a sink).
+pub fn layers<W>(cfg: &Config, console: W) -> Result<(Vec<BoxedLayer>, Telemetry), TelemetryError>
+where
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let stdout = match cfg.log_format {
-        LogFormat::Json => json_layer(std::io::stdout),
-        LogFormat::Pretty => fmt::layer().with_target(false).compact().boxed(),
+        LogFormat::Json => json_layer(console),
+        LogFormat::Pretty => fmt::layer()
+            .with_target(false)
+            .compact()
+            .with_writer(console)
+            .boxed(),
     };
     let mut layers: Vec<BoxedLayer> = vec![stdout.with_filter(filter(&cfg.log_filter)).boxed()];
 
@@ -144,12 +169,11 @@ pub fn init(cfg: &Config) -> Result<Telemetry, TelemetryError> {
         );
     }
 
-    let installed = tracing_subscriber::registry()
-        .with(layers)
-        .try_init()
-        .is_ok();
-    Ok(Telemetry {
-        _file: guard.filter(|_| installed),
-        tracer: provider.filter(|_| installed),
-    })
+    Ok((
+        layers,
+        Telemetry {
+            _file: guard,
+            tracer: provider,
+        },
+    ))
 }
