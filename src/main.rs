@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use vigil::config::{Config, ModelConfig};
 use vigil::demo::{DemoOptions, Embedded, run_demo};
 use vigil::run::{Shared, load_or_train, producer, run_stream};
-use vigil::simulate::{Simulator, produce};
+use vigil::simulate::{Scenarios, Simulator, produce};
 use vigil::train::{bundled_history, read_history, train};
 use vigil::{server, telemetry};
 
@@ -66,13 +66,21 @@ enum Command {
         /// Events per second (Kafka only).
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
+        /// Share of draws that start a fraud episode, split evenly over the five patterns.
         #[arg(long, default_value_t = 0.02)]
         anomaly_share: f64,
+        /// Share of one pattern, overriding the even split (repeatable): account_takeover,
+        /// card_testing, balance_drain, odd_hours, login_spike. E.g. --fraud card_testing=0.01
+        #[arg(long = "fraud", value_name = "KIND=SHARE")]
+        fraud: Vec<String>,
         #[arg(long, default_value_t = 0.0)]
         malformed_share: f64,
+        /// Accounts to simulate [default: the dataset's 495, with their own ids].
+        #[arg(long)]
+        accounts: Option<usize>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Write JSON lines here instead of producing to Kafka.
+        /// Write JSON lines (with a `vigil_label` field) here instead of producing to Kafka.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -213,19 +221,24 @@ async fn main() -> Result<()> {
             count,
             rate,
             anomaly_share,
+            fraud,
             malformed_share,
+            accounts,
             seed,
             out,
         } => {
-            let mut sim = Simulator::new(seed, anomaly_share, malformed_share);
+            let scenarios = Scenarios::even(anomaly_share, malformed_share)
+                .with(&fraud)
+                .map_err(anyhow::Error::msg)?;
+            let mut sim = Simulator::with_options(seed, accounts, scenarios);
             if let Some(path) = out {
                 let Some(count) = count else {
                     bail!("--out needs --count");
                 };
-                let mut text = String::new();
+                let mut text = Vec::new();
                 for _ in 0..count {
-                    text.push_str(&String::from_utf8_lossy(&sim.next_event().payload));
-                    text.push('\n');
+                    text.extend_from_slice(&sim.next_event().labelled_json());
+                    text.push(b'\n');
                 }
                 std::fs::write(&path, text).with_context(|| path.display().to_string())?;
                 println!("wrote {count} events to {}", path.display());
