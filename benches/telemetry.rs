@@ -45,7 +45,7 @@ fn bench_path(c: &mut Criterion, name: &str, engine: &Engine, payloads: &[Vec<u8
             let outcome =
                 span.in_scope(|| engine.process(&mut state, &source, payload, &mut scratch));
             let kind = match &outcome {
-                Outcome::Clean(_) => "clean",
+                Outcome::Clean(..) => "clean",
                 Outcome::Alert(..) => "alert",
                 Outcome::Invalid(_) => "dead_letter",
             };

@@ -16,7 +16,9 @@
 //! - [`publish`]: alert and dead-letter records, delivery, at-least-once offset storing.
 //! - [`pipeline`]: the synchronous per-event path tying decode → consensus together.
 //! - [`run`]: the async wiring (workers, ackers, shutdown); [`server`]: the side HTTP server.
-//! - [`train`]: history → models; [`simulate`]: synthetic traffic; [`demo`]: the embedded default.
+//! - [`train`]: history → models; [`simulate`]: labelled synthetic traffic; [`demo`]: the embedded default.
+//! - [`replay`]: backtests over a topic range or a file through the same per-event path;
+//!   [`report`]: their per-event CSV, JSON and HTML reports and label metrics.
 //! - [`config`], [`metrics`] (every metric name), [`telemetry`] (logs).
 
 pub mod config;
@@ -29,6 +31,8 @@ pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod publish;
+pub mod replay;
+pub mod report;
 pub mod run;
 pub mod server;
 pub mod simulate;

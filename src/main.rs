@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vigil::config::{Config, ModelConfig};
 use vigil::demo::{DemoOptions, Embedded, run_demo};
+use vigil::models::ModelSet;
+use vigil::replay::{Candidate, Input, Outputs, replay};
 use vigil::run::{Shared, load_or_train, producer, run_stream};
 use vigil::simulate::{Scenarios, Simulator, produce};
 use vigil::train::{bundled_history, read_history, train};
@@ -58,6 +60,31 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Replay recorded events (a topic range or a file) through the models: per-event scores,
+    /// a JSON and an HTML report; with two models, champion (first) against challenger.
+    Replay {
+        /// A CSV, JSON-lines or Avro file to replay instead of a topic.
+        #[arg(long, conflicts_with_all = ["topic", "partitions", "from", "to"])]
+        input: Option<PathBuf>,
+        /// Topic to replay [default: kafka.topics.transactions]; needs kafka.brokers.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Partitions, comma-separated [default: all].
+        #[arg(long, value_delimiter = ',')]
+        partitions: Vec<i32>,
+        /// First event: earliest, latest, an offset, or an RFC 3339 time.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// End, exclusive: earliest, latest (as the replay starts), an offset, or an RFC 3339 time.
+        #[arg(long, default_value = "latest")]
+        to: String,
+        /// Model artifact directory [default: models.dir]; give it twice to compare two models.
+        #[arg(long = "model")]
+        models: Vec<PathBuf>,
+        /// Where events.csv, report.json and report.html go.
+        #[arg(long, default_value = "backtest")]
+        out: PathBuf,
+    },
     /// Produce simulated transactions to Kafka or to a JSON-lines file.
     Simulate {
         /// Events to produce (default: until Ctrl-C; required with --out).
@@ -84,6 +111,10 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+fn fmt_opt(x: Option<f64>) -> String {
+    x.map_or("-".into(), |v| format!("{v:.3}"))
 }
 
 fn load_config(path: Option<PathBuf>) -> Result<Config> {
@@ -215,6 +246,85 @@ async fn main() -> Result<()> {
                 m.isolation_forest.threshold,
                 m.lof.threshold,
                 models.dir.display()
+            );
+        }
+        Command::Replay {
+            input,
+            topic,
+            partitions,
+            from,
+            to,
+            models,
+            out,
+        } => {
+            let dirs = if models.is_empty() {
+                vec![cfg.models.dir.clone()]
+            } else {
+                models
+            };
+            let mut candidates = Vec::new();
+            for (i, dir) in dirs.iter().enumerate() {
+                let set = ModelSet::load(dir, cfg.models.lof.index)
+                    .with_context(|| format!("model {}", dir.display()))?;
+                let mut name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| format!("model{}", i + 1));
+                if candidates.iter().any(|c: &Candidate| c.name == name) {
+                    name = format!("{name}#{}", i + 1);
+                }
+                candidates.push(Candidate::new(
+                    name,
+                    dir.clone(),
+                    set,
+                    cfg.encoding,
+                    cfg.policy,
+                    cfg.top_features,
+                ));
+            }
+            let source = match input {
+                Some(path) => Input::File(path),
+                None => {
+                    let Some(brokers) = cfg.kafka.brokers.clone() else {
+                        bail!(
+                            "replaying a topic needs kafka.brokers (e.g. VIGIL_KAFKA__BROKERS=localhost:9092), or use --input FILE"
+                        );
+                    };
+                    let mut kafka = cfg.kafka.clone();
+                    if let Some(t) = topic {
+                        kafka.transactions_topic = t;
+                    }
+                    Input::Topic {
+                        kafka: Box::new(kafka),
+                        brokers,
+                        partitions,
+                        from: from.parse()?,
+                        to: to.parse()?,
+                    }
+                }
+            };
+            let report = replay(&source, &mut candidates, &Outputs { dir: out.clone() })?;
+            for m in &report.models {
+                println!(
+                    "{}: {} events ({} invalid), {} alerts{}",
+                    m.name,
+                    m.events,
+                    m.events - m.valid,
+                    m.alerts,
+                    m.labels
+                        .as_ref()
+                        .map(|l| format!(
+                            "; consensus precision {} recall {} F1 {}",
+                            fmt_opt(l.consensus.precision),
+                            fmt_opt(l.consensus.recall),
+                            fmt_opt(l.consensus.f1)
+                        ))
+                        .unwrap_or_default()
+                );
+            }
+            println!(
+                "wrote {0}/events.csv, {0}/report.json, {0}/report.html",
+                out.display()
             );
         }
         Command::Simulate {

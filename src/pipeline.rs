@@ -17,8 +17,9 @@ use crate::state::PartitionState;
 /// What became of one event.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Scored; the models did not agree it is anomalous.
-    Clean(Scored),
+    /// Scored; the models did not agree it is anomalous. The transaction is handed back for
+    /// callers that report on every event (replay).
+    Clean(Scored, Box<Transaction>),
     /// Scored and alerted.
     Alert(Box<Alert>, Scored),
     /// Rejected by decode or validation.
@@ -100,7 +101,7 @@ impl Engine {
         let _consensus = tracing::trace_span!("consensus").entered();
         if !decide(self.policy, &verdicts) {
             account.update(&tx, &cfg);
-            return Outcome::Clean(scored);
+            return Outcome::Clean(scored, Box::new(tx));
         }
         // Explained against the state before this event, then the event joins the state.
         let top = self

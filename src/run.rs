@@ -242,7 +242,7 @@ impl Worker {
             outcome
         };
         let (kind, delivery) = match outcome {
-            Outcome::Clean(scored) => {
+            Outcome::Clean(scored, _) => {
                 self.record(&scored);
                 (OutcomeKind::Clean, None)
             }

@@ -1,0 +1,558 @@
+//! Replay (backtests): runs recorded events — a range of a topic, or a CSV / JSON-lines / Avro
+//! file — through exactly the live per-event path ([`Engine::process`]: decode, per-account
+//! state, features, both models, consensus) with one or more model artifacts, and writes what
+//! each model made of each event.
+//!
+//! A topic is read partition by partition with its own assignment (no consumer group joins,
+//! nothing is committed), so the live group is never disturbed. Before the first replayed
+//! offset, the partition's earlier events are folded into the state unscored, as a live instance
+//! does after a restart; the replay's scores are therefore those the live run gave. Output is a
+//! pure function of the input bytes and the artifacts: the same input gives byte-identical files.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{Encoding, KafkaConfig, Policy};
+use crate::decode::{Decoder, format_time};
+use crate::ingest::client_config;
+use crate::models::{ModelSet, Scratch};
+use crate::pipeline::{Engine, Outcome};
+use crate::publish::SourceCoordinates;
+use crate::report::{EventRecord, ModelOutcome, Report, ReportBuilder};
+use crate::simulate::{LABEL_FIELD, LABEL_HEADER};
+use crate::state::PartitionState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {reason}")]
+    Input {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("`{0}` is not earliest, latest, an offset or an RFC 3339 time")]
+    Bound(String),
+    #[error("topic {0} has no partition {1}")]
+    NoPartition(String, i32),
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+}
+
+/// One end of a topic range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Earliest,
+    Latest,
+    Offset(i64),
+    /// Milliseconds since the epoch (the broker's record timestamps).
+    Time(i64),
+}
+
+impl std::str::FromStr for Bound {
+    type Err = ReplayError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "earliest" => Ok(Self::Earliest),
+            "latest" => Ok(Self::Latest),
+            _ => s.parse::<i64>().map(Self::Offset).or_else(|_| {
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map(|t| Self::Time(t.timestamp_millis()))
+                    .map_err(|_| ReplayError::Bound(s.to_string()))
+            }),
+        }
+    }
+}
+
+/// What to replay.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// `.csv` (the dataset's header), `.jsonl`/`.json` (one event per line) or `.avro` (an
+    /// object container file of `schemas/transaction.avsc` records).
+    File(PathBuf),
+    /// Offsets `from` (inclusive) to `to` (exclusive) of each chosen partition (all if empty).
+    Topic {
+        kafka: Box<KafkaConfig>,
+        brokers: String,
+        partitions: Vec<i32>,
+        from: Bound,
+        to: Bound,
+    },
+}
+
+/// A recorded event: where it came from, its bytes and, if the source carries one, its label.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub label: Option<String>,
+    /// Folded into the state only (before the range starts); not scored or written.
+    pub warm_only: bool,
+}
+
+/// A model under test: a name for the reports, its engine, and its own per-partition state.
+pub struct Candidate {
+    pub name: String,
+    pub dir: PathBuf,
+    engine: Engine,
+    states: BTreeMap<i32, PartitionState>,
+    scratch: Scratch,
+}
+
+impl Candidate {
+    pub fn new(
+        name: String,
+        dir: PathBuf,
+        models: ModelSet,
+        encoding: Encoding,
+        policy: Policy,
+        top: usize,
+    ) -> Self {
+        Self {
+            name,
+            dir,
+            engine: Engine::new(Arc::new(models), Decoder::new(encoding), policy, top),
+            states: BTreeMap::new(),
+            scratch: Scratch::default(),
+        }
+    }
+
+    pub fn models(&self) -> &ModelSet {
+        &self.engine.models
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.engine.policy
+    }
+
+    fn run(&mut self, topic: &str, e: &Recorded) -> Option<ModelOutcome> {
+        let state = self.states.entry(e.partition).or_default();
+        if e.warm_only {
+            self.engine.warm(state, e.offset, &e.payload);
+            return None;
+        }
+        let source = SourceCoordinates {
+            topic: topic.to_string(),
+            partition: e.partition,
+            offset: e.offset,
+        };
+        Some(
+            match self
+                .engine
+                .process(state, &source, &e.payload, &mut self.scratch)
+            {
+                Outcome::Clean(s, tx) => ModelOutcome::scored(&s.verdicts, &tx, None),
+                Outcome::Alert(alert, s) => {
+                    ModelOutcome::scored(&s.verdicts, &alert.transaction, Some(&alert))
+                }
+                Outcome::Invalid(err) => ModelOutcome::invalid(err.code()),
+            },
+        )
+    }
+}
+
+/// Progress on stderr: a live line on a terminal, a line every 5 s otherwise.
+struct Progress {
+    started: Instant,
+    last: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn tick(&mut self, n: u64, total: Option<u64>) {
+        let every = if self.tty {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if self.last.elapsed() < every {
+            return;
+        }
+        self.last = Instant::now();
+        self.print(n, total);
+    }
+
+    fn print(&self, n: u64, total: Option<u64>) {
+        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+        if self.tty {
+            eprint!("\r\x1b[2Kreplay: {n}{of} events, {rate:.0}/s");
+        } else {
+            eprintln!("replay: {n}{of} events, {rate:.0}/s");
+        }
+    }
+
+    fn finish(&self, n: u64) {
+        if self.tty {
+            eprintln!();
+        }
+        eprintln!(
+            "replay: {n} events in {:.1} s ({:.0}/s)",
+            self.started.elapsed().as_secs_f64(),
+            n as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+        );
+    }
+}
+
+/// Where replay writes: `events.csv` (one row per event and model), `report.json`,
+/// `report.html`.
+pub struct Outputs {
+    pub dir: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ReplayError + '_ {
+    move |source| ReplayError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The label a JSON record carries in its `vigil_label` field, if any.
+fn json_label(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct L {
+        #[serde(rename = "vigil_label")]
+        label: Option<String>,
+    }
+    serde_json::from_slice::<L>(payload).ok()?.label
+}
+
+/// A CSV row of the dataset's layout as the JSON event a producer would have sent: numbers
+/// where a column holds a number, strings otherwise.
+pub fn csv_row_to_json(headers: &csv::StringRecord, row: &csv::StringRecord) -> Vec<u8> {
+    const TEXT: [&str; 9] = [
+        "TransactionID",
+        "AccountID",
+        "TransactionDate",
+        "TransactionType",
+        "Location",
+        "DeviceID",
+        "IP Address",
+        "MerchantID",
+        "PreviousTransactionDate",
+    ];
+    let mut m = serde_json::Map::new();
+    for (h, v) in headers.iter().zip(row.iter()) {
+        let value = match v.parse::<f64>() {
+            Ok(x) if !TEXT.contains(&h) && h != LABEL_FIELD && x.is_finite() => {
+                if v.contains(['.', 'e', 'E']) {
+                    serde_json::json!(x)
+                } else {
+                    v.parse::<i64>()
+                        .map(serde_json::Value::from)
+                        .unwrap_or(serde_json::json!(x))
+                }
+            }
+            _ => serde_json::Value::String(v.to_string()),
+        };
+        m.insert(h.to_string(), value);
+    }
+    serde_json::to_vec(&m).unwrap_or_default()
+}
+
+/// Reads a file into recorded events (partition 0, offset = record number from 0).
+pub fn read_file(path: &Path) -> Result<(Vec<Recorded>, Encoding), ReplayError> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let rec = |i: usize, payload: Vec<u8>, label: Option<String>| Recorded {
+        partition: 0,
+        offset: i as i64,
+        payload,
+        label,
+        warm_only: false,
+    };
+    match ext.as_str() {
+        "csv" => {
+            let mut reader = csv::Reader::from_path(path).map_err(|e| ReplayError::Input {
+                path: path.to_path_buf(),
+                line: 0,
+                reason: e.to_string(),
+            })?;
+            let headers = reader.headers().cloned().map_err(|e| ReplayError::Input {
+                path: path.to_path_buf(),
+                line: 1,
+                reason: e.to_string(),
+            })?;
+            let label_col = headers.iter().position(|h| h == LABEL_FIELD);
+            let mut out = Vec::new();
+            for (i, row) in reader.records().enumerate() {
+                let row = row.map_err(|e| ReplayError::Input {
+                    path: path.to_path_buf(),
+                    line: i + 2,
+                    reason: e.to_string(),
+                })?;
+                let label = label_col.and_then(|c| row.get(c)).map(str::to_string);
+                out.push(rec(i, csv_row_to_json(&headers, &row), label));
+            }
+            Ok((out, Encoding::Json))
+        }
+        "avro" => {
+            let file = std::fs::File::open(path).map_err(io_err(path))?;
+            let schema = crate::decode::transaction_schema();
+            let reader = apache_avro::Reader::with_schema(&schema, file).map_err(|e| {
+                ReplayError::Input {
+                    path: path.to_path_buf(),
+                    line: 0,
+                    reason: e.to_string(),
+                }
+            })?;
+            let mut out = Vec::new();
+            for (i, value) in reader.enumerate() {
+                let bytes = value
+                    .and_then(|v| apache_avro::to_avro_datum(&schema, v))
+                    .map_err(|e| ReplayError::Input {
+                        path: path.to_path_buf(),
+                        line: i + 1,
+                        reason: e.to_string(),
+                    })?;
+                out.push(rec(i, bytes, None));
+            }
+            Ok((out, Encoding::Avro))
+        }
+        _ => {
+            let file = std::fs::File::open(path).map_err(io_err(path))?;
+            let mut out = Vec::new();
+            for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+                let mut line = line.map_err(io_err(path))?;
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let label = json_label(&line);
+                out.push(rec(i, line, label));
+            }
+            Ok((out, Encoding::Json))
+        }
+    }
+}
+
+/// The offsets `[start, end)` of a partition that `from`/`to` select.
+fn range(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: Bound,
+    to: Bound,
+) -> Result<(i64, i64, i64), ReplayError> {
+    let timeout = Duration::from_secs(10);
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    let resolve = |b: Bound| -> Result<i64, ReplayError> {
+        Ok(match b {
+            Bound::Earliest => low,
+            Bound::Latest => high,
+            Bound::Offset(o) => o.clamp(low, high),
+            Bound::Time(ms) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(topic, partition, Offset::Offset(ms))?;
+                let found = consumer.offsets_for_times(tpl, timeout)?;
+                match found.find_partition(topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o.clamp(low, high),
+                    _ => high,
+                }
+            }
+        })
+    };
+    Ok((low, resolve(from)?, resolve(to)?))
+}
+
+/// Reads `[low, end)` of one partition; events before `start` are marked warm-only.
+fn read_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    (low, start, end): (i64, i64, i64),
+) -> Result<Vec<Recorded>, ReplayError> {
+    let mut out = Vec::new();
+    if end <= start {
+        return Ok(out);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
+    consumer.assign(&tpl)?;
+    let mut next = low;
+    while next < end {
+        match consumer.poll(Duration::from_secs(30)) {
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                if m.offset() >= end {
+                    break;
+                }
+                let label = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == LABEL_HEADER)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                });
+                out.push(Recorded {
+                    partition,
+                    offset: m.offset(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    label,
+                    warm_only: m.offset() < start,
+                });
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                return Err(KafkaError::Global(
+                    rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                )
+                .into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Replays `input` through every candidate, writes the outputs and returns the report.
+pub fn replay(
+    input: &Input,
+    candidates: &mut [Candidate],
+    out: &Outputs,
+) -> Result<Report, ReplayError> {
+    std::fs::create_dir_all(&out.dir).map_err(io_err(&out.dir))?;
+    let csv_path = out.dir.join("events.csv");
+    let file = std::fs::File::create(&csv_path).map_err(io_err(&csv_path))?;
+    let mut csv = csv::Writer::from_writer(std::io::BufWriter::new(file));
+    let csv_err = |e: csv::Error| ReplayError::Io {
+        path: csv_path.clone(),
+        source: e.into(),
+    };
+    csv.write_record(EventRecord::CSV_HEADER).map_err(csv_err)?;
+
+    let (source, topic) = match input {
+        Input::File(p) => (p.display().to_string(), "file".to_string()),
+        Input::Topic { kafka, .. } => (
+            format!("topic {}", kafka.transactions_topic),
+            kafka.transactions_topic.clone(),
+        ),
+    };
+    let mut report = ReportBuilder::new(source, candidates);
+    let mut progress = Progress::new();
+    let mut n = 0u64;
+    let mut handle = |events: Vec<Recorded>,
+                      total: Option<u64>,
+                      candidates: &mut [Candidate],
+                      report: &mut ReportBuilder|
+     -> Result<(), ReplayError> {
+        for e in &events {
+            let outcomes: Vec<Option<ModelOutcome>> =
+                candidates.iter_mut().map(|c| c.run(&topic, e)).collect();
+            if e.warm_only {
+                continue;
+            }
+            let outcomes: Vec<ModelOutcome> = outcomes.into_iter().flatten().collect();
+            let record = EventRecord::new(e);
+            record
+                .write_csv(&mut csv, candidates, &outcomes)
+                .map_err(csv_err)?;
+            report.add(&record, &outcomes);
+            n += 1;
+            progress.tick(n, total);
+        }
+        Ok(())
+    };
+    match input {
+        Input::File(path) => {
+            let (events, encoding) = read_file(path)?;
+            for c in candidates.iter_mut() {
+                c.engine.decoder = Decoder::new(encoding);
+            }
+            let total = Some(events.len() as u64);
+            handle(events, total, candidates, &mut report)?;
+        }
+        Input::Topic {
+            kafka,
+            brokers,
+            partitions,
+            from,
+            to,
+        } => {
+            let consumer: BaseConsumer = client_config(kafka, brokers)
+                .set(
+                    "group.id",
+                    format!("{}-replay-{}", kafka.group_id, std::process::id()),
+                )
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("enable.partition.eof", "true")
+                .set("auto.offset.reset", "earliest")
+                .create()?;
+            let t = &kafka.transactions_topic;
+            let metadata = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+            let all: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .find(|x| x.name() == t)
+                .map(|x| x.partitions().iter().map(|p| p.id()).collect())
+                .unwrap_or_default();
+            if all.is_empty() {
+                return Err(ReplayError::NoTopic(t.clone()));
+            }
+            let chosen = if partitions.is_empty() {
+                all.clone()
+            } else {
+                partitions.clone()
+            };
+            let mut ranges = Vec::new();
+            for &p in &chosen {
+                if !all.contains(&p) {
+                    return Err(ReplayError::NoPartition(t.clone(), p));
+                }
+                ranges.push((p, range(&consumer, t, p, *from, *to)?));
+            }
+            let total: u64 = ranges
+                .iter()
+                .map(|(_, (_, s, e))| (e - s).max(0) as u64)
+                .sum();
+            let mut sorted = ranges;
+            sorted.sort_by_key(|(p, _)| *p);
+            for (p, r) in sorted {
+                let events = read_partition(&consumer, t, p, r)?;
+                handle(events, Some(total), candidates, &mut report)?;
+            }
+        }
+    }
+    progress.finish(n);
+    csv.flush().map_err(io_err(&csv_path))?;
+    let json_path = out.dir.join("report.json");
+    let built = report.build();
+    std::fs::write(&json_path, crate::report::to_json(&built)).map_err(io_err(&json_path))?;
+    let html_path = out.dir.join("report.html");
+    std::fs::write(&html_path, crate::report::to_html(&built)).map_err(io_err(&html_path))?;
+    Ok(built)
+}
+
+/// Event time for reports.
+pub fn day_of(time: i64) -> String {
+    format_time(time).chars().take(10).collect()
+}
