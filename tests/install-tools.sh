@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, if missing, the tools the test suite runs for real: Java + Maven (Kafka broker),
-# cmake/g++/make/curl (librdkafka), Prometheus + promtool, Alertmanager's amtool, logrotate and
-# openssl. Debian packages; idempotent (does nothing when everything is there).
+# cmake/g++/make/curl (librdkafka), Prometheus + promtool, Alertmanager's amtool, logrotate,
+# openssl and Chromium (headless page tests). Debian packages; idempotent (does nothing when everything is there).
 set -euo pipefail
 
 need=()
@@ -17,6 +17,7 @@ have prometheus || need+=(prometheus)
 have promtool || need+=(prometheus)
 have amtool || need+=(prometheus-alertmanager)
 have logrotate || need+=(logrotate)
+have chromium || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -585,3 +585,103 @@ async fn avro_events_plain_and_confluent_framed_are_scored_like_json() {
     assert_eq!(dead[0].payload(), Some(&b"definitely not avro"[..]));
     assert!(sigterm(&mut vigil).success());
 }
+
+fn committed_per_partition(brokers: &str, t: &Topics) -> Vec<Option<i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &t.group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(&t.transactions, p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..PARTITIONS)
+        .map(|p| {
+            match committed
+                .find_partition(&t.transactions, p)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replaying_a_topic_range_leaves_the_live_group_alone_and_gives_the_live_alerts() {
+    let Some((brokers, t, work, _models)) = setup("replay").await else {
+        return;
+    };
+    let mut sim = vigil::simulate::Simulator::new(11, 0.05, 0.01);
+    let p = producer(&brokers);
+    for _ in 0..3000 {
+        let e = sim.next_event();
+        produce(&p, &t.transactions, &e.key, &e.payload);
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    let model = work.path().join("model");
+    let mut live = spawn_vigil(&brokers, &t, &model, work.path(), &[]);
+    wait_all_committed(&brokers, &t, &mut live, Duration::from_secs(120));
+    let before = committed_per_partition(&brokers, &t);
+
+    // The replay runs while the live instance is still consuming the topic.
+    let out = work.path().join("backtest");
+    let replay = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["replay", "--from", "earliest", "--to", "latest", "--out"])
+        .arg(&out)
+        .arg("--model")
+        .arg(&model)
+        .env("VIGIL_KAFKA__BROKERS", &brokers)
+        .env("VIGIL_KAFKA__GROUP_ID", &t.group)
+        .env("VIGIL_KAFKA__TOPICS__TRANSACTIONS", &t.transactions)
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(
+        committed_per_partition(&brokers, &t),
+        before,
+        "the live group's offsets moved"
+    );
+    assert!(
+        live.0.try_wait().unwrap().is_none(),
+        "the live instance is still running"
+    );
+
+    let mut replayed: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let mut invalid = 0;
+    let mut rows = csv::Reader::from_path(out.join("events.csv")).unwrap();
+    for row in rows.deserialize::<HashMap<String, String>>() {
+        let row = row.unwrap();
+        match row["outcome"].as_str() {
+            "alert" => {
+                replayed.insert(
+                    row["transaction_id"].clone(),
+                    (
+                        row["forest_score"].parse().unwrap(),
+                        row["lof_score"].parse().unwrap(),
+                    ),
+                );
+            }
+            o if o.starts_with("invalid:") => invalid += 1,
+            _ => {}
+        }
+    }
+    assert!(!replayed.is_empty());
+    let alerts = read_all(&brokers, &t.alerts, replayed.len(), Duration::from_secs(30));
+    assert_alerts_match_offline(&alerts_by_transaction(&alerts), &replayed);
+    let dead = read_all(&brokers, &t.dead_letter, invalid, Duration::from_secs(30));
+    assert_eq!(
+        dead.len(),
+        invalid,
+        "replay finds the live run's dead letters"
+    );
+    assert!(sigterm(&mut live).success());
+}
