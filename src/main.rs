@@ -8,12 +8,13 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vigil::config::{Config, ModelConfig};
+use vigil::decode::Decoder;
 use vigil::demo::{DemoOptions, Embedded, run_demo};
 use vigil::models::ModelSet;
-use vigil::replay::{Candidate, Input, Outputs, replay};
+use vigil::replay::{Candidate, Input, Outputs, read_topic, replay};
 use vigil::run::{Shared, load_or_train, producer, run_stream};
 use vigil::simulate::{Scenarios, Simulator, produce};
-use vigil::train::{bundled_history, read_history, train};
+use vigil::train::{bundled_history, history_from_payloads, read_history, train};
 use vigil::{server, telemetry};
 
 /// Real-time anomaly detection for bank transactions on Kafka.
@@ -54,8 +55,20 @@ enum Command {
     /// Train models from history and write a model directory.
     Train {
         /// Events as CSV (the dataset's header) or JSON lines [default: the bundled dataset].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "topic")]
         input: Option<PathBuf>,
+        /// Train on a range of this topic instead (needs kafka.brokers; encoding as configured).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Partitions of --topic, comma-separated [default: all].
+        #[arg(long, value_delimiter = ',', requires = "topic")]
+        partitions: Vec<i32>,
+        /// First event of --topic: earliest, an offset or an RFC 3339 time.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// End of --topic, exclusive: latest, an offset or an RFC 3339 time.
+        #[arg(long, default_value = "latest")]
+        to: String,
         /// Output directory [default: models.dir from the configuration].
         #[arg(long)]
         out: Option<PathBuf>,
@@ -222,10 +235,37 @@ async fn main() -> Result<()> {
             };
             run_demo(&cfg, &brokers, shared, opts, shutdown).await?;
         }
-        Command::Train { input, out } => {
-            let history = match &input {
-                Some(p) => read_history(p)?,
-                None => bundled_history()?,
+        Command::Train {
+            input,
+            topic,
+            partitions,
+            from,
+            to,
+            out,
+        } => {
+            let history = match (&input, topic) {
+                (Some(p), _) => read_history(p)?,
+                (None, Some(topic)) => {
+                    let Some(brokers) = cfg.kafka.brokers.clone() else {
+                        bail!(
+                            "training from a topic needs kafka.brokers (e.g. VIGIL_KAFKA__BROKERS=localhost:9092)"
+                        );
+                    };
+                    let mut kafka = cfg.kafka.clone();
+                    kafka.transactions_topic = topic.clone();
+                    let (events, _) =
+                        read_topic(&kafka, &brokers, &partitions, from.parse()?, to.parse()?)?;
+                    let payloads = events
+                        .iter()
+                        .filter(|e| !e.warm_only)
+                        .map(|e| e.payload.as_slice());
+                    history_from_payloads(
+                        &format!("topic {topic} [{from}, {to})"),
+                        payloads,
+                        &Decoder::new(cfg.encoding),
+                    )
+                }
+                (None, None) => bundled_history()?,
             };
             for (line, e) in history.rejected.iter().take(20) {
                 tracing::warn!(line, error = %e, "skipped an invalid row");

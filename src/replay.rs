@@ -433,6 +433,62 @@ fn read_partition(
     Ok(out)
 }
 
+/// Reads `[from, to)` of the chosen partitions (all if empty) of `kafka.transactions_topic`,
+/// partition by partition, with earlier events of each partition marked warm-only. Returns the
+/// events and how many are in range. Assign-only: no group is joined, nothing is committed.
+pub fn read_topic(
+    kafka: &KafkaConfig,
+    brokers: &str,
+    partitions: &[i32],
+    from: Bound,
+    to: Bound,
+) -> Result<(Vec<Recorded>, u64), ReplayError> {
+    let consumer: BaseConsumer = client_config(kafka, brokers)
+        .set(
+            "group.id",
+            format!("{}-replay-{}", kafka.group_id, std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let t = &kafka.transactions_topic;
+    let metadata = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+    let all: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|x| x.name() == t)
+        .map(|x| x.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if all.is_empty() {
+        return Err(ReplayError::NoTopic(t.clone()));
+    }
+    let mut chosen = if partitions.is_empty() {
+        all.clone()
+    } else {
+        partitions.to_vec()
+    };
+    chosen.sort_unstable();
+    chosen.dedup();
+    let mut ranges = Vec::new();
+    for p in chosen {
+        if !all.contains(&p) {
+            return Err(ReplayError::NoPartition(t.clone(), p));
+        }
+        ranges.push((p, range(&consumer, t, p, from, to)?));
+    }
+    let total: u64 = ranges
+        .iter()
+        .map(|(_, (_, s, e))| (e - s).max(0) as u64)
+        .sum();
+    let mut events = Vec::new();
+    for (p, r) in ranges {
+        events.extend(read_partition(&consumer, t, p, r)?);
+    }
+    Ok((events, total))
+}
+
 /// Replays `input` through every candidate, writes the outputs and returns the report.
 pub fn replay(
     input: &Input,
@@ -497,49 +553,8 @@ pub fn replay(
             from,
             to,
         } => {
-            let consumer: BaseConsumer = client_config(kafka, brokers)
-                .set(
-                    "group.id",
-                    format!("{}-replay-{}", kafka.group_id, std::process::id()),
-                )
-                .set("enable.auto.commit", "false")
-                .set("enable.auto.offset.store", "false")
-                .set("enable.partition.eof", "true")
-                .set("auto.offset.reset", "earliest")
-                .create()?;
-            let t = &kafka.transactions_topic;
-            let metadata = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
-            let all: Vec<i32> = metadata
-                .topics()
-                .iter()
-                .find(|x| x.name() == t)
-                .map(|x| x.partitions().iter().map(|p| p.id()).collect())
-                .unwrap_or_default();
-            if all.is_empty() {
-                return Err(ReplayError::NoTopic(t.clone()));
-            }
-            let chosen = if partitions.is_empty() {
-                all.clone()
-            } else {
-                partitions.clone()
-            };
-            let mut ranges = Vec::new();
-            for &p in &chosen {
-                if !all.contains(&p) {
-                    return Err(ReplayError::NoPartition(t.clone(), p));
-                }
-                ranges.push((p, range(&consumer, t, p, *from, *to)?));
-            }
-            let total: u64 = ranges
-                .iter()
-                .map(|(_, (_, s, e))| (e - s).max(0) as u64)
-                .sum();
-            let mut sorted = ranges;
-            sorted.sort_by_key(|(p, _)| *p);
-            for (p, r) in sorted {
-                let events = read_partition(&consumer, t, p, r)?;
-                handle(events, Some(total), candidates, &mut report)?;
-            }
+            let (events, total) = read_topic(kafka, brokers, partitions, *from, *to)?;
+            handle(events, Some(total), candidates, &mut report)?;
         }
     }
     progress.finish(n);

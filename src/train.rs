@@ -109,6 +109,34 @@ pub fn history_from_jsonl(source: &str, text: &str) -> History {
     h
 }
 
+/// Events as recorded bytes (e.g. read from a topic), decoded as the stream decodes them.
+/// `rejected` numbers are positions in `payloads` from 1.
+pub fn history_from_payloads<'a>(
+    source: &str,
+    payloads: impl IntoIterator<Item = &'a [u8]>,
+    decoder: &Decoder,
+) -> History {
+    let mut hasher = Sha256::new();
+    let mut h = History {
+        source: source.to_string(),
+        ..History::default()
+    };
+    for (i, p) in payloads.into_iter().enumerate() {
+        hasher.update((p.len() as u64).to_le_bytes());
+        hasher.update(p);
+        match decoder.decode(p) {
+            Ok(tx) => h.events.push(tx),
+            Err(e) => h.rejected.push((i + 1, e)),
+        }
+    }
+    h.fingerprint = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    h
+}
+
 /// Reads a `.csv` or `.jsonl` file.
 pub fn read_history(path: &Path) -> Result<History, HistoryError> {
     let name = path.display().to_string();

@@ -611,7 +611,8 @@ fn committed_per_partition(brokers: &str, t: &Topics) -> Vec<Option<i64>> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn replaying_a_topic_range_leaves_the_live_group_alone_and_gives_the_live_alerts() {
+async fn replaying_or_training_on_a_topic_range_leaves_the_live_group_alone_and_replay_gives_the_live_alerts()
+ {
     let Some((brokers, t, work, _models)) = setup("replay").await else {
         return;
     };
@@ -683,5 +684,25 @@ async fn replaying_a_topic_range_leaves_the_live_group_alone_and_gives_the_live_
         invalid,
         "replay finds the live run's dead letters"
     );
+
+    // Training reads the same range the same way, and does not touch the group either.
+    let trained = work.path().join("from-topic");
+    let train = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["train", "--topic", &t.transactions, "--out"])
+        .arg(&trained)
+        .env("VIGIL_KAFKA__BROKERS", &brokers)
+        .env("VIGIL_KAFKA__GROUP_ID", &t.group)
+        .output()
+        .unwrap();
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(trained.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["training"]["rows_read"], 3000);
+    assert_eq!(manifest["training"]["rows_invalid"], invalid);
+    assert_eq!(committed_per_partition(&brokers, &t), before);
     assert!(sigterm(&mut live).success());
 }
