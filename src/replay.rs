@@ -571,3 +571,63 @@ pub fn replay(
 pub fn day_of(time: i64) -> String {
     format_time(time).chars().take(10).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_parse_as_keywords_offsets_or_times() {
+        assert_eq!("earliest".parse::<Bound>().ok(), Some(Bound::Earliest));
+        assert_eq!("latest".parse::<Bound>().ok(), Some(Bound::Latest));
+        assert_eq!("42".parse::<Bound>().ok(), Some(Bound::Offset(42)));
+        assert_eq!(
+            "2024-01-01T00:00:00Z".parse::<Bound>().ok(),
+            Some(Bound::Time(1_704_067_200_000))
+        );
+        assert!("yesterday".parse::<Bound>().is_err());
+    }
+
+    #[test]
+    fn a_csv_row_becomes_the_json_event_a_producer_sends() {
+        let headers = csv::StringRecord::from(vec![
+            "TransactionID",
+            "TransactionAmount",
+            "CustomerAge",
+            "IP Address",
+        ]);
+        let row = csv::StringRecord::from(vec!["TX1", "14.09", "70", "162.198.218.92"]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&csv_row_to_json(&headers, &row)).unwrap_or_default();
+        assert_eq!(
+            v,
+            serde_json::json!({"TransactionID": "TX1", "TransactionAmount": 14.09, "CustomerAge": 70, "IP Address": "162.198.218.92"})
+        );
+    }
+
+    #[test]
+    fn an_avro_container_file_is_read_as_datums_of_the_transaction_schema() {
+        let schema = crate::decode::transaction_schema();
+        let txs = crate::train::bundled_history()
+            .map(|h| h.events)
+            .unwrap_or_default();
+        let mut writer = apache_avro::Writer::new(&schema, Vec::new());
+        for tx in txs.iter().take(3) {
+            writer
+                .append(crate::decode::transaction_avro_value(tx))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let bytes = writer.into_inner().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("events.avro");
+        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
+        let (events, encoding) = read_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(encoding, Encoding::Avro);
+        assert_eq!(events.len(), 3);
+        let decoder = Decoder::new(Encoding::Avro);
+        for (e, tx) in events.iter().zip(&txs) {
+            let back = decoder.decode(&e.payload).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&back, tx);
+        }
+    }
+}
