@@ -228,10 +228,14 @@ pub fn train(
         .map(|e| e.account_id.as_str())
         .collect::<std::collections::HashSet<_>>()
         .len();
+    // Time, training data and parameters: two models trained in the same second on the same
+    // data with different settings (a champion and its challenger) get different versions.
+    let settings = sha256_hex(format!("{p:?}|{:?}|{features:?}", models.lof).as_bytes());
     let version = format!(
-        "{}-{}",
+        "{}-{}-{}",
         created.format("%Y%m%dT%H%M%SZ"),
-        &history.fingerprint[..8.min(history.fingerprint.len())]
+        &history.fingerprint[..8.min(history.fingerprint.len())],
+        &settings[..4]
     );
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
