@@ -200,7 +200,20 @@ impl Progress {
         let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
         if self.tty {
-            eprint!("\r\x1b[2Kreplay: {n}{of} events, {rate:.0}/s");
+            let bar = match total {
+                Some(t) if t > 0 => {
+                    let done = (n.min(t) * 30 / t) as usize;
+                    let eta = (t.saturating_sub(n)) as f64 / rate.max(1e-9);
+                    format!(
+                        "[{}{}] {:>3}% ETA {eta:.0} s ",
+                        "#".repeat(done),
+                        "-".repeat(30 - done),
+                        n.min(t) * 100 / t
+                    )
+                }
+                _ => String::new(),
+            };
+            eprint!("\r\x1b[2Kreplay {bar}{n}{of} events, {rate:.0}/s");
         } else {
             eprintln!("replay: {n}{of} events, {rate:.0}/s");
         }
