@@ -94,17 +94,10 @@ async fn progress(shared: Shared, shutdown: CancellationToken) {
         let now = m.events_consumed.get();
         let rate = (now - last) as f64 / at.elapsed().as_secs_f64();
         (last, at) = (now, Instant::now());
-        let invalid: u64 = [
-            "malformed",
-            "missing_field",
-            "empty_field",
-            "out_of_range",
-            "not_allowed",
-            "bad_timestamp",
-        ]
-        .iter()
-        .map(|r| m.events_invalid.with_label_values(&[r]).get())
-        .sum();
+        let invalid: u64 = crate::decode::DecodeError::CODES
+            .iter()
+            .map(|r| m.events_invalid.with_label_values(&[r]).get())
+            .sum();
         tracing::info!(
             events_per_s = format!("{rate:.0}"),
             consumed = now,

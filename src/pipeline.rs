@@ -10,9 +10,9 @@ use crate::config::{FeatureConfig, Policy};
 use crate::consensus::decide;
 use crate::decode::{DecodeError, Decoder, Transaction};
 use crate::features::compute;
-use crate::models::{ModelSet, Scratch, Verdict};
+use crate::models::{Contribution, ModelSet, Scratch, Verdict};
 use crate::publish::{Alert, SourceCoordinates, alert_id};
-use crate::state::PartitionState;
+use crate::state::{AccountState, PartitionState};
 
 /// What became of one event.
 #[derive(Debug)]
@@ -24,6 +24,18 @@ pub enum Outcome {
     Alert(Box<Alert>, Scored),
     /// Rejected by decode or validation.
     Invalid(DecodeError),
+}
+
+/// What the models would decide about a transaction, computed without changing any state.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub verdicts: [Verdict; 2],
+    /// What the consensus policy decides.
+    pub alert: bool,
+    /// The features that deviate most from the account's habits and the training data.
+    pub top: Vec<Contribution>,
+    /// False when scored as a new account (none known, expired, or asked for).
+    pub known_account: bool,
 }
 
 /// The models' verdicts on a valid event.
@@ -134,6 +146,28 @@ impl Engine {
             transaction: tx,
         };
         Outcome::Alert(Box::new(alert), scored)
+    }
+
+    /// Scores `tx` against `account` (its live state, read-only) as the stream would if the
+    /// event arrived now; `None`, or a state older than the TTL, scores it as a new account.
+    pub fn predict(
+        &self,
+        account: Option<&AccountState>,
+        tx: &Transaction,
+        scratch: &mut Scratch,
+    ) -> Prediction {
+        let cfg = *self.features();
+        let fresh = AccountState::default();
+        let known = account.filter(|a| !a.expired_at(tx.time, &cfg));
+        let state = known.unwrap_or(&fresh);
+        let features = compute(state, tx);
+        let verdicts = self.models.assess(&features, scratch);
+        Prediction {
+            verdicts,
+            alert: decide(self.policy, &verdicts),
+            top: self.models.explain(&features, state, tx, self.top_features),
+            known_account: known.is_some(),
+        }
     }
 
     /// Folds an already-processed event into the state without scoring it (state restore).

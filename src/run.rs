@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{Config, KafkaConfig};
+use crate::config::{Config, KafkaConfig, Policy};
 use crate::decode::Decoder;
 use crate::ingest::{
     GroupContext, GroupStatus, StateStore, client_config, group_consumer, restore_partition,
@@ -98,6 +98,9 @@ pub struct Shared {
     pub status: Arc<GroupStatus>,
     pub store: Arc<StateStore>,
     pub models: Arc<ModelSet>,
+    /// The decision settings predictions use (the stream's own, from the configuration).
+    pub policy: Policy,
+    pub top_features: usize,
 }
 
 impl Shared {
@@ -118,7 +121,33 @@ impl Shared {
             status,
             store: Arc::new(StateStore::new()),
             models: Arc::new(models),
+            policy: Policy::All,
+            top_features: 3,
         })
+    }
+
+    /// Uses the configured consensus policy and number of explaining features.
+    pub fn with_decisions(mut self, policy: Policy, top_features: usize) -> Self {
+        self.policy = policy;
+        self.top_features = top_features;
+        self
+    }
+
+    /// An engine over the shared models, for on-demand predictions.
+    pub fn engine(&self) -> Engine {
+        Engine::new(
+            self.models.clone(),
+            Decoder::Json,
+            self.policy,
+            self.top_features,
+        )
+    }
+
+    /// A copy of an account's live state, if any partition of this instance holds it.
+    pub fn account(&self, id: &str) -> Option<(i32, crate::state::AccountState)> {
+        self.store
+            .iter()
+            .find_map(|p| p.accounts.get(id).map(|a| (*p.key(), a.clone())))
     }
 }
 

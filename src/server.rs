@@ -1,21 +1,42 @@
 //! The side HTTP server (axum): `GET /health`, `GET /ready` (503 until models are loaded and
-//! partitions assigned), `GET /models` (versions, parameters, thresholds, features) and
-//! `GET /metrics` (Prometheus text). It reads shared state and never changes it. Every request
-//! is counted by matched route, method and status (`vigil_http_requests_total`).
+//! partitions assigned), `GET /models` and `GET /models/{name}` (versions, parameters,
+//! thresholds, features), `POST /predict` (both models and the consensus) and
+//! `POST /models/{name}/predict` (one model) for a list of transactions scored against their
+//! accounts' live state read-only, `GET /accounts/{id}` and `GET /metrics` (Prometheus text).
+//! It reads shared state and never changes it. Bad input gets a 4xx with a JSON body naming the
+//! field and the reason. Every request is counted by matched route, method and status
+//! (`vigil_http_requests_total`).
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::decode::{DecodeError, RawTransaction, Transaction, validate};
+use crate::models::{ISOLATION_FOREST, LOF, Scratch, Verdict};
+use crate::pipeline::Prediction;
 use crate::run::Shared;
+
+const ENDPOINTS: [&str; 9] = [
+    "GET /health",
+    "GET /ready",
+    "GET /models",
+    "GET /models/{name}",
+    "POST /predict",
+    "POST /models/{name}/predict",
+    "GET /accounts/{id}",
+    "GET /metrics",
+    "GET /",
+];
 
 /// The router, separate from the listener so tests can drive it directly.
 pub fn router(shared: Shared) -> Router {
@@ -24,8 +45,14 @@ pub fn router(shared: Shared) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/models", get(models))
+        .route("/models/{name}", get(model))
+        .route("/models/{name}/predict", post(predict_one_model))
+        .route("/predict", post(predict))
+        .route("/accounts/{id}", get(account))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(shared.clone(), track))
         .with_state(shared)
 }
@@ -54,7 +81,7 @@ async fn track(State(s): State<Shared>, request: Request, next: Next) -> Respons
 async fn index() -> Json<serde_json::Value> {
     Json(json!({
         "service": "vigil",
-        "endpoints": ["/health", "/ready", "/models", "/metrics"],
+        "endpoints": ENDPOINTS,
     }))
 }
 
@@ -81,6 +108,33 @@ async fn ready(State(s): State<Shared>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// One model's description, or `None` for an unknown name.
+fn model_entry(s: &Shared, name: &str) -> Option<serde_json::Value> {
+    let m = &s.models.manifest;
+    match name {
+        ISOLATION_FOREST => Some(json!({
+            "name": ISOLATION_FOREST,
+            "version": m.version,
+            "parameters": m.isolation_forest.params,
+            "sample_size": m.isolation_forest.sample_size,
+            "threshold": m.isolation_forest.threshold,
+            "training_scores": m.isolation_forest.training_scores,
+            "columns": m.isolation_forest.encoder.columns,
+        })),
+        LOF => Some(json!({
+            "name": LOF,
+            "version": m.version,
+            "parameters": m.lof.params,
+            "k": m.lof.k,
+            "index": s.models.lof.index.kind(),
+            "threshold": m.lof.threshold,
+            "training_scores": m.lof.training_scores,
+            "columns": m.lof.encoder.columns,
+        })),
+        _ => None,
+    }
+}
+
 async fn models(State(s): State<Shared>) -> Json<serde_json::Value> {
     let m = &s.models.manifest;
     Json(json!({
@@ -88,26 +142,274 @@ async fn models(State(s): State<Shared>) -> Json<serde_json::Value> {
         "created_at": m.created_at,
         "features": m.features,
         "training": m.training,
-        "models": [
-            {
-                "name": crate::models::ISOLATION_FOREST,
-                "parameters": m.isolation_forest.params,
-                "sample_size": m.isolation_forest.sample_size,
-                "threshold": m.isolation_forest.threshold,
-                "training_scores": m.isolation_forest.training_scores,
-                "columns": m.isolation_forest.encoder.columns,
-            },
-            {
-                "name": crate::models::LOF,
-                "parameters": m.lof.params,
-                "k": m.lof.k,
-                "index": s.models.lof.index.kind(),
-                "threshold": m.lof.threshold,
-                "training_scores": m.lof.training_scores,
-                "columns": m.lof.encoder.columns,
-            }
-        ],
+        "policy": s.policy.as_str(),
+        "models": [model_entry(&s, ISOLATION_FOREST), model_entry(&s, LOF)],
     }))
+}
+
+fn unknown_model(name: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no model `{name}`; the models are {ISOLATION_FOREST} and {LOF}"),
+        Some("name"),
+    )
+}
+
+async fn model(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    match model_entry(&s, &name) {
+        Some(v) => Json(v).into_response(),
+        None => unknown_model(&name),
+    }
+}
+
+/// A JSON error: what is wrong and, where one field is at fault, which.
+fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
+    (
+        status,
+        Json(json!({ "error": message.into(), "field": field })),
+    )
+        .into_response()
+}
+
+/// Transactions in one request at the most; larger batches are split by the client.
+pub const MAX_BATCH: usize = 10_000;
+/// Request bodies above this size get a 413.
+pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// A prediction request: a transaction, a list of them, or
+/// `{"transactions": [...], "as_new_account": true}`.
+struct Batch {
+    transactions: Vec<Transaction>,
+    as_new_account: bool,
+}
+
+fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, Response> {
+    let body = body.map_err(|r| error(r.status(), r.body_text(), None))?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+            None,
+        )
+    })?;
+    let (items, as_new_account) = match value {
+        serde_json::Value::Array(items) => (items, false),
+        serde_json::Value::Object(mut m) if m.contains_key("transactions") => {
+            let as_new = match m.remove("as_new_account") {
+                None => false,
+                Some(serde_json::Value::Bool(b)) => b,
+                Some(_) => {
+                    return Err(error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "`as_new_account` must be true or false",
+                        Some("as_new_account"),
+                    ));
+                }
+            };
+            let items = match m.remove("transactions") {
+                Some(serde_json::Value::Array(items)) => items,
+                _ => {
+                    return Err(error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "`transactions` must be a list of transactions",
+                        Some("transactions"),
+                    ));
+                }
+            };
+            if let Some(extra) = m.keys().next() {
+                return Err(error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("unknown key `{extra}`; expected `transactions` and `as_new_account`"),
+                    Some(extra),
+                ));
+            }
+            (items, as_new)
+        }
+        tx @ serde_json::Value::Object(_) => (vec![tx], false),
+        _ => {
+            return Err(error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "expected a transaction, a list of transactions, or {\"transactions\": [...]}",
+                None,
+            ));
+        }
+    };
+    if items.is_empty() {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no transactions to score",
+            Some("transactions"),
+        ));
+    }
+    if items.len() > MAX_BATCH {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} transactions; at most {MAX_BATCH} per request",
+                items.len()
+            ),
+            Some("transactions"),
+        ));
+    }
+    let mut transactions = Vec::with_capacity(items.len());
+    let mut invalid = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let checked = serde_json::from_value::<RawTransaction>(item)
+            .map_err(|e| DecodeError::Malformed {
+                format: "JSON",
+                detail: e.to_string(),
+            })
+            .and_then(validate);
+        match checked {
+            Ok(tx) => transactions.push(tx),
+            Err(e) => invalid.push(json!({
+                "index": index,
+                "field": e.field(),
+                "code": e.code(),
+                "reason": e.to_string(),
+            })),
+        }
+    }
+    if !invalid.is_empty() {
+        let n = invalid.len();
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({
+                "error": format!("{n} of {} transactions are invalid", n + transactions.len()),
+                "field": invalid.first().and_then(|i| i["field"].as_str()),
+                "invalid": invalid,
+            })),
+        )
+            .into_response());
+    }
+    Ok(Batch {
+        transactions,
+        as_new_account,
+    })
+}
+
+/// Scores a batch off the async runtime; each transaction against a copy of its account.
+async fn score_batch(s: Shared, batch: Batch) -> Result<Vec<(Transaction, Prediction)>, Response> {
+    tokio::task::spawn_blocking(move || {
+        let engine = s.engine();
+        let mut scratch = Scratch::default();
+        batch
+            .transactions
+            .into_iter()
+            .map(|tx| {
+                let account = (!batch.as_new_account)
+                    .then(|| s.account(&tx.account_id))
+                    .flatten();
+                let p = engine.predict(account.as_ref().map(|(_, a)| a), &tx, &mut scratch);
+                (tx, p)
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("scoring failed: {e}"),
+            None,
+        )
+    })
+}
+
+fn verdict_json(v: &Verdict) -> serde_json::Value {
+    json!({ "model": v.model, "score": v.score, "threshold": v.threshold, "flagged": v.flagged })
+}
+
+async fn predict(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let batch = match parse_batch(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let policy = s.policy.as_str();
+    match score_batch(s, batch).await {
+        Ok(scored) => Json(json!({
+            "predictions": scored.iter().map(|(tx, p)| json!({
+                "transaction_id": tx.transaction_id,
+                "account_id": tx.account_id,
+                "account_state": if p.known_account { "live" } else { "new" },
+                "models": p.verdicts.iter().map(verdict_json).collect::<Vec<_>>(),
+                "consensus": { "policy": policy, "alert": p.alert },
+                "top_features": p.top,
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn predict_one_model(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(i) = [ISOLATION_FOREST, LOF].iter().position(|m| *m == name) else {
+        return unknown_model(&name);
+    };
+    let batch = match parse_batch(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match score_batch(s, batch).await {
+        Ok(scored) => Json(json!({
+            "predictions": scored.iter().map(|(tx, p)| {
+                let mut v = verdict_json(&p.verdicts[i]);
+                v["transaction_id"] = json!(tx.transaction_id);
+                v["account_id"] = json!(tx.account_id);
+                v["account_state"] = json!(if p.known_account { "live" } else { "new" });
+                v["top_features"] = json!(p.top);
+                v
+            }).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn account(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    let Some((partition, a)) = s.account(&id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "account `{id}` has no state on this instance (unknown, expired, or on a partition another instance owns)"
+            ),
+            Some("id"),
+        );
+    };
+    let usual = |f: &crate::state::FrequentValues| {
+        json!({
+            "most_frequent": f.most_frequent(),
+            "seen": f.slots().iter().map(|s| json!({"value": &*s.value, "count": s.count})).collect::<Vec<_>>(),
+        })
+    };
+    Json(json!({
+        "account_id": id,
+        "partition": partition,
+        "transactions": a.transactions,
+        "last_transaction": a.last_time.map(crate::decode::format_time),
+        "recent_amounts": a.recent_amounts,
+        "recent_durations": a.recent_durations,
+        "ip_addresses": usual(&a.ips),
+        "locations": usual(&a.locations),
+        "devices": usual(&a.devices),
+        "merchants": usual(&a.merchants),
+    }))
+    .into_response()
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+        None,
+    )
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
@@ -125,7 +427,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        Json(json!({ "error": "not found", "endpoints": ["/health", "/ready", "/models", "/metrics"] })),
+        Json(json!({ "error": "not found", "field": null, "endpoints": ENDPOINTS })),
     )
         .into_response()
 }

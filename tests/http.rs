@@ -139,3 +139,241 @@ async fn known_series_exist_at_zero_before_their_first_event() {
     }
     assert!(body.contains("vigil_process_resident_memory_bytes "));
 }
+
+async fn post(
+    shared: &Shared,
+    path: &str,
+    body: impl Into<Body>,
+) -> (StatusCode, serde_json::Value) {
+    let response = router(shared.clone())
+        .oneshot(
+            Request::post(path)
+                .header("content-type", "application/json")
+                .body(body.into())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, v)
+}
+
+fn dataset_rows(n: usize) -> Vec<vigil::decode::Transaction> {
+    vigil::train::in_event_time_order(vigil::train::bundled_history().unwrap().events)
+        .into_iter()
+        .take(n)
+        .collect()
+}
+
+/// Folds `events` into partition 0 of the shared state, as the stream would.
+fn live_state(s: &Shared, events: &[vigil::decode::Transaction]) {
+    let engine = s.engine();
+    let mut state = vigil::state::PartitionState::default();
+    for (i, tx) in events.iter().enumerate() {
+        engine.warm(&mut state, i as i64, &serde_json::to_vec(tx).unwrap());
+    }
+    s.store.insert(0, state);
+}
+
+#[tokio::test]
+async fn predict_gives_each_models_score_threshold_flag_the_consensus_and_the_reasons() {
+    let s = shared();
+    let tx = &dataset_rows(1)[0];
+    let (status, v) = post(&s, "/predict", serde_json::to_vec(&[tx]).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let p = &v["predictions"][0];
+    assert_eq!(p["transaction_id"], tx.transaction_id.as_str());
+    assert_eq!(p["account_state"], "new");
+    let expected = s.engine().predict(None, tx, &mut Default::default());
+    for (i, name) in ["isolation_forest", "lof"].iter().enumerate() {
+        let m = &p["models"][i];
+        assert_eq!(m["model"], *name);
+        assert_eq!(m["score"].as_f64(), Some(expected.verdicts[i].score));
+        assert_eq!(
+            m["threshold"].as_f64(),
+            Some(expected.verdicts[i].threshold)
+        );
+        assert_eq!(m["flagged"].as_bool(), Some(expected.verdicts[i].flagged));
+    }
+    assert_eq!(p["consensus"]["policy"], "all");
+    assert_eq!(p["consensus"]["alert"].as_bool(), Some(expected.alert));
+    assert_eq!(p["top_features"].as_array().unwrap().len(), 3);
+    assert!(p["top_features"][0]["detail"].as_str().is_some());
+
+    // One model only.
+    let (status, v) = post(&s, "/models/lof/predict", serde_json::to_vec(tx).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["predictions"][0]["model"], "lof");
+    assert_eq!(
+        v["predictions"][0]["score"].as_f64(),
+        Some(expected.verdicts[1].score)
+    );
+}
+
+#[tokio::test]
+async fn predict_reads_the_accounts_live_state_without_changing_it_unless_asked_to_score_as_new() {
+    let s = shared();
+    let rows = dataset_rows(2512);
+    let account = rows[2000].account_id.clone();
+    let history: Vec<_> = rows[..2000].to_vec();
+    live_state(&s, &history);
+    let before = s.account(&account).expect("the account has live state").1;
+    let tx = rows[2000..]
+        .iter()
+        .find(|t| t.account_id == account)
+        .unwrap_or(&rows[2000]);
+
+    let (status, v) = post(&s, "/predict", serde_json::to_vec(&[tx]).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["predictions"][0]["account_state"], "live");
+    let live = s
+        .engine()
+        .predict(Some(&before), tx, &mut Default::default());
+    assert_eq!(
+        v["predictions"][0]["models"][1]["score"].as_f64(),
+        Some(live.verdicts[1].score)
+    );
+    assert_eq!(
+        s.account(&account).unwrap().1,
+        before,
+        "a prediction changed the state"
+    );
+
+    let body = serde_json::json!({ "transactions": [tx], "as_new_account": true });
+    let (status, v) = post(&s, "/predict", body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["predictions"][0]["account_state"], "new");
+    let fresh = s.engine().predict(None, tx, &mut Default::default());
+    assert_eq!(
+        v["predictions"][0]["models"][1]["score"].as_f64(),
+        Some(fresh.verdicts[1].score)
+    );
+
+    let (status, v) = get(&s, &format!("/accounts/{account}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["transactions"].as_u64(), Some(before.transactions));
+    assert!(v["ip_addresses"]["most_frequent"].is_string());
+    let (status, v) = get(&s, "/accounts/AC99999").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v.contains("\"field\":\"id\""));
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_prediction_request_gets_a_4xx_json_error_naming_what_is_wrong() {
+    let s = shared();
+    let tx = serde_json::to_value(&dataset_rows(1)[0]).unwrap();
+    let mut bad_amount = tx.clone();
+    bad_amount["TransactionAmount"] = serde_json::json!(-3);
+    let mut no_account = tx.clone();
+    no_account.as_object_mut().unwrap().remove("AccountID");
+    let too_many: Vec<_> = std::iter::repeat_n(tx.clone(), vigil::server::MAX_BATCH + 1).collect();
+    let cases: Vec<(&str, Body, StatusCode, Option<&str>)> = vec![
+        (
+            "/predict",
+            Body::from("{not json"),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/predict",
+            Body::from("42"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            "/predict",
+            Body::from("[]"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("transactions"),
+        ),
+        (
+            "/predict",
+            Body::from(r#"{"transactions": 5}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("transactions"),
+        ),
+        (
+            "/predict",
+            Body::from(format!(
+                r#"{{"transactions": [{tx}], "as_new_account": "yes"}}"#
+            )),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("as_new_account"),
+        ),
+        (
+            "/predict",
+            Body::from(format!(r#"{{"transactions": [{tx}], "colour": 1}}"#)),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("colour"),
+        ),
+        (
+            "/predict",
+            Body::from(serde_json::to_vec(&[&tx, &bad_amount]).unwrap()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("TransactionAmount"),
+        ),
+        (
+            "/predict",
+            Body::from(serde_json::to_vec(&[&no_account]).unwrap()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("AccountID"),
+        ),
+        (
+            "/predict",
+            Body::from(serde_json::to_vec(&too_many).unwrap()),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+        ),
+        (
+            "/predict",
+            Body::from(vec![b' '; vigil::server::BODY_LIMIT + 1]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+        ),
+        (
+            "/models/svm/predict",
+            Body::from(tx.to_string()),
+            StatusCode::NOT_FOUND,
+            Some("name"),
+        ),
+    ];
+    for (path, body, status, field) in cases {
+        let (got, v) = post(&s, path, body).await;
+        assert_eq!(got, status, "{path}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        if let Some(field) = field {
+            assert_eq!(v["field"], field, "{v}");
+        }
+    }
+    let (_, v) = post(
+        &s,
+        "/predict",
+        serde_json::to_vec(&[&tx, &bad_amount]).unwrap(),
+    )
+    .await;
+    assert_eq!(v["invalid"][0]["index"], 1);
+    assert_eq!(v["invalid"][0]["code"], "out_of_range");
+
+    let (status, body) = get(&s, "/predict").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(body.contains("GET is not allowed"), "{body}");
+}
+
+#[tokio::test]
+async fn each_model_is_described_by_name_and_an_unknown_name_is_a_json_404() {
+    let s = shared();
+    let (status, body) = get(&s, "/models/isolation_forest").await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["threshold"].as_f64(), Some(s.models.forest.threshold));
+    let (status, body) = get(&s, "/models/lof").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("\"k\":20"));
+    let (status, body) = get(&s, "/models/svm").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("isolation_forest and lof"), "{body}");
+}
