@@ -147,7 +147,7 @@ async fn models(State(s): State<Shared>) -> Json<serde_json::Value> {
     }))
 }
 
-fn unknown_model(name: &str) -> Response {
+fn unknown_model(name: &str) -> ApiError {
     error(
         StatusCode::NOT_FOUND,
         format!("no model `{name}`; the models are {ISOLATION_FOREST} and {LOF}"),
@@ -155,20 +155,27 @@ fn unknown_model(name: &str) -> Response {
     )
 }
 
-async fn model(State(s): State<Shared>, Path(name): Path<String>) -> Response {
-    match model_entry(&s, &name) {
-        Some(v) => Json(v).into_response(),
-        None => unknown_model(&name),
+async fn model(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    model_entry(&s, &name)
+        .map(Json)
+        .ok_or_else(|| unknown_model(&name))
+}
+
+/// A 4xx/5xx answer with a JSON body: `error` (what is wrong), `field` (which one, if one is
+/// at fault) and any details.
+pub struct ApiError(StatusCode, serde_json::Value);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
     }
 }
 
-/// A JSON error: what is wrong and, where one field is at fault, which.
-fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
-    (
-        status,
-        Json(json!({ "error": message.into(), "field": field })),
-    )
-        .into_response()
+fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> ApiError {
+    ApiError(status, json!({ "error": message.into(), "field": field }))
 }
 
 /// Transactions in one request at the most; larger batches are split by the client.
@@ -183,7 +190,7 @@ struct Batch {
     as_new_account: bool,
 }
 
-fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, Response> {
+fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, ApiError> {
     let body = body.map_err(|r| error(r.status(), r.body_text(), None))?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         error(
@@ -272,15 +279,14 @@ fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, Response> {
     }
     if !invalid.is_empty() {
         let n = invalid.len();
-        return Err((
+        return Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({
+            json!({
                 "error": format!("{n} of {} transactions are invalid", n + transactions.len()),
                 "field": invalid.first().and_then(|i| i["field"].as_str()),
                 "invalid": invalid,
-            })),
-        )
-            .into_response());
+            }),
+        ));
     }
     Ok(Batch {
         transactions,
@@ -289,7 +295,7 @@ fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, Response> {
 }
 
 /// Scores a batch off the async runtime; each transaction against a copy of its account.
-async fn score_batch(s: Shared, batch: Batch) -> Result<Vec<(Transaction, Prediction)>, Response> {
+async fn score_batch(s: Shared, batch: Batch) -> Result<Vec<(Transaction, Prediction)>, ApiError> {
     tokio::task::spawn_blocking(move || {
         let engine = s.engine();
         let mut scratch = Scratch::default();
@@ -319,73 +325,66 @@ fn verdict_json(v: &Verdict) -> serde_json::Value {
     json!({ "model": v.model, "score": v.score, "threshold": v.threshold, "flagged": v.flagged })
 }
 
-async fn predict(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
-    let batch = match parse_batch(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+async fn predict(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let batch = parse_batch(body)?;
     let policy = s.policy.as_str();
-    match score_batch(s, batch).await {
-        Ok(scored) => Json(json!({
-            "predictions": scored.iter().map(|(tx, p)| json!({
-                "transaction_id": tx.transaction_id,
-                "account_id": tx.account_id,
-                "account_state": if p.known_account { "live" } else { "new" },
-                "models": p.verdicts.iter().map(verdict_json).collect::<Vec<_>>(),
-                "consensus": { "policy": policy, "alert": p.alert },
-                "top_features": p.top,
-            })).collect::<Vec<_>>(),
-        }))
-        .into_response(),
-        Err(r) => r,
-    }
+    let scored = score_batch(s, batch).await?;
+    Ok(Json(json!({
+        "predictions": scored.iter().map(|(tx, p)| json!({
+            "transaction_id": tx.transaction_id,
+            "account_id": tx.account_id,
+            "account_state": if p.known_account { "live" } else { "new" },
+            "models": p.verdicts.iter().map(verdict_json).collect::<Vec<_>>(),
+            "consensus": { "policy": policy, "alert": p.alert },
+            "top_features": p.top,
+        })).collect::<Vec<_>>(),
+    })))
 }
 
 async fn predict_one_model(
     State(s): State<Shared>,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let Some(i) = [ISOLATION_FOREST, LOF].iter().position(|m| *m == name) else {
-        return unknown_model(&name);
-    };
-    let batch = match parse_batch(body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    match score_batch(s, batch).await {
-        Ok(scored) => Json(json!({
-            "predictions": scored.iter().map(|(tx, p)| {
-                let mut v = verdict_json(&p.verdicts[i]);
-                v["transaction_id"] = json!(tx.transaction_id);
-                v["account_id"] = json!(tx.account_id);
-                v["account_state"] = json!(if p.known_account { "live" } else { "new" });
-                v["top_features"] = json!(p.top);
-                v
-            }).collect::<Vec<_>>(),
-        }))
-        .into_response(),
-        Err(r) => r,
-    }
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let i = [ISOLATION_FOREST, LOF]
+        .iter()
+        .position(|m| *m == name)
+        .ok_or_else(|| unknown_model(&name))?;
+    let batch = parse_batch(body)?;
+    let scored = score_batch(s, batch).await?;
+    Ok(Json(json!({
+        "predictions": scored.iter().map(|(tx, p)| {
+            let mut v = verdict_json(&p.verdicts[i]);
+            v["transaction_id"] = json!(tx.transaction_id);
+            v["account_id"] = json!(tx.account_id);
+            v["account_state"] = json!(if p.known_account { "live" } else { "new" });
+            v["top_features"] = json!(p.top);
+            v
+        }).collect::<Vec<_>>(),
+    })))
 }
 
-async fn account(State(s): State<Shared>, Path(id): Path<String>) -> Response {
-    let Some((partition, a)) = s.account(&id) else {
-        return error(
+async fn account(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (partition, a) = s.account(&id).ok_or_else(|| {
+        error(
             StatusCode::NOT_FOUND,
-            format!(
-                "account `{id}` has no state on this instance (unknown, expired, or on a partition another instance owns)"
-            ),
+            format!("account `{id}` has no state on this instance (unknown, expired, or on a partition another instance owns)"),
             Some("id"),
-        );
-    };
+        )
+    })?;
     let usual = |f: &crate::state::FrequentValues| {
         json!({
             "most_frequent": f.most_frequent(),
             "seen": f.slots().iter().map(|s| json!({"value": &*s.value, "count": s.count})).collect::<Vec<_>>(),
         })
     };
-    Json(json!({
+    Ok(Json(json!({
         "account_id": id,
         "partition": partition,
         "transactions": a.transactions,
@@ -396,11 +395,10 @@ async fn account(State(s): State<Shared>, Path(id): Path<String>) -> Response {
         "locations": usual(&a.locations),
         "devices": usual(&a.devices),
         "merchants": usual(&a.merchants),
-    }))
-    .into_response()
+    })))
 }
 
-async fn method_not_allowed(request: Request) -> Response {
+async fn method_not_allowed(request: Request) -> ApiError {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
