@@ -6,6 +6,7 @@
 //! committed, so a crash or restart re-processes (never skips) events after the last commit.
 //! A re-processed event yields the same `alert_id`, so consumers can drop duplicates.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -271,6 +272,56 @@ pub struct Pending {
     pub consumed_at: Instant,
     /// The event's trace span (disabled unless traces are exported); it ends with this value.
     pub span: tracing::Span,
+    /// The alert as JSON, for the alert feed once the broker has it.
+    pub alert: Option<Arc<serde_json::Value>>,
+}
+
+/// The alerts this instance published, for `GET /alerts/recent` (the latest [`FEED_RECENT`])
+/// and `GET /alerts/stream` (each one as it is acknowledged by the broker).
+pub struct AlertFeed {
+    recent: std::sync::Mutex<std::collections::VecDeque<Arc<serde_json::Value>>>,
+    live: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
+    /// Cancelled at shutdown, so that open streams end and the server can stop.
+    pub closed: tokio_util::sync::CancellationToken,
+}
+
+/// Alerts `GET /alerts/recent` can return.
+pub const FEED_RECENT: usize = 200;
+
+impl Default for AlertFeed {
+    fn default() -> Self {
+        Self {
+            recent: Default::default(),
+            // A subscriber that falls this far behind skips ahead (and is told how many it lost).
+            live: tokio::sync::broadcast::channel(1024).0,
+            closed: Default::default(),
+        }
+    }
+}
+
+impl AlertFeed {
+    pub fn publish(&self, alert: Arc<serde_json::Value>) {
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == FEED_RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(alert.clone());
+        }
+        // No subscribers is not an error.
+        let _ = self.live.send(alert);
+    }
+
+    /// The latest `n` alerts, newest first.
+    pub fn recent(&self, n: usize) -> Vec<Arc<serde_json::Value>> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().rev().take(n).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<serde_json::Value>> {
+        self.live.subscribe()
+    }
 }
 
 /// Why an outcome could not be acknowledged.

@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
 use crate::pipeline::{Engine, Outcome, Scored};
 use crate::publish::{
-    AlertEncoder, EncodeError, OutcomeKind, Pending, PublishError, SourceCoordinates,
+    AlertEncoder, AlertFeed, EncodeError, OutcomeKind, Pending, PublishError, SourceCoordinates,
     dead_letter_headers, enqueue,
 };
 use crate::train::{HistoryError, bundled_history, train};
@@ -98,6 +98,7 @@ pub struct Shared {
     pub status: Arc<GroupStatus>,
     pub store: Arc<StateStore>,
     pub models: Arc<ModelSet>,
+    pub alerts: Arc<AlertFeed>,
     /// The decision settings predictions use (the stream's own, from the configuration).
     pub policy: Policy,
     pub top_features: usize,
@@ -121,6 +122,7 @@ impl Shared {
             status,
             store: Arc::new(StateStore::new()),
             models: Arc::new(models),
+            alerts: Arc::new(AlertFeed::default()),
             policy: Policy::All,
             top_features: 3,
         })
@@ -270,6 +272,7 @@ impl Worker {
                 .observe(started.elapsed().as_secs_f64());
             outcome
         };
+        let mut feed = None;
         let (kind, delivery) = match outcome {
             Outcome::Clean(scored, _) => {
                 self.record(&scored);
@@ -289,6 +292,7 @@ impl Worker {
                     "alert"
                 );
                 let body = self.alerts.encode(&alert)?;
+                feed = serde_json::to_value(&*alert).ok().map(Arc::new);
                 let record = FutureRecord::to(&self.kafka.alerts_topic)
                     .key(alert.account_id.as_bytes())
                     .payload(body.as_slice());
@@ -343,6 +347,7 @@ impl Worker {
             delivery,
             consumed_at,
             span: tracing::Span::none(),
+            alert: feed,
         })
     }
 
@@ -377,6 +382,7 @@ async fn acknowledge(
     consumer: Arc<StreamConsumer<GroupContext>>,
     topic: String,
     metrics: Metrics,
+    feed: Arc<AlertFeed>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     while let Some(p) = pending.recv().await {
@@ -389,6 +395,9 @@ async fn acknowledge(
                 return Err(e.into());
             }
         };
+        if let Some(alert) = &p.alert {
+            feed.publish(alert.clone());
+        }
         match p.kind {
             OutcomeKind::Alert => metrics.alerts.inc(),
             OutcomeKind::DeadLetter => metrics.dead_letters.inc(),
@@ -486,6 +495,7 @@ pub async fn run_stream(
             consumer.clone(),
             cfg.kafka.transactions_topic.clone(),
             shared.metrics.clone(),
+            shared.alerts.clone(),
             shutdown.clone(),
         ));
     }

@@ -12,21 +12,24 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::{DecodeError, RawTransaction, Transaction, validate};
 use crate::models::{ISOLATION_FOREST, LOF, Scratch, Verdict};
 use crate::pipeline::Prediction;
+use crate::publish::FEED_RECENT;
 use crate::run::Shared;
 
-const ENDPOINTS: [&str; 9] = [
+const ENDPOINTS: [&str; 11] = [
     "GET /health",
     "GET /ready",
     "GET /models",
@@ -34,6 +37,8 @@ const ENDPOINTS: [&str; 9] = [
     "POST /predict",
     "POST /models/{name}/predict",
     "GET /accounts/{id}",
+    "GET /alerts/recent",
+    "GET /alerts/stream",
     "GET /metrics",
     "GET /",
 ];
@@ -49,6 +54,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/models/{name}/predict", post(predict_one_model))
         .route("/predict", post(predict))
         .route("/accounts/{id}", get(account))
+        .route("/alerts/recent", get(recent_alerts))
+        .route("/alerts/stream", get(alert_stream))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -398,6 +405,73 @@ async fn account(
     })))
 }
 
+/// `?limit=N` (1 to [`FEED_RECENT`], default 50): the latest alerts, newest first.
+async fn recent_alerts(
+    State(s): State<Shared>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut limit = 50;
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=FEED_RECENT).contains(n))
+                    .ok_or_else(|| {
+                        error(
+                            StatusCode::BAD_REQUEST,
+                            format!("limit `{v}` is not a whole number from 1 to {FEED_RECENT}"),
+                            Some("limit"),
+                        )
+                    })?;
+            }
+            _ => {
+                let name = pair.split('=').next().unwrap_or(pair);
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter `{name}`; only `limit` is accepted"),
+                    Some(name),
+                ));
+            }
+        }
+    }
+    let alerts = s.alerts.recent(limit);
+    let alerts: Vec<&serde_json::Value> = alerts.iter().map(|a| &**a).collect();
+    Ok(Json(json!({ "count": alerts.len(), "alerts": alerts })))
+}
+
+/// Server-Sent Events: `event: alert` with the alert JSON as each one is acknowledged by the
+/// broker; `event: lagged` with how many were skipped if the client reads too slowly.
+async fn alert_stream(
+    State(s): State<Shared>,
+) -> Sse<impl futures::Stream<Item = Result<Event, axum::Error>>> {
+    let feed = s.alerts.clone();
+    let stream = futures::stream::unfold(feed.subscribe(), move |mut rx| {
+        let closed = feed.closed.clone();
+        async move {
+            let next = tokio::select! {
+                _ = closed.cancelled() => return None,
+                next = rx.recv() => next,
+            };
+            let event = match next {
+                Ok(alert) => Event::default().event("alert").json_data(&*alert),
+                Err(RecvError::Lagged(n)) => {
+                    Ok(Event::default().event("lagged").data(n.to_string()))
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            Some((event, rx))
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
 async fn method_not_allowed(request: Request) -> ApiError {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -441,6 +515,13 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let _ = bound.send(local);
     tracing::info!(addr = %local, "HTTP server listening");
+    // Open alert streams end at shutdown; graceful shutdown waits for every connection.
+    let feed = shared.alerts.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        feed.closed.cancel();
+    });
     axum::serve(listener, router(shared))
         .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
         .await

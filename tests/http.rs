@@ -377,3 +377,62 @@ async fn each_model_is_described_by_name_and_an_unknown_name_is_a_json_404() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("isolation_forest and lof"), "{body}");
 }
+
+#[tokio::test]
+async fn recent_alerts_are_newest_first_and_bad_query_parameters_are_named() {
+    let s = shared();
+    for i in 0..5 {
+        s.alerts.publish(std::sync::Arc::new(
+            serde_json::json!({ "alert_id": format!("a{i}") }),
+        ));
+    }
+    let (status, body) = get(&s, "/alerts/recent?limit=2").await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["count"], 2);
+    assert_eq!(v["alerts"][0]["alert_id"], "a4");
+    assert_eq!(v["alerts"][1]["alert_id"], "a3");
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=lots", "limit"),
+        ("limit=201", "limit"),
+        ("colour=red", "colour"),
+    ] {
+        let (status, body) = get(&s, &format!("/alerts/recent?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["field"], field, "{query}");
+    }
+}
+
+#[tokio::test]
+async fn the_alert_stream_sends_each_published_alert_as_a_server_sent_event_and_ends_at_shutdown() {
+    use futures::StreamExt;
+    let s = shared();
+    let response = router(s.clone())
+        .oneshot(Request::get("/alerts/stream").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body().into_data_stream();
+    s.alerts.publish(std::sync::Arc::new(
+        serde_json::json!({ "alert_id": "x1", "account_id": "AC1" }),
+    ));
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.next())
+        .await
+        .expect("an event within 5 s")
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(frame.to_vec()).unwrap();
+    assert!(text.starts_with("event: alert\ndata: "), "{text}");
+    let data: serde_json::Value =
+        serde_json::from_str(text.trim_start_matches("event: alert\ndata: ").trim()).unwrap();
+    assert_eq!(data["alert_id"], "x1");
+
+    s.alerts.closed.cancel();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), body.next())
+        .await
+        .expect("the stream ends at shutdown");
+    assert!(end.is_none());
+}

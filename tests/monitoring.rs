@@ -222,7 +222,7 @@ fn every_metric_in_dashboards_and_rules_is_exported_by_a_running_vigil() {
 fn json_log_lines_carry_timestamp_level_target_message_and_the_event_ids() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("logs/vigil.log");
-    let (mut vigil, _) = start_demo(
+    let (mut vigil, addr) = start_demo(
         &saved_models(),
         dir.path(),
         &[
@@ -244,6 +244,13 @@ fn json_log_lines_carry_timestamp_level_target_message_and_the_event_ids() {
                 .then_some(())
         },
     );
+    // The alerts just logged were published, and the feed has them.
+    let recent: Value = reqwest::blocking::get(format!("http://{addr}/alerts/recent"))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(recent["count"].as_u64().unwrap() > 0, "{recent}");
+    assert!(recent["alerts"][0]["transaction_id"].is_string());
     assert!(vigil.terminate().success());
 
     let text = std::fs::read_to_string(&log).unwrap();
