@@ -29,7 +29,7 @@ use crate::pipeline::Prediction;
 use crate::publish::FEED_RECENT;
 use crate::run::Shared;
 
-const ENDPOINTS: [&str; 11] = [
+const ENDPOINTS: [&str; 13] = [
     "GET /health",
     "GET /ready",
     "GET /models",
@@ -40,8 +40,22 @@ const ENDPOINTS: [&str; 11] = [
     "GET /alerts/recent",
     "GET /alerts/stream",
     "GET /metrics",
+    "GET /openapi.json",
+    "GET /docs",
     "GET /",
 ];
+
+/// The OpenAPI 3.0 description of every route (a test keeps it and the router in step).
+pub const OPENAPI: &str = include_str!("server/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// A page that renders `/openapi.json` (self-contained: no external scripts or styles).
+async fn docs() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("server/docs.html"))
+}
 
 /// The router, separate from the listener so tests can drive it directly.
 pub fn router(shared: Shared) -> Router {
@@ -57,6 +71,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/alerts/recent", get(recent_alerts))
         .route("/alerts/stream", get(alert_stream))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/docs", get(docs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -436,3 +436,45 @@ async fn the_alert_stream_sends_each_published_alert_as_a_server_sent_event_and_
         .expect("the stream ends at shutdown");
     assert!(end.is_none());
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_exactly_the_routes_the_server_has() {
+    let s = shared();
+    let (status, body) = get(&s, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let spec: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(spec["openapi"], "3.0.3");
+    let mut documented: Vec<String> = Vec::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    documented.sort();
+    let (_, index) = get(&s, "/").await;
+    let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+    let mut served: Vec<String> = index["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .filter(|e| e != "GET /" && e != "GET /docs")
+        .collect();
+    served.sort();
+    assert_eq!(documented, served);
+    // Every documented route answers (GETs without parameters here; the rest have own tests).
+    for route in &served {
+        if let Some(path) = route
+            .strip_prefix("GET ")
+            .filter(|p| !p.contains('{') && *p != "/alerts/stream")
+        {
+            let (status, _) = get(&s, path).await;
+            assert_ne!(status, StatusCode::NOT_FOUND, "{route}");
+        }
+    }
+    let (status, page) = get(&s, "/docs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("openapi.json") && !page.contains("http://") && !page.contains("https://")
+    );
+}
