@@ -145,6 +145,59 @@ pub struct RawAlerts {
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     pub addr: String,
+    pub rate_limit: RawRateLimit,
+    pub auth: RawAuth,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub kind: String,
+    pub username: String,
+    pub password: String,
+    pub token: String,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: 50.0,
+            burst: 100,
+        }
+    }
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            kind: "none".into(),
+            username: String::new(),
+            password: String::new(),
+            token: String::new(),
+        }
+    }
+}
+
+/// Who may call the prediction, account, alert and documentation routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    Basic { username: String, password: String },
+    Bearer { token: String },
+}
+
+/// Requests per second per client (token bucket); `per_second == 0` means no limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,6 +361,8 @@ impl Default for RawServer {
     fn default() -> Self {
         Self {
             addr: "127.0.0.1:8080".to_string(),
+            rate_limit: RawRateLimit::default(),
+            auth: RawAuth::default(),
         }
     }
 }
@@ -383,6 +438,8 @@ pub struct Config {
     pub top_features: usize,
     pub alert_encoding: Encoding,
     pub server_addr: SocketAddr,
+    pub rate_limit: RateLimit,
+    pub auth: Auth,
     pub log_format: LogFormat,
     pub log_filter: String,
     /// Also write JSON log lines to this file (appended; rotate it with copytruncate).
@@ -730,6 +787,48 @@ impl RawConfig {
             )
         })?;
         let traces = self.traces.validate()?;
+        let rl = &self.server.rate_limit;
+        if !(rl.per_second >= 0.0 && rl.per_second.is_finite()) {
+            return Err(invalid(
+                "server.rate_limit.per_second",
+                format!(
+                    "{} is not a number of requests per second (0 = no limit)",
+                    rl.per_second
+                ),
+            ));
+        }
+        if rl.per_second > 0.0 && rl.burst == 0 {
+            return Err(invalid("server.rate_limit.burst", "must be at least 1"));
+        }
+        let a = &self.server.auth;
+        let auth = match a.kind.as_str() {
+            "none" => Auth::None,
+            "basic" if !a.username.is_empty() && !a.password.is_empty() => Auth::Basic {
+                username: a.username.clone(),
+                password: a.password.clone(),
+            },
+            "basic" => {
+                return Err(invalid(
+                    "server.auth",
+                    "basic needs username and password (e.g. VIGIL_SERVER__AUTH__PASSWORD)",
+                ));
+            }
+            "bearer" if a.token.len() >= 16 => Auth::Bearer {
+                token: a.token.clone(),
+            },
+            "bearer" => {
+                return Err(invalid(
+                    "server.auth.token",
+                    "bearer needs a token of at least 16 characters (e.g. VIGIL_SERVER__AUTH__TOKEN)",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "server.auth.kind",
+                    format!("`{other}` is not one of none, basic, bearer"),
+                ));
+            }
+        };
         Ok(Config {
             kafka: KafkaConfig {
                 brokers,
@@ -753,6 +852,11 @@ impl RawConfig {
             top_features: self.alerts.top_features,
             alert_encoding: self.alerts.encoding,
             server_addr,
+            rate_limit: RateLimit {
+                per_second: rl.per_second,
+                burst: rl.burst,
+            },
+            auth,
             log_format: self.log.format,
             log_filter: self.log.filter.clone(),
             log_file: (!self.log.file.trim().is_empty())
@@ -845,6 +949,16 @@ mod tests {
             ("models:\n  numeric: [Amount]\n", "models.numeric"),
             ("kafka:\n  client:\n    group.id: other\n", "kafka.client"),
             ("traces:\n  sample_ratio: 2\n", "traces.sample_ratio"),
+            ("server:\n  auth:\n    kind: magic\n", "server.auth.kind"),
+            (
+                "server:\n  auth:\n    kind: bearer\n    token: short\n",
+                "server.auth.token",
+            ),
+            ("server:\n  auth:\n    kind: basic\n", "server.auth"),
+            (
+                "server:\n  rate_limit:\n    per_second: -1\n",
+                "server.rate_limit.per_second",
+            ),
             (
                 "traces:\n  otlp_endpoint: collector:4318\n",
                 "traces.otlp_endpoint",

@@ -199,8 +199,9 @@ async fn main() -> Result<()> {
                 .or_else(|| embedded.as_ref().map(Embedded::bootstrap_servers))
                 .unwrap_or_default();
             let shutdown = shutdown_on_signal();
-            let shared =
-                Shared::new(load_or_train(&cfg)?)?.with_decisions(cfg.policy, cfg.top_features);
+            let shared = Shared::new(load_or_train(&cfg)?)?
+                .with_decisions(cfg.policy, cfg.top_features)
+                .with_access(cfg.auth.clone(), cfg.rate_limit);
             start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             run_stream(&cfg, &brokers, shared, shutdown).await?;
         }
@@ -225,8 +226,9 @@ async fn main() -> Result<()> {
                 (None, None) => bail!("no brokers"),
             };
             let shutdown = shutdown_on_signal();
-            let shared =
-                Shared::new(load_or_train(&cfg)?)?.with_decisions(cfg.policy, cfg.top_features);
+            let shared = Shared::new(load_or_train(&cfg)?)?
+                .with_decisions(cfg.policy, cfg.top_features)
+                .with_access(cfg.auth.clone(), cfg.rate_limit);
             start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             let opts = DemoOptions {
                 rate,

@@ -102,6 +102,8 @@ pub struct Shared {
     /// The decision settings predictions use (the stream's own, from the configuration).
     pub policy: Policy,
     pub top_features: usize,
+    /// Authentication and per-client rate limits of the guarded HTTP routes.
+    pub access: Arc<crate::server::Access>,
 }
 
 impl Shared {
@@ -125,6 +127,7 @@ impl Shared {
             alerts: Arc::new(AlertFeed::default()),
             policy: Policy::All,
             top_features: 3,
+            access: Arc::new(crate::server::Access::open()),
         })
     }
 
@@ -132,6 +135,16 @@ impl Shared {
     pub fn with_decisions(mut self, policy: Policy, top_features: usize) -> Self {
         self.policy = policy;
         self.top_features = top_features;
+        self
+    }
+
+    /// The configured authentication and rate limit for the HTTP routes.
+    pub fn with_access(
+        mut self,
+        auth: crate::config::Auth,
+        limit: crate::config::RateLimit,
+    ) -> Self {
+        self.access = Arc::new(crate::server::Access::new(auth, limit));
         self
     }
 

@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{Auth, RateLimit};
 use crate::decode::{DecodeError, RawTransaction, Transaction, validate};
 use crate::models::{ISOLATION_FOREST, LOF, Scratch, Verdict};
 use crate::pipeline::Prediction;
@@ -59,10 +60,8 @@ async fn docs() -> axum::response::Html<&'static str> {
 
 /// The router, separate from the listener so tests can drive it directly.
 pub fn router(shared: Shared) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/", get(index))
-        .route("/health", get(health))
-        .route("/ready", get(ready))
         .route("/models", get(models))
         .route("/models/{name}", get(model))
         .route("/models/{name}/predict", post(predict_one_model))
@@ -70,14 +69,143 @@ pub fn router(shared: Shared) -> Router {
         .route("/accounts/{id}", get(account))
         .route("/alerts/recent", get(recent_alerts))
         .route("/alerts/stream", get(alert_stream))
-        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), guard));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(guarded)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(shared.clone(), track))
         .with_state(shared)
+}
+
+/// Authentication and per-client token buckets for the guarded routes.
+pub struct Access {
+    /// The exact `Authorization` header value that is accepted, if any is required.
+    expected: Option<String>,
+    scheme: &'static str,
+    limit: RateLimit,
+    buckets: dashmap::DashMap<String, (f64, Instant)>,
+}
+
+impl Access {
+    /// No authentication, no limit.
+    pub fn open() -> Self {
+        Self::new(
+            Auth::None,
+            RateLimit {
+                per_second: 0.0,
+                burst: 1,
+            },
+        )
+    }
+
+    pub fn new(auth: Auth, limit: RateLimit) -> Self {
+        use base64::Engine as _;
+        let (expected, scheme) = match auth {
+            Auth::None => (None, ""),
+            Auth::Basic { username, password } => (
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{username}:{password}"))
+                )),
+                "Basic realm=\"vigil\"",
+            ),
+            Auth::Bearer { token } => (Some(format!("Bearer {token}")), "Bearer"),
+        };
+        Self {
+            expected,
+            scheme,
+            limit,
+            buckets: Default::default(),
+        }
+    }
+
+    fn authorized(&self, header: Option<&[u8]>) -> bool {
+        let Some(expected) = &self.expected else {
+            return true;
+        };
+        let Some(given) = header else { return false };
+        // Compares every byte whatever the first difference, so timing says nothing.
+        given.len() == expected.len()
+            && given
+                .iter()
+                .zip(expected.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// Takes a token from `client`'s bucket; `Err(seconds)` until the next one when empty.
+    fn take(&self, client: &str) -> Result<(), f64> {
+        let RateLimit { per_second, burst } = self.limit;
+        if per_second <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut bucket = self
+            .buckets
+            .entry(client.to_string())
+            .or_insert((f64::from(burst), now));
+        let (tokens, last) = *bucket;
+        let tokens =
+            (tokens + now.duration_since(last).as_secs_f64() * per_second).min(f64::from(burst));
+        if tokens >= 1.0 {
+            *bucket = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *bucket = (tokens, now);
+            Err((1.0 - tokens) / per_second)
+        }
+    }
+}
+
+/// Authentication, then the client's rate limit, on every route but health, readiness and
+/// metrics.
+async fn guard(State(s): State<Shared>, request: Request, next: Next) -> Response {
+    let access = &s.access;
+    if !access.authorized(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    ) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong credentials",
+            Some("Authorization"),
+        )
+        .into_response();
+        if let Ok(v) = header::HeaderValue::from_str(access.scheme) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        return r;
+    }
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "local".to_string(), |c| c.0.ip().to_string());
+    if let Err(wait) = access.take(&client) {
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "rate limit: {} requests per second per client (bursts of {})",
+                access.limit.per_second, access.limit.burst
+            ),
+            None,
+        )
+        .into_response();
+        if let Ok(v) = header::HeaderValue::from_str(&format!("{}", wait.ceil().max(1.0) as u64)) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    next.run(request).await
 }
 
 /// Counts and times every request. Unmatched paths share one label so that scanners cannot
@@ -538,7 +666,10 @@ pub async fn serve(
         stop.cancelled().await;
         feed.closed.cancel();
     });
-    axum::serve(listener, router(shared))
-        .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
-        .await
+    axum::serve(
+        listener,
+        router(shared).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled_owned().await })
+    .await
 }

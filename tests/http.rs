@@ -478,3 +478,95 @@ async fn the_openapi_document_describes_exactly_the_routes_the_server_has() {
         page.contains("openapi.json") && !page.contains("http://") && !page.contains("https://")
     );
 }
+
+async fn get_with(shared: &Shared, path: &str, auth: Option<&str>) -> axum::response::Response {
+    let mut r = Request::get(path);
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    router(shared.clone())
+        .oneshot(r.body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bearer_and_basic_auth_guard_everything_but_health_readiness_and_metrics() {
+    use vigil::config::{Auth, RateLimit};
+    let open = RateLimit {
+        per_second: 0.0,
+        burst: 1,
+    };
+    let s = shared().with_access(
+        Auth::Bearer {
+            token: "0123456789abcdef".into(),
+        },
+        open,
+    );
+    let r = get_with(&s, "/models", None).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["field"], "Authorization");
+    assert_eq!(
+        get_with(&s, "/models", Some("Bearer wrong-token-000000"))
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get_with(&s, "/models", Some("Bearer 0123456789abcdef"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    for open_path in ["/health", "/ready", "/metrics"] {
+        assert_ne!(
+            get_with(&s, open_path, None).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{open_path}"
+        );
+    }
+
+    let s = shared().with_access(
+        Auth::Basic {
+            username: "ops".into(),
+            password: "s3cret".into(),
+        },
+        open,
+    );
+    // base64("ops:s3cret")
+    assert_eq!(
+        get_with(&s, "/docs", Some("Basic b3BzOnMzY3JldA=="))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let r = get_with(&s, "/docs", Some("Basic b3BzOndyb25n")).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Basic realm=\"vigil\"");
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_limit_gets_429_with_retry_after_and_health_is_never_limited() {
+    use vigil::config::{Auth, RateLimit};
+    let s = shared().with_access(
+        Auth::None,
+        RateLimit {
+            per_second: 0.5,
+            burst: 3,
+        },
+    );
+    for _ in 0..3 {
+        assert_eq!(get_with(&s, "/models", None).await.status(), StatusCode::OK);
+    }
+    let r = get_with(&s, "/models", None).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "2");
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("rate limit"));
+    for _ in 0..10 {
+        assert_eq!(get_with(&s, "/health", None).await.status(), StatusCode::OK);
+    }
+}
