@@ -401,7 +401,7 @@ fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, ApiError> {
     }
     if items.len() > MAX_BATCH {
         return Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNPROCESSABLE_ENTITY,
             format!(
                 "{} transactions; at most {MAX_BATCH} per request",
                 items.len()

@@ -325,7 +325,7 @@ async fn every_kind_of_bad_prediction_request_gets_a_4xx_json_error_naming_what_
         (
             "/predict",
             Body::from(serde_json::to_vec(&too_many).unwrap()),
-            StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNPROCESSABLE_ENTITY,
             None,
         ),
         (

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, if missing, the tools the test suite runs for real: Java + Maven (Kafka broker),
 # cmake/g++/make/curl (librdkafka), Prometheus + promtool, Alertmanager's amtool, logrotate,
-# openssl and Chromium (headless page tests). Debian packages; idempotent (does nothing when everything is there).
+# openssl and Chromium (headless page tests); schemathesis from PyPI. Debian packages; idempotent (does nothing when everything is there).
 set -euo pipefail
 
 need=()
@@ -18,6 +18,11 @@ have promtool || need+=(prometheus)
 have amtool || need+=(prometheus-alertmanager)
 have logrotate || need+=(logrotate)
 have chromium || need+=(chromium)
+# schemathesis (PyPI) fuzzes the HTTP API from its OpenAPI document.
+if ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
+  echo "install-tools: installing schemathesis from PyPI" >&2
+  python3 -m pip install -q --disable-pip-version-check 'schemathesis==4.32.5'
+fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
