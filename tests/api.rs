@@ -10,9 +10,18 @@ use common::{saved_models, start_demo};
 
 #[test]
 fn schemathesis_finds_no_server_error_and_no_response_outside_the_openapi_document() {
-    let Some(schemathesis) = tool("schemathesis") else {
+    let installed = Command::new("python3")
+        .args(["-c", "import schemathesis"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "schemathesis is not installed; tests/install-tools.sh installs it"
+        );
+        eprintln!("skipped: schemathesis is not installed (tests/install-tools.sh installs it)");
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let (_vigil, addr) = start_demo(
         &saved_models(),
