@@ -229,11 +229,18 @@ async fn track(State(s): State<Shared>, request: Request, next: Next) -> Respons
     response
 }
 
-async fn index() -> Json<serde_json::Value> {
-    Json(json!({
-        "service": "vigil",
-        "endpoints": ENDPOINTS,
-    }))
+/// The web page for people (live alerts, a transaction check, account lookup, the models) to a
+/// browser; the list of endpoints to anything that does not ask for HTML.
+async fn index(headers: axum::http::HeaderMap) -> Response {
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if wants_html {
+        axum::response::Html(include_str!("server/page.html")).into_response()
+    } else {
+        Json(json!({ "service": "vigil", "endpoints": ENDPOINTS })).into_response()
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {

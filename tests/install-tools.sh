@@ -18,6 +18,7 @@ have promtool || need+=(prometheus)
 have amtool || need+=(prometheus-alertmanager)
 have logrotate || need+=(logrotate)
 have chromium || need+=(chromium)
+have chromedriver || need+=(chromium-driver)
 # schemathesis (PyPI) fuzzes the HTTP API from its OpenAPI document.
 if ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
   echo "install-tools: installing schemathesis from PyPI" >&2

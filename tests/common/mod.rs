@@ -101,10 +101,21 @@ pub fn start_demo(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Process, std::net::SocketAddr) {
+    let mut all = vec!["demo"];
+    all.extend_from_slice(args);
+    start_vigil(models, dir, &all, env)
+}
+
+/// `vigil ARGS…` (e.g. `run` against a broker in `env`), as [`start_demo`] does it.
+pub fn start_vigil(
+    models: &std::path::Path,
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Process, std::net::SocketAddr) {
     let stdout_path = dir.join("stdout.log");
     let stdout = std::fs::File::create(&stdout_path).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .arg("demo")
         .args(args)
         .current_dir(dir)
         .env("VIGIL_MODELS__DIR", models)

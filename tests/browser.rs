@@ -1,0 +1,252 @@
+//! The web page in real headless Chromium (Debian's `chromium` + `chromium-driver`, driven over
+//! WebDriver): check a transaction and read both models' decisions and the reasons; produce an
+//! anomalous event to the real broker and watch it arrive in the live alerts view.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Process, eventually, free_port, saved_models, start_vigil, tool};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{Value, json};
+
+/// A WebDriver session in a chromedriver of its own.
+struct Browser {
+    _driver: Process,
+    base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Browser {
+    fn start(
+        chromedriver: &std::path::Path,
+        chromium: &std::path::Path,
+        profile: &std::path::Path,
+    ) -> Self {
+        let port = free_port();
+        let driver = Process(
+            std::process::Command::new(chromedriver)
+                .arg(format!("--port={port}"))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let root = format!("http://127.0.0.1:{port}");
+        eventually("chromedriver", Duration::from_secs(30), || {
+            http.get(format!("{root}/status"))
+                .send()
+                .ok()?
+                .status()
+                .is_success()
+                .then_some(())
+        });
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1300,1000",
+                    format!("--user-data-dir={}", profile.display())]
+            }
+        }}});
+        let session: Value = http
+            .post(format!("{root}/session"))
+            .json(&caps)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let id = session["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{session}"))
+            .to_string();
+        Self {
+            _driver: driver,
+            base: format!("{root}/session/{id}"),
+            http,
+        }
+    }
+
+    fn post(&self, path: &str, body: Value) -> Value {
+        let v: Value = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert!(v["value"]["error"].is_null(), "{path}: {v}");
+        v["value"].clone()
+    }
+
+    fn script(&self, js: &str) -> Value {
+        self.post("/execute/sync", json!({"script": js, "args": []}))
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.post("/element", json!({"using": "css selector", "value": css}));
+        let id = e
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_string();
+        self.post(&format!("/element/{id}/click"), json!({}));
+    }
+
+    fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine as _;
+        let v: Value = self
+            .http
+            .get(format!("{}/screenshot", self.base))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v["value"].as_str().unwrap())
+            .unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+
+    /// Console messages at warning level or above.
+    fn console_problems(&self) -> Vec<String> {
+        let v: Value = self
+            .http
+            .post(format!("{}/se/log", self.base))
+            .json(&json!({"type": "browser"}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["value"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|m| matches!(m["level"].as_str(), Some("SEVERE" | "WARNING")))
+                    .map(|m| m["message"].to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.http.delete(&self.base).send();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_broker_live() {
+    let (Some(chromedriver), Some(chromium)) = (tool("chromedriver"), tool("chromium")) else {
+        return;
+    };
+    let Ok(brokers) = std::env::var("VIGIL_TEST_BROKERS") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "VIGIL_TEST_BROKERS is not set; run tests/run-all.sh"
+        );
+        eprintln!("skipped: no broker (tests/run-all.sh starts one)");
+        return;
+    };
+    let p = format!("browser-{}", std::process::id());
+    let (tx_topic, alerts, dlq) = (format!("{p}-tx"), format!("{p}-alerts"), format!("{p}-dlq"));
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let topics: Vec<NewTopic> = [&tx_topic, &alerts, &dlq]
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    // VIGIL_SCREENSHOTS=docs keeps the screenshots (docs/page-*.png are made this way).
+    let shots =
+        std::env::var_os("VIGIL_SCREENSHOTS").map_or_else(|| dir.path().to_path_buf(), Into::into);
+    let env = [
+        ("VIGIL_KAFKA__BROKERS", brokers.as_str()),
+        ("VIGIL_KAFKA__GROUP_ID", p.as_str()),
+        ("VIGIL_KAFKA__TOPICS__TRANSACTIONS", tx_topic.as_str()),
+        ("VIGIL_KAFKA__TOPICS__ALERTS", alerts.as_str()),
+        ("VIGIL_KAFKA__TOPICS__DEAD_LETTER", dlq.as_str()),
+    ];
+    let (_vigil, addr) =
+        tokio::task::block_in_place(|| start_vigil(&saved_models(), dir.path(), &["run"], &env));
+
+    tokio::task::block_in_place(|| {
+        let browser = Browser::start(&chromedriver, &chromium, &dir.path().join("profile"));
+        browser.post("/url", json!({"url": format!("http://{addr}/")}));
+        eventually("the stream to connect", Duration::from_secs(20), || {
+            (browser.script("return document.getElementById('status').textContent") == "live")
+                .then_some(())
+        });
+
+        // The form's sample transaction: both models' decisions, the consensus and the reasons.
+        browser.click("#check-button");
+        let result = eventually("a decision", Duration::from_secs(20), || {
+            let r = browser.script("const c = document.getElementById('consensus'); return c ? document.getElementById('result').innerText : null");
+            r.as_str().map(str::to_string)
+        });
+        for needed in [
+            "isolation_forest",
+            "lof",
+            "threshold",
+            "Consensus (all)",
+            "Why",
+        ] {
+            assert!(result.contains(needed), "no {needed} in {result}");
+        }
+        let reasons = browser.script("return document.querySelectorAll('#reasons li').length");
+        assert_eq!(reasons, 3);
+        browser.screenshot(&shots.join("page-check.png"));
+
+        // An anomalous event through the real broker appears in the live view.
+        let event = json!({"TransactionID": "TXBROWSER01", "AccountID": "AC00128", "TransactionAmount": 9800.0,
+            "TransactionDate": "2024-01-10 03:12:44", "TransactionType": "Debit", "Location": "Houston",
+            "DeviceID": "D999999", "IP Address": "203.0.113.7", "MerchantID": "M042", "Channel": "Online",
+            "CustomerAge": 70, "CustomerOccupation": "Doctor", "TransactionDuration": 1900, "LoginAttempts": 5,
+            "AccountBalance": 10200.0});
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let payload = event.to_string();
+        producer
+            .send(BaseRecord::to(&tx_topic).key("AC00128").payload(&payload))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+        eventually(
+            "the alert in the live view",
+            Duration::from_secs(60),
+            || {
+                let found = browser.script(
+                    "return !!document.querySelector('tr[data-transaction=\"TXBROWSER01\"]')",
+                );
+                (found == true).then_some(())
+            },
+        );
+        browser.screenshot(&shots.join("page-live-alert.png"));
+        let problems = browser.console_problems();
+        assert!(problems.is_empty(), "console: {problems:?}");
+    });
+}
