@@ -456,27 +456,46 @@ fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, ApiError> {
 async fn score_batch(s: Shared, batch: Batch) -> Result<Vec<(Transaction, Prediction)>, ApiError> {
     tokio::task::spawn_blocking(move || {
         let engine = s.engine();
-        let mut scratch = Scratch::default();
-        batch
-            .transactions
-            .into_iter()
-            .map(|tx| {
-                let account = (!batch.as_new_account)
-                    .then(|| s.account(&tx.account_id))
-                    .flatten();
-                let p = engine.predict(account.as_ref().map(|(_, a)| a), &tx, &mut scratch);
-                (tx, p)
-            })
-            .collect()
+        let as_new = batch.as_new_account;
+        let score = |txs: Vec<Transaction>| -> Vec<(Transaction, Prediction)> {
+            let mut scratch = Scratch::default();
+            txs.into_iter()
+                .map(|tx| {
+                    let account = (!as_new).then(|| s.account(&tx.account_id)).flatten();
+                    let p = engine.predict(account.as_ref().map(|(_, a)| a), &tx, &mut scratch);
+                    (tx, p)
+                })
+                .collect()
+        };
+        // Large batches are split over the cores; each part keeps its order.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut txs = batch.transactions;
+        if txs.len() < 256 || cores == 1 {
+            return Some(score(txs));
+        }
+        let size = txs.len().div_ceil(cores);
+        let mut parts = Vec::with_capacity(cores);
+        while txs.len() > size {
+            let rest = txs.split_off(size);
+            parts.push(std::mem::replace(&mut txs, rest));
+        }
+        parts.push(txs);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|p| scope.spawn(|| score(p)))
+                .collect();
+            let mut all = Vec::new();
+            for h in handles {
+                all.extend(h.join().ok()?);
+            }
+            Some(all)
+        })
     })
     .await
-    .map_err(|e| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("scoring failed: {e}"),
-            None,
-        )
-    })
+    .ok()
+    .flatten()
+    .ok_or_else(|| error(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed", None))
 }
 
 fn verdict_json(v: &Verdict) -> serde_json::Value {

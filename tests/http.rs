@@ -570,3 +570,26 @@ async fn a_client_over_its_rate_limit_gets_429_with_retry_after_and_health_is_ne
         assert_eq!(get_with(&s, "/health", None).await.status(), StatusCode::OK);
     }
 }
+
+#[tokio::test]
+async fn a_large_batch_is_scored_in_parallel_and_answered_in_request_order() {
+    let s = shared();
+    let rows = dataset_rows(2512);
+    let (status, v) = post(&s, "/predict", serde_json::to_vec(&rows).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let predictions = v["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), rows.len());
+    let engine = s.engine();
+    for (i, (p, tx)) in predictions.iter().zip(&rows).enumerate().step_by(97) {
+        assert_eq!(
+            p["transaction_id"],
+            tx.transaction_id.as_str(),
+            "order at {i}"
+        );
+        let want = engine.predict(None, tx, &mut Default::default());
+        assert_eq!(
+            p["models"][0]["score"].as_f64(),
+            Some(want.verdicts[0].score)
+        );
+    }
+}
