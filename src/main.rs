@@ -170,7 +170,7 @@ async fn start_server(cfg: &Config, shared: Shared, shutdown: CancellationToken)
         }
     });
     let bound = rx.await.context("HTTP server did not start")?;
-    tracing::info!("open http://{bound}/models, http://{bound}/metrics, http://{bound}/ready");
+    tracing::info!("open http://{bound}/ for the page, http://{bound}/docs for the API");
     Ok(())
 }
 
