@@ -152,12 +152,7 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
     let (Some(chromedriver), Some(chromium)) = (tool("chromedriver"), tool("chromium")) else {
         return;
     };
-    let Ok(brokers) = std::env::var("VIGIL_TEST_BROKERS") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "VIGIL_TEST_BROKERS is not set; run tests/run-all.sh"
-        );
-        eprintln!("skipped: no broker (tests/run-all.sh starts one)");
+    let Some(brokers) = common::test_brokers() else {
         return;
     };
     let p = format!("browser-{}", std::process::id());

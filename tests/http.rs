@@ -593,3 +593,49 @@ async fn a_large_batch_is_scored_in_parallel_and_answered_in_request_order() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_browser_gets_the_self_contained_page_and_other_clients_the_route_list() {
+    let s = shared();
+    let response = router(s.clone())
+        .oneshot(
+            Request::get("/")
+                .header("accept", "text/html,application/xhtml+xml")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    for part in [
+        "Live alerts",
+        "Check a transaction",
+        "Account lookup",
+        "alerts/stream",
+        "predict",
+    ] {
+        assert!(page.contains(part), "no {part}");
+    }
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "the page loads nothing from elsewhere"
+    );
+    let (_, body) = get(&s, "/").await;
+    assert!(body.contains("\"endpoints\""));
+}

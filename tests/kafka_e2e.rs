@@ -28,19 +28,6 @@ use vigil::train::{bundled_history, in_event_time_order};
 
 const PARTITIONS: i32 = 3;
 
-fn brokers() -> Option<String> {
-    match std::env::var("VIGIL_TEST_BROKERS") {
-        Ok(b) if !b.is_empty() => Some(b),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("VIGIL_TEST_BROKERS is not set; run tests/run-all.sh")
-        }
-        _ => {
-            eprintln!("skipped: no broker (VIGIL_TEST_BROKERS unset); tests/run-all.sh starts one");
-            None
-        }
-    }
-}
-
 struct Topics {
     transactions: String,
     alerts: String,
@@ -385,7 +372,7 @@ fn assert_alerts_match_offline(
 
 /// Broker, fresh topics, a work directory and the saved model every test starts from.
 async fn setup(name: &str) -> Option<(String, Topics, tempfile::TempDir, ModelSet)> {
-    let brokers = brokers()?;
+    let brokers = common::test_brokers()?;
     let t = Topics::new(name);
     t.create(&brokers).await;
     let work = tempfile::tempdir().unwrap();

@@ -1052,12 +1052,7 @@ fn topics_conf_creates_the_topics_vigil_is_configured_with() {
 #[test]
 fn create_topics_script_creates_the_topics_on_a_real_broker_and_is_idempotent() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let Ok(brokers) = std::env::var("VIGIL_TEST_BROKERS") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "VIGIL_TEST_BROKERS is not set; run tests/run-all.sh"
-        );
-        eprintln!("skipped: no broker (tests/run-all.sh starts one)");
+    let Some(brokers) = common::test_brokers() else {
         return;
     };
     // The shipped names, prefixed so the test cannot collide with anything else on the broker.

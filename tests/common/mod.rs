@@ -44,6 +44,21 @@ pub fn tool(name: &str) -> Option<std::path::PathBuf> {
     found
 }
 
+/// The test broker's address (`tests/run-all.sh` starts one and sets `VIGIL_TEST_BROKERS`), or
+/// `None` with a note outside CI; in CI a missing broker fails the test.
+pub fn test_brokers() -> Option<String> {
+    match std::env::var("VIGIL_TEST_BROKERS") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("VIGIL_TEST_BROKERS is not set; run tests/run-all.sh")
+        }
+        _ => {
+            eprintln!("skipped: no broker (VIGIL_TEST_BROKERS unset); tests/run-all.sh starts one");
+            None
+        }
+    }
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
