@@ -12,7 +12,7 @@ use crate::decode::{DecodeError, Decoder, Transaction};
 use crate::features::compute;
 use crate::models::{Contribution, ModelSet, Scratch, Verdict};
 use crate::publish::{Alert, SourceCoordinates, alert_id};
-use crate::state::{AccountState, PartitionState};
+use crate::state::{AccountState, PartitionState, RecentScore};
 
 /// What became of one event.
 #[derive(Debug)]
@@ -111,7 +111,14 @@ impl Engine {
             tracing::trace_span!("models").in_scope(|| self.models.assess(&features, scratch));
         let scored = Scored { verdicts };
         let _consensus = tracing::trace_span!("consensus").entered();
-        if !decide(self.policy, &verdicts) {
+        let alert = decide(self.policy, &verdicts);
+        account.record_score(RecentScore {
+            time: tx.time,
+            forest: verdicts[0].score as f32,
+            lof: verdicts[1].score as f32,
+            alert,
+        });
+        if !alert {
             account.update(&tx, &cfg);
             return Outcome::Clean(scored, Box::new(tx));
         }

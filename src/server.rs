@@ -572,6 +572,12 @@ async fn account(
         "locations": usual(&a.locations),
         "devices": usual(&a.devices),
         "merchants": usual(&a.merchants),
+        "recent_scores": a.recent_scores.iter().rev().map(|r| json!({
+            "event_time": crate::decode::format_time(r.time),
+            "isolation_forest": r.forest,
+            "lof": r.lof,
+            "alert": r.alert,
+        })).collect::<Vec<_>>(),
     })))
 }
 

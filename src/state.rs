@@ -77,6 +77,18 @@ impl FrequentValues {
     }
 }
 
+/// How many of an account's latest scores are kept (for `GET /accounts/{id}`).
+pub const RECENT_SCORES: usize = 5;
+
+/// One scored event of an account. `f32` scores: this is for people, not for the models.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RecentScore {
+    pub time: i64,
+    pub forest: f32,
+    pub lof: f32,
+    pub alert: bool,
+}
+
 /// Everything vigil keeps about one account.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AccountState {
@@ -91,6 +103,9 @@ pub struct AccountState {
     pub locations: FrequentValues,
     pub devices: FrequentValues,
     pub merchants: FrequentValues,
+    /// The latest [`RECENT_SCORES`] scores, oldest first. Not used by the features; empty
+    /// after a state restore until the account's next event.
+    pub recent_scores: VecDeque<RecentScore>,
 }
 
 impl AccountState {
@@ -124,10 +139,18 @@ impl AccountState {
         self.merchants.observe(&tx.merchant_id, slots);
     }
 
+    pub fn record_score(&mut self, score: RecentScore) {
+        if self.recent_scores.len() == RECENT_SCORES {
+            self.recent_scores.pop_front();
+        }
+        self.recent_scores.push_back(score);
+    }
+
     /// Heap and inline bytes held by this state, not counting the map entry's key.
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + (self.recent_amounts.capacity() + self.recent_durations.capacity()) * 8
+            + self.recent_scores.capacity() * std::mem::size_of::<RecentScore>()
             + self.ips.heap_bytes()
             + self.locations.heap_bytes()
             + self.devices.heap_bytes()

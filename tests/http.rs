@@ -639,3 +639,45 @@ async fn a_browser_gets_the_self_contained_page_and_other_clients_the_route_list
     let (_, body) = get(&s, "/").await;
     assert!(body.contains("\"endpoints\""));
 }
+
+#[tokio::test]
+async fn an_account_shows_its_latest_scores_newest_first() {
+    let s = shared();
+    let rows = dataset_rows(2512);
+    let engine = s.engine();
+    let mut state = vigil::state::PartitionState::default();
+    let mut scratch = Default::default();
+    let mut last: std::collections::HashMap<String, (usize, f64)> = Default::default();
+    for (i, tx) in rows.iter().enumerate() {
+        let source = vigil::publish::SourceCoordinates {
+            topic: "t".into(),
+            partition: 0,
+            offset: i as i64,
+        };
+        let outcome = engine.process(
+            &mut state,
+            &source,
+            &serde_json::to_vec(tx).unwrap(),
+            &mut scratch,
+        );
+        let forest = match outcome {
+            vigil::pipeline::Outcome::Clean(sc, _) | vigil::pipeline::Outcome::Alert(_, sc) => {
+                sc.verdicts[0].score
+            }
+            vigil::pipeline::Outcome::Invalid(e) => panic!("{e}"),
+        };
+        let e = last.entry(tx.account_id.clone()).or_insert((0, 0.0));
+        *e = (e.0 + 1, forest);
+    }
+    s.store.insert(0, state);
+    let (account, (events, forest)) = last.iter().max_by_key(|(_, (n, _))| *n).unwrap();
+    let (status, body) = get(&s, &format!("/accounts/{account}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let recent = v["recent_scores"].as_array().unwrap();
+    assert_eq!(recent.len(), (*events).min(vigil::state::RECENT_SCORES));
+    assert_eq!(
+        recent[0]["isolation_forest"].as_f64(),
+        Some(f64::from(*forest as f32))
+    );
+}
