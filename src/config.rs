@@ -120,10 +120,12 @@ pub struct RawLof {
     pub index: LofIndexKind,
 }
 
-/// How LOF finds nearest neighbours; both give identical scores.
+/// How LOF finds nearest neighbours; all give identical scores. `auto` chooses as
+/// scikit-learn's `NearestNeighbors(algorithm="auto")`: brute force above 15 dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LofIndexKind {
+    Auto,
     Kdtree,
     Brute,
 }
@@ -335,7 +337,7 @@ impl Default for RawLof {
         Self {
             neighbors: 20,
             contamination: 0.05,
-            index: LofIndexKind::Kdtree,
+            index: LofIndexKind::Auto,
         }
     }
 }

@@ -218,7 +218,7 @@ pub fn train(
     )?;
     let dims = lof_encoder.width();
     let points: Vec<f64> = rows.iter().flat_map(|r| lof_encoder.encode(r)).collect();
-    let index = KnnIndex::build(models.lof.index, &points, dims);
+    let index = KnnIndex::build(models.lof.index, &points, dims, models.lof.neighbors);
     let lof = LofModel::fit(points, dims, models.lof.neighbors, &index)?;
     let lof_threshold = percentile(&lof.training_lof, 100.0 * (1.0 - models.lof.contamination));
 

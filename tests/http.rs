@@ -67,7 +67,9 @@ async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
     let lof = &v["models"][1];
     assert_eq!(lof["name"], "lof");
     assert_eq!(lof["k"], 20);
-    assert_eq!(lof["index"], "kdtree");
+    // `auto` (the default) resolves as scikit-learn does: brute force above 15 columns.
+    assert_eq!(lof["parameters"]["index"], "auto");
+    assert_eq!(lof["index"], "brute");
     assert_eq!(lof["columns"].as_array().unwrap().len(), 29);
     assert_eq!(v["training"]["rows_valid"], 2512);
 }
