@@ -8,7 +8,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use extended_isolation_forest::Forest;
 use vigil::config::{Encoding, FeatureConfig, LofIndexKind, ModelConfig, Policy};
 use vigil::decode::Decoder;
@@ -94,7 +94,7 @@ fn models(c: &mut Criterion) {
 
     let mut g = c.benchmark_group(format!("lof_k20_{dims}dims_{}rows", lof_rows.len()));
     for kind in [LofIndexKind::Kdtree, LofIndexKind::Brute] {
-        let index = KnnIndex::build(kind, &set.lof.model.points, dims);
+        let index = KnnIndex::build(kind, &set.lof.model.points, dims, set.lof.model.k);
         g.bench_function(format!("{kind:?}").to_lowercase(), |b| {
             let mut buf = Vec::new();
             let mut i = 0usize;
@@ -108,6 +108,15 @@ fn models(c: &mut Criterion) {
             });
         });
     }
+    // All 2,512 rows in one call (as `POST /predict` scores a batch); criterion reports the
+    // time per call, so divide by 2,512 for a row.
+    let all_lof: Vec<f64> = lof_rows.concat();
+    let brute = KnnIndex::build(LofIndexKind::Brute, &set.lof.model.points, dims, 20);
+    g.throughput(Throughput::Elements(lof_rows.len() as u64));
+    g.bench_function("brute_batch_of_all_rows", |b| {
+        let mut bufs = Vec::new();
+        b.iter(|| black_box(set.lof.model.score_many(&brute, &all_lof, &mut bufs)));
+    });
     g.finish();
 
     // Isolation forest: the flattened copy against the crate's own scoring of the same trees.
@@ -130,6 +139,10 @@ fn models(c: &mut Criterion) {
             black_box(flat.score(&forest_rows[i % forest_rows.len()]))
         });
     });
+    let all_forest: Vec<f64> = forest_rows.concat();
+    g.bench_function("flattened_batch_of_all_rows", |b| {
+        b.iter(|| black_box(flat.score_many(&all_forest, N)));
+    });
     g.bench_function("crate_forest_score", |b| {
         let mut i = 0usize;
         b.iter(|| {
@@ -150,6 +163,9 @@ fn models(c: &mut Criterion) {
                 set.lof.assess(f, &mut scratch),
             ))
         });
+    });
+    c.bench_function("both_detectors_batch_of_all_rows", |b| {
+        b.iter(|| black_box(set.assess_many(&rows)));
     });
 }
 

@@ -168,28 +168,62 @@ impl FlatForest {
 
     /// Anomaly score `2^(-E[h(x)] / c)` in (0, 1]; higher is more anomalous.
     pub fn score(&self, x: &[f64]) -> f64 {
-        let mut total = 0.0;
-        for &root in &self.roots {
-            let mut i = root as usize;
-            loop {
-                let node = &self.nodes[i];
-                let side = match node.terms {
-                    0 => {
-                        total += node.n;
-                        break;
-                    }
-                    1 => (x[node.dim as usize] - node.p) * node.n,
-                    k => self.terms[node.dim as usize..(node.dim + k) as usize]
-                        .iter()
-                        .fold(0.0, |sum, t| sum + (x[t.dim as usize] - t.p) * t.n),
-                };
-                i = if side <= 0.0 {
-                    i + 1
-                } else {
-                    node.right as usize
-                };
+        let total = self
+            .roots
+            .iter()
+            .fold(0.0, |total, &root| total + self.path_length(root, x));
+        self.normalise(total)
+    }
+
+    /// [`Self::score`] of each row of row-major `rows` of width `width`, bit-identical to scoring
+    /// them one by one. Tree by tree over blocks of rows: one tree's nodes (about 16 KB) stay in
+    /// L1 while the block walks it, where a row at a time walks all 1.6 MB of trees.
+    pub fn score_many(&self, rows: &[f64], width: usize) -> Vec<f64> {
+        const BLOCK: usize = 256;
+        let width = width.max(1);
+        let mut scores = Vec::with_capacity(rows.len() / width);
+        for block in rows.chunks(BLOCK * width) {
+            let mut totals = [0.0f64; BLOCK];
+            for &root in &self.roots {
+                for (total, x) in totals.iter_mut().zip(block.chunks_exact(width)) {
+                    *total += self.path_length(root, x);
+                }
             }
+            let n = block.len() / width;
+            scores.extend(totals[..n].iter().map(|&t| self.normalise(t)));
         }
+        scores
+    }
+
+    /// The path length of `x` in the tree at `root`, with the leaf's expected remainder.
+    #[inline]
+    fn path_length(&self, root: u32, x: &[f64]) -> f64 {
+        let mut i = root as usize;
+        loop {
+            let node = &self.nodes[i];
+            if node.terms == 0 {
+                return node.n;
+            }
+            i = if self.side(node, x) <= 0.0 {
+                i + 1
+            } else {
+                node.right as usize
+            };
+        }
+    }
+
+    /// Which side of a split `x` is on: left at or below zero, as the crate decides.
+    #[inline(always)]
+    fn side(&self, node: &Node, x: &[f64]) -> f64 {
+        match node.terms {
+            1 => (x[node.dim as usize] - node.p) * node.n,
+            k => self.terms[node.dim as usize..(node.dim + k) as usize]
+                .iter()
+                .fold(0.0, |sum, t| sum + (x[t.dim as usize] - t.p) * t.n),
+        }
+    }
+
+    fn normalise(&self, total: f64) -> f64 {
         let eh = total / self.roots.len() as f64;
         2.0_f64.powf(-eh / self.c)
     }
@@ -265,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn flat_forest_scores_equal_the_crate_bit_for_bit() {
+    fn flat_forest_scores_one_by_one_and_in_batches_equal_the_crate_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let data = inliers(2000, &mut rng);
         for extension_level in [0, 2] {
@@ -275,17 +309,21 @@ mod tests {
             let json = serde_json::to_vec(&forest).unwrap_or_default();
             let flat = FlatForest::from_crate_json(&json).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(flat.dims, 3);
-            for _ in 0..2000 {
-                let x = [
-                    rng.gen_range(-8.0..8.0),
-                    rng.gen_range(-8.0..8.0),
-                    rng.gen_range(0.0..60.0),
-                ];
-                assert_eq!(
-                    flat.score(&x).to_bits(),
-                    forest.score(&x).to_bits(),
-                    "{x:?}"
-                );
+            let xs: Vec<[f64; 3]> = (0..2000)
+                .map(|_| {
+                    [
+                        rng.gen_range(-8.0..8.0),
+                        rng.gen_range(-8.0..8.0),
+                        rng.gen_range(0.0..60.0),
+                    ]
+                })
+                .collect();
+            let many = flat.score_many(xs.as_flattened(), 3);
+            assert_eq!(many.len(), xs.len());
+            for (x, batch) in xs.iter().zip(many) {
+                let want = forest.score(x).to_bits();
+                assert_eq!(flat.score(x).to_bits(), want, "{x:?}");
+                assert_eq!(batch.to_bits(), want, "{x:?} in a batch");
             }
         }
     }

@@ -64,6 +64,11 @@ pub trait Detector: Send + Sync {
     fn assess(&self, f: &Features, scratch: &mut Scratch) -> Verdict {
         self.encoder().encode_into(f, &mut scratch.row);
         let score = self.score_row(&scratch.row, &mut scratch.neighbours);
+        self.verdict(score)
+    }
+
+    /// This detector's verdict on a score.
+    fn verdict(&self, score: f64) -> Verdict {
         Verdict {
             model: self.name(),
             score,
@@ -245,6 +250,34 @@ impl ModelSet {
         [self.forest.assess(f, scratch), self.lof.assess(f, scratch)]
     }
 
+    /// [`Self::assess`] of many events, equal to assessing them one by one but cheaper per
+    /// event: the forest is walked tree by tree and LOF scans its reference set for groups of
+    /// events at once.
+    pub fn assess_many(&self, features: &[Features]) -> Vec<[Verdict; 2]> {
+        let encode = |enc: &Encoder| {
+            let mut rows = Vec::with_capacity(features.len() * enc.width());
+            let mut row = Vec::new();
+            for f in features {
+                enc.encode_into(f, &mut row);
+                rows.extend_from_slice(&row);
+            }
+            rows
+        };
+        let forest = self
+            .forest
+            .forest
+            .score_many(&encode(&self.forest.encoder), self.forest.encoder.width());
+        let lof =
+            self.lof
+                .model
+                .score_many(&self.lof.index, &encode(&self.lof.encoder), &mut Vec::new());
+        forest
+            .into_iter()
+            .zip(lof)
+            .map(|(f, l)| [self.forest.verdict(f), self.lof.verdict(l)])
+            .collect()
+    }
+
     pub fn version(&self) -> &str {
         &self.manifest.version
     }
@@ -303,7 +336,7 @@ impl ModelSet {
                 model.dims
             )));
         }
-        let knn = KnnIndex::build(index, &model.points, model.dims);
+        let knn = KnnIndex::build(index, &model.points, model.dims, model.k);
         Ok(Self {
             forest: IsolationForest {
                 encoder: manifest.isolation_forest.encoder.clone(),
@@ -334,14 +367,22 @@ impl ModelSet {
         let Some(scaler) = &enc.scaler else {
             return Vec::new();
         };
-        let mut out: Vec<Contribution> = enc
+        // Deviations of every numeric feature, largest first (ties in feature order); only the
+        // few kept are worded.
+        let mut ranked: Vec<(usize, f64, f64)> = enc
             .numeric_indexes()
             .iter()
             .zip(scaler.center.iter().zip(&scaler.scale))
-            .map(|(&i, (&center, &scale))| {
+            .map(|(&i, (&center, &scale))| (i, center, (f.numeric[i] - center).abs() / scale))
+            .filter(|&(_, _, deviation)| deviation > 0.0)
+            .collect();
+        ranked.sort_by(|a, b| b.2.total_cmp(&a.2));
+        ranked.truncate(top);
+        ranked
+            .into_iter()
+            .map(|(i, center, deviation)| {
                 let name = NUMERIC_FEATURES[i];
                 let value = f.numeric[i];
-                let deviation = (value - center).abs() / scale;
                 let usual = |what: &str, seen: Option<&str>, now: &str| match seen {
                     Some(u) if u != now => format!("{what} {now} is not the account's usual {u}"),
                     _ => format!("{what} {now} is the account's usual"),
@@ -378,11 +419,7 @@ impl ModelSet {
                     detail,
                 }
             })
-            .filter(|c| c.deviation > 0.0)
-            .collect();
-        out.sort_by(|a, b| b.deviation.total_cmp(&a.deviation));
-        out.truncate(top);
-        out
+            .collect()
     }
 }
 
