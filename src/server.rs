@@ -7,7 +7,9 @@
 //! field and the reason. Every request is counted by matched route, method and status
 //! (`vigil_http_requests_total`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -19,14 +21,15 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Serialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Auth, RateLimit};
-use crate::decode::{DecodeError, RawTransaction, Transaction, validate};
-use crate::models::{ISOLATION_FOREST, LOF, Scratch, Verdict};
-use crate::pipeline::Prediction;
+use crate::decode::{DecodeError, RawTransaction, validate};
+use crate::models::{Contribution, ISOLATION_FOREST, LOF, Verdict};
 use crate::publish::FEED_RECENT;
 use crate::run::Shared;
 
@@ -340,75 +343,83 @@ fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) ->
 pub const MAX_BATCH: usize = 10_000;
 /// Request bodies above this size get a 413.
 pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
+/// Transactions scored together by one core; larger batches are shared between the cores.
+const PART: usize = 128;
 
 /// A prediction request: a transaction, a list of them, or
-/// `{"transactions": [...], "as_new_account": true}`.
-struct Batch {
-    transactions: Vec<Transaction>,
+/// `{"transactions": [...], "as_new_account": true}`. Items stay raw JSON until the scoring
+/// threads read them, so that reading a large batch is shared between the cores too.
+struct Batch<'a> {
+    items: Vec<&'a RawValue>,
     as_new_account: bool,
 }
 
-fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, ApiError> {
-    let body = body.map_err(|r| error(r.status(), r.body_text(), None))?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+fn unprocessable(message: impl Into<String>, field: Option<&str>) -> ApiError {
+    error(StatusCode::UNPROCESSABLE_ENTITY, message, field)
+}
+
+fn parse_batch(body: &[u8]) -> Result<Batch<'_>, ApiError> {
+    let not_json = |e: serde_json::Error| {
         error(
             StatusCode::BAD_REQUEST,
             format!("the body is not JSON: {e}"),
             None,
         )
-    })?;
-    let (items, as_new_account) = match value {
-        serde_json::Value::Array(items) => (items, false),
-        serde_json::Value::Object(mut m) if m.contains_key("transactions") => {
-            let as_new = match m.remove("as_new_account") {
-                None => false,
-                Some(serde_json::Value::Bool(b)) => b,
-                Some(_) => {
-                    return Err(error(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "`as_new_account` must be true or false",
-                        Some("as_new_account"),
-                    ));
+    };
+    let (items, as_new_account) = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => (serde_json::from_slice(body).map_err(not_json)?, false),
+        Some(b'{') => {
+            let mut object: BTreeMap<String, &RawValue> =
+                serde_json::from_slice(body).map_err(not_json)?;
+            match object.remove("transactions") {
+                // Not a wrapper: the object is one transaction.
+                None => (vec![serde_json::from_slice(body).map_err(not_json)?], false),
+                Some(list) => {
+                    let items = serde_json::from_str(list.get()).map_err(|_| {
+                        unprocessable(
+                            "`transactions` must be a list of transactions",
+                            Some("transactions"),
+                        )
+                    })?;
+                    let as_new = match object.remove("as_new_account") {
+                        None => false,
+                        Some(flag) => serde_json::from_str(flag.get()).map_err(|_| {
+                            unprocessable(
+                                "`as_new_account` must be true or false",
+                                Some("as_new_account"),
+                            )
+                        })?,
+                    };
+                    if let Some(extra) = object.keys().next() {
+                        return Err(unprocessable(
+                            format!(
+                                "unknown key `{extra}`; expected `transactions` and `as_new_account`"
+                            ),
+                            Some(extra),
+                        ));
+                    }
+                    (items, as_new)
                 }
-            };
-            let items = match m.remove("transactions") {
-                Some(serde_json::Value::Array(items)) => items,
-                _ => {
-                    return Err(error(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "`transactions` must be a list of transactions",
-                        Some("transactions"),
-                    ));
-                }
-            };
-            if let Some(extra) = m.keys().next() {
-                return Err(error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("unknown key `{extra}`; expected `transactions` and `as_new_account`"),
-                    Some(extra),
-                ));
             }
-            (items, as_new)
         }
-        tx @ serde_json::Value::Object(_) => (vec![tx], false),
         _ => {
-            return Err(error(
-                StatusCode::UNPROCESSABLE_ENTITY,
+            // Still say so when the body is not JSON at all.
+            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
+            return Err(unprocessable(
                 "expected a transaction, a list of transactions, or {\"transactions\": [...]}",
                 None,
             ));
         }
     };
+    let items: Vec<&RawValue> = items;
     if items.is_empty() {
-        return Err(error(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        return Err(unprocessable(
             "no transactions to score",
             Some("transactions"),
         ));
     }
     if items.len() > MAX_BATCH {
-        return Err(error(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        return Err(unprocessable(
             format!(
                 "{} transactions; at most {MAX_BATCH} per request",
                 items.len()
@@ -416,10 +427,70 @@ fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, ApiError> {
             Some("transactions"),
         ));
     }
+    Ok(Batch {
+        items,
+        as_new_account,
+    })
+}
+
+/// One invalid transaction of a batch.
+#[derive(Serialize)]
+struct Invalid {
+    index: usize,
+    field: Option<&'static str>,
+    code: &'static str,
+    reason: String,
+}
+
+/// What a prediction response shows: both models and the consensus, or one model.
+#[derive(Clone, Copy)]
+enum View {
+    Both { policy: &'static str },
+    One(usize),
+}
+
+#[derive(Serialize)]
+struct Consensus {
+    policy: &'static str,
+    alert: bool,
+}
+
+#[derive(Serialize)]
+struct BothModels<'a> {
+    transaction_id: &'a str,
+    account_id: &'a str,
+    account_state: &'static str,
+    models: &'a [Verdict; 2],
+    consensus: Consensus,
+    top_features: &'a [Contribution],
+}
+
+#[derive(Serialize)]
+struct OneModel<'a> {
+    #[serde(flatten)]
+    verdict: &'a Verdict,
+    transaction_id: &'a str,
+    account_id: &'a str,
+    account_state: &'static str,
+    top_features: &'a [Contribution],
+}
+
+/// One part of a batch: its predictions as JSON values separated by commas, or every invalid
+/// item of the part (none: scoring failed).
+type PartResult = Result<Vec<u8>, Vec<Invalid>>;
+
+/// Reads, validates, scores and serialises one part of a batch.
+fn score_part(
+    s: &Shared,
+    items: &[&RawValue],
+    first_index: usize,
+    as_new_account: bool,
+    view: View,
+) -> PartResult {
     let mut transactions = Vec::with_capacity(items.len());
     let mut invalid = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        let checked = serde_json::from_value::<RawTransaction>(item)
+    for (i, item) in items.iter().enumerate() {
+        let checked = serde_json::from_str::<RawTransaction>(item.get())
             .map_err(|e| DecodeError::Malformed {
                 format: "JSON",
                 detail: e.to_string(),
@@ -427,121 +498,187 @@ fn parse_batch(body: Result<Bytes, BytesRejection>) -> Result<Batch, ApiError> {
             .and_then(validate);
         match checked {
             Ok(tx) => transactions.push(tx),
-            Err(e) => invalid.push(json!({
-                "index": index,
-                "field": e.field(),
-                "code": e.code(),
-                "reason": e.to_string(),
-            })),
+            Err(e) => invalid.push(Invalid {
+                index: first_index + i,
+                field: e.field(),
+                code: e.code(),
+                reason: e.to_string(),
+            }),
         }
     }
     if !invalid.is_empty() {
-        let n = invalid.len();
-        return Err(ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!({
-                "error": format!("{n} of {} transactions are invalid", n + transactions.len()),
-                "field": invalid.first().and_then(|i| i["field"].as_str()),
-                "invalid": invalid,
-            }),
-        ));
+        return Err(invalid);
     }
-    Ok(Batch {
-        transactions,
-        as_new_account,
-    })
+    let accounts: Vec<_> = transactions
+        .iter()
+        .map(|tx| {
+            (!as_new_account)
+                .then(|| s.account(&tx.account_id))
+                .flatten()
+        })
+        .collect();
+    let requests: Vec<_> = accounts
+        .iter()
+        .zip(&transactions)
+        .map(|(a, tx)| (a.as_ref().map(|(_, a)| a), tx))
+        .collect();
+    let predictions = s.engine().predict_many(&requests);
+    let mut out = Vec::with_capacity(items.len() * 700);
+    for (i, (tx, p)) in transactions.iter().zip(&predictions).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let account_state = if p.known_account { "live" } else { "new" };
+        let written = match view {
+            View::Both { policy } => serde_json::to_writer(
+                &mut out,
+                &BothModels {
+                    transaction_id: &tx.transaction_id,
+                    account_id: &tx.account_id,
+                    account_state,
+                    models: &p.verdicts,
+                    consensus: Consensus {
+                        policy,
+                        alert: p.alert,
+                    },
+                    top_features: &p.top,
+                },
+            ),
+            View::One(model) => serde_json::to_writer(
+                &mut out,
+                &OneModel {
+                    verdict: &p.verdicts[model],
+                    transaction_id: &tx.transaction_id,
+                    account_id: &tx.account_id,
+                    account_state,
+                    top_features: &p.top,
+                },
+            ),
+        };
+        // Writing plain structs into a Vec cannot fail; a failure would be a bug worth a 500.
+        if written.is_err() {
+            return Err(Vec::new());
+        }
+    }
+    Ok(out)
 }
 
-/// Scores a batch off the async runtime; each transaction against a copy of its account.
-async fn score_batch(s: Shared, batch: Batch) -> Result<Vec<(Transaction, Prediction)>, ApiError> {
+/// Scores a request off the async runtime, each transaction against a copy of its account's
+/// state; answers `{"predictions": [...]}` in request order, or a 422 listing every invalid
+/// transaction. Large batches are cut into parts that every core takes from in turn, so that
+/// the cores finish together however the cost varies along the batch.
+async fn answer_batch(s: Shared, body: Bytes, view: View) -> Result<Response, ApiError> {
     tokio::task::spawn_blocking(move || {
-        let engine = s.engine();
-        let as_new = batch.as_new_account;
-        let score = |txs: Vec<Transaction>| -> Vec<(Transaction, Prediction)> {
-            let mut scratch = Scratch::default();
-            txs.into_iter()
-                .map(|tx| {
-                    let account = (!as_new).then(|| s.account(&tx.account_id)).flatten();
-                    let p = engine.predict(account.as_ref().map(|(_, a)| a), &tx, &mut scratch);
-                    (tx, p)
-                })
-                .collect()
-        };
-        // Large batches are split over the cores; each part keeps its order.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut txs = batch.transactions;
-        if txs.len() < 256 || cores == 1 {
-            return Some(score(txs));
-        }
-        let size = txs.len().div_ceil(cores);
-        let mut parts = Vec::with_capacity(cores);
-        while txs.len() > size {
-            let rest = txs.split_off(size);
-            parts.push(std::mem::replace(&mut txs, rest));
-        }
-        parts.push(txs);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = parts
-                .into_iter()
-                .map(|p| scope.spawn(|| score(p)))
-                .collect();
-            let mut all = Vec::new();
-            for h in handles {
-                all.extend(h.join().ok()?);
+        let batch = parse_batch(&body)?;
+        let items = &batch.items;
+        let parts: Vec<&[&RawValue]> = items.chunks(PART).collect();
+        let next = AtomicUsize::new(0);
+        let work = || {
+            let mut done = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(part) = parts.get(n) else {
+                    return done;
+                };
+                done.push((
+                    n,
+                    score_part(&s, part, n * PART, batch.as_new_account, view),
+                ));
             }
-            Some(all)
-        })
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut parts: Vec<(usize, PartResult)> = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..cores.min(parts.len()))
+                .map(|_| scope.spawn(work))
+                .collect();
+            let mut all = work();
+            for helper in helpers {
+                all.extend(helper.join().unwrap_or_default());
+            }
+            all
+        });
+        parts.sort_unstable_by_key(|p| p.0);
+        if parts.len() != items.len().div_ceil(PART) {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "scoring failed",
+                None,
+            ));
+        }
+        let parts: Vec<_> = parts.into_iter().map(|(_, p)| p).collect();
+        let mut body = Vec::with_capacity(
+            parts
+                .iter()
+                .map(|p| p.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+                + 20,
+        );
+        body.extend_from_slice(b"{\"predictions\":[");
+        let mut invalid = Vec::new();
+        let mut failed = false;
+        for (n, part) in parts.into_iter().enumerate() {
+            match part {
+                Ok(bytes) => {
+                    if n > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&bytes);
+                }
+                Err(bad) if bad.is_empty() => failed = true,
+                Err(bad) => invalid.extend(bad),
+            }
+        }
+        if !invalid.is_empty() {
+            let n = invalid.len();
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "error": format!("{n} of {} transactions are invalid", items.len()),
+                    "field": invalid.first().and_then(|i| i.field),
+                    "invalid": invalid,
+                }),
+            ));
+        }
+        if failed {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "scoring failed",
+                None,
+            ));
+        }
+        body.extend_from_slice(b"]}");
+        Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
     })
     .await
-    .ok()
-    .flatten()
-    .ok_or_else(|| error(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed", None))
-}
-
-fn verdict_json(v: &Verdict) -> serde_json::Value {
-    json!({ "model": v.model, "score": v.score, "threshold": v.threshold, "flagged": v.flagged })
+    .unwrap_or_else(|_| {
+        Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "scoring failed",
+            None,
+        ))
+    })
 }
 
 async fn predict(
     State(s): State<Shared>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let batch = parse_batch(body)?;
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| error(r.status(), r.body_text(), None))?;
     let policy = s.policy.as_str();
-    let scored = score_batch(s, batch).await?;
-    Ok(Json(json!({
-        "predictions": scored.iter().map(|(tx, p)| json!({
-            "transaction_id": tx.transaction_id,
-            "account_id": tx.account_id,
-            "account_state": if p.known_account { "live" } else { "new" },
-            "models": p.verdicts.iter().map(verdict_json).collect::<Vec<_>>(),
-            "consensus": { "policy": policy, "alert": p.alert },
-            "top_features": p.top,
-        })).collect::<Vec<_>>(),
-    })))
+    answer_batch(s, body, View::Both { policy }).await
 }
 
 async fn predict_one_model(
     State(s): State<Shared>,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let i = [ISOLATION_FOREST, LOF]
         .iter()
         .position(|m| *m == name)
         .ok_or_else(|| unknown_model(&name))?;
-    let batch = parse_batch(body)?;
-    let scored = score_batch(s, batch).await?;
-    Ok(Json(json!({
-        "predictions": scored.iter().map(|(tx, p)| {
-            let mut v = verdict_json(&p.verdicts[i]);
-            v["transaction_id"] = json!(tx.transaction_id);
-            v["account_id"] = json!(tx.account_id);
-            v["account_state"] = json!(if p.known_account { "live" } else { "new" });
-            v["top_features"] = json!(p.top);
-            v
-        }).collect::<Vec<_>>(),
-    })))
+    let body = body.map_err(|r| error(r.status(), r.body_text(), None))?;
+    answer_batch(s, body, View::One(i)).await
 }
 
 async fn account(
