@@ -39,6 +39,7 @@ pub struct Term {
 
 /// A trained isolation forest in flat form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct FlatForest {
     pub dims: usize,
     /// Normaliser `c(sample_size)` of the anomaly score.
@@ -46,6 +47,129 @@ pub struct FlatForest {
     pub roots: Vec<u32>,
     pub nodes: Vec<Node>,
     pub terms: Vec<Term>,
+    /// Derived from `nodes` when every split is on one axis (extension level 0); not stored.
+    #[serde(skip)]
+    axis: Option<AxisWalk>,
+}
+
+/// What `forest.json` holds: a [`FlatForest`] without its derived walk table.
+#[derive(Deserialize)]
+struct Stored {
+    dims: usize,
+    c: f64,
+    roots: Vec<u32>,
+    nodes: Vec<Node>,
+    terms: Vec<Term>,
+}
+
+impl From<Stored> for FlatForest {
+    fn from(s: Stored) -> Self {
+        let axis = AxisWalk::build(&s.roots, &s.nodes);
+        Self {
+            dims: s.dims,
+            c: s.c,
+            roots: s.roots,
+            nodes: s.nodes,
+            terms: s.terms,
+            axis,
+        }
+    }
+}
+
+/// An axis-parallel forest laid out for walking several rows in lockstep without branches: every
+/// node names both children, a leaf names itself twice, so a row that reached its leaf stays
+/// there while the others go on, and every row takes the same number of steps (the tree's
+/// depth). Branchy walks mispredict about every other split; these do not, and the rows' loads
+/// overlap.
+#[derive(Debug, Clone, PartialEq)]
+struct AxisWalk {
+    steps: Vec<Step>,
+    /// Steps from each tree's root to its deepest leaf, in the order of `roots`.
+    depths: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Step {
+    dim: u32,
+    left: u32,
+    right: u32,
+    n: f64,
+    p: f64,
+}
+
+impl AxisWalk {
+    /// Rows walked together: enough independent chains to hide the load latency of each step.
+    const LANES: usize = 8;
+
+    fn build(roots: &[u32], nodes: &[Node]) -> Option<Self> {
+        if nodes.iter().any(|n| n.terms > 1) {
+            return None;
+        }
+        // Children come after their parent, so one backward pass sees them first.
+        let mut depth = vec![0u32; nodes.len()];
+        let mut steps = Vec::with_capacity(nodes.len());
+        for (i, node) in nodes.iter().enumerate().rev() {
+            let at = i as u32;
+            let step = if node.terms == 0 {
+                Step {
+                    dim: 0,
+                    left: at,
+                    right: at,
+                    n: 0.0,
+                    p: 0.0,
+                }
+            } else {
+                let (left, right) = (i + 1, node.right as usize);
+                if right <= left {
+                    return None;
+                }
+                depth[i] = 1 + (*depth.get(left)?).max(*depth.get(right)?);
+                Step {
+                    dim: node.dim,
+                    left: left as u32,
+                    right: node.right,
+                    n: node.n,
+                    p: node.p,
+                }
+            };
+            steps.push(step);
+        }
+        steps.reverse();
+        let depths = roots
+            .iter()
+            .map(|&r| depth.get(r as usize).copied())
+            .collect::<Option<_>>()?;
+        Some(Self { steps, depths })
+    }
+
+    /// Adds the path length of each row of `block` in the tree at `root` to its total.
+    fn add_path_lengths(
+        &self,
+        nodes: &[Node],
+        root: u32,
+        depth: u32,
+        block: &[f64],
+        width: usize,
+        totals: &mut [f64],
+    ) {
+        for (rows, totals) in block
+            .chunks(Self::LANES * width)
+            .zip(totals.chunks_mut(Self::LANES))
+        {
+            let mut at = [root; Self::LANES];
+            let at = &mut at[..totals.len()];
+            for _ in 0..depth {
+                for (a, x) in at.iter_mut().zip(rows.chunks_exact(width)) {
+                    let step = &self.steps[*a as usize];
+                    let side = (x[step.dim as usize] - step.p) * step.n;
+                    *a = if side <= 0.0 { step.left } else { step.right };
+                }
+            }
+            for (total, &a) in totals.iter_mut().zip(at.iter()) {
+                *total += nodes[a as usize].n;
+            }
+        }
+    }
 }
 
 /// Mirror of the crate's serde layout, read from its own serialisation.
@@ -84,11 +208,13 @@ impl FlatForest {
             roots: Vec::with_capacity(forest.trees.len()),
             nodes: Vec::new(),
             terms: Vec::new(),
+            axis: None,
         };
         for tree in &forest.trees {
             flat.roots.push(flat.nodes.len() as u32);
             flat.push(&tree.root, 0);
         }
+        flat.axis = AxisWalk::build(&flat.roots, &flat.nodes);
         Ok(flat)
     }
 
@@ -183,14 +309,25 @@ impl FlatForest {
         let width = width.max(1);
         let mut scores = Vec::with_capacity(rows.len() / width);
         for block in rows.chunks(BLOCK * width) {
+            let n = block.len() / width;
+            let block = &block[..n * width];
             let mut totals = [0.0f64; BLOCK];
-            for &root in &self.roots {
-                for (total, x) in totals.iter_mut().zip(block.chunks_exact(width)) {
-                    *total += self.path_length(root, x);
+            let totals = &mut totals[..n];
+            match &self.axis {
+                Some(walk) => {
+                    for (&root, &depth) in self.roots.iter().zip(&walk.depths) {
+                        walk.add_path_lengths(&self.nodes, root, depth, block, width, totals);
+                    }
+                }
+                None => {
+                    for &root in &self.roots {
+                        for (total, x) in totals.iter_mut().zip(block.chunks_exact(width)) {
+                            *total += self.path_length(root, x);
+                        }
+                    }
                 }
             }
-            let n = block.len() / width;
-            scores.extend(totals[..n].iter().map(|&t| self.normalise(t)));
+            scores.extend(totals.iter().map(|&t| self.normalise(t)));
         }
         scores
     }
@@ -309,6 +446,11 @@ mod tests {
             let json = serde_json::to_vec(&forest).unwrap_or_default();
             let flat = FlatForest::from_crate_json(&json).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(flat.dims, 3);
+            assert_eq!(flat.axis.is_some(), extension_level == 0);
+            let stored = serde_json::to_vec(&flat).unwrap_or_default();
+            let loaded: FlatForest =
+                serde_json::from_slice(&stored).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(loaded, flat, "the walk table is rebuilt on load");
             let xs: Vec<[f64; 3]> = (0..2000)
                 .map(|_| {
                     [
