@@ -523,7 +523,7 @@ fn score_part(
         .map(|(a, tx)| (a.as_ref().map(|(_, a)| a), tx))
         .collect();
     let predictions = s.engine().predict_many(&requests);
-    let mut out = Vec::with_capacity(items.len() * 700);
+    let mut out = Vec::with_capacity(items.len() * 1024);
     for (i, (tx, p)) in transactions.iter().zip(&predictions).enumerate() {
         if i > 0 {
             out.push(b',');
