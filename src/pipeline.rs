@@ -167,7 +167,13 @@ impl Engine {
         let known = self.live(account, tx);
         let features = compute(known.unwrap_or(&fresh), tx);
         let verdicts = self.models.assess(&features, scratch);
-        self.prediction(verdicts, &features, known, tx)
+        self.prediction(
+            verdicts,
+            &features,
+            known.unwrap_or(&fresh),
+            known.is_some(),
+            tx,
+        )
     }
 
     /// [`Self::predict`] for many transactions at once, with the same results; the models score
@@ -186,7 +192,9 @@ impl Engine {
             .iter()
             .zip(known)
             .zip(features.iter().zip(verdicts))
-            .map(|((&(_, tx), known), (f, v))| self.prediction(v, f, known, tx))
+            .map(|((&(_, tx), known), (f, v))| {
+                self.prediction(v, f, known.unwrap_or(&fresh), known.is_some(), tx)
+            })
             .collect()
     }
 
@@ -199,22 +207,21 @@ impl Engine {
         account.filter(|a| !a.expired_at(tx.time, self.features()))
     }
 
-    /// The decision and its explanation; `known` is the live state the features came from.
+    /// The decision and its explanation; `state` is the one the features came from, `known`
+    /// whether it was the account's live state rather than a new account's.
     fn prediction(
         &self,
         verdicts: [Verdict; 2],
         features: &Features,
-        known: Option<&AccountState>,
+        state: &AccountState,
+        known: bool,
         tx: &Transaction,
     ) -> Prediction {
-        let fresh = AccountState::default();
         Prediction {
             verdicts,
             alert: decide(self.policy, &verdicts),
-            top: self
-                .models
-                .explain(features, known.unwrap_or(&fresh), tx, self.top_features),
-            known_account: known.is_some(),
+            top: self.models.explain(features, state, tx, self.top_features),
+            known_account: known,
         }
     }
 

@@ -563,6 +563,11 @@ fn score_part(
     Ok(out)
 }
 
+/// A scoring thread panicked or wrote nothing: a bug, not the client's input.
+fn scoring_failed() -> ApiError {
+    error(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed", None)
+}
+
 /// Scores a request off the async runtime, each transaction against a copy of its account's
 /// state; answers `{"predictions": [...]}` in request order, or a 422 listing every invalid
 /// transaction. Large batches are cut into parts that every core takes from in turn, so that
@@ -599,11 +604,7 @@ async fn answer_batch(s: Shared, body: Bytes, view: View) -> Result<Response, Ap
         });
         parts.sort_unstable_by_key(|p| p.0);
         if parts.len() != items.len().div_ceil(PART) {
-            return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "scoring failed",
-                None,
-            ));
+            return Err(scoring_failed());
         }
         let parts: Vec<_> = parts.into_iter().map(|(_, p)| p).collect();
         let mut body = Vec::with_capacity(
@@ -640,23 +641,13 @@ async fn answer_batch(s: Shared, body: Bytes, view: View) -> Result<Response, Ap
             ));
         }
         if failed {
-            return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "scoring failed",
-                None,
-            ));
+            return Err(scoring_failed());
         }
         body.extend_from_slice(b"]}");
         Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
     })
     .await
-    .unwrap_or_else(|_| {
-        Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "scoring failed",
-            None,
-        ))
-    })
+    .unwrap_or_else(|_| Err(scoring_failed()))
 }
 
 async fn predict(

@@ -152,8 +152,8 @@ const GROUP: usize = 8;
 
 /// Exhaustive search, laid out for speed: the training rows in blocks of [`LANES`], each block
 /// stored dimension by dimension, so a block's distances to a query are computed lane-parallel
-/// (SSE2 is enough; no `target-cpu` needed). Each distance still sums its squared differences in
-/// dimension order, so results are bit-identical to a row-by-row scan.
+/// (with the widest instructions the CPU has, chosen at run time). Each distance still sums its
+/// squared differences in dimension order, so results are bit-identical to a row-by-row scan.
 pub struct BruteIndex {
     dims: usize,
     rows: usize,
@@ -256,6 +256,35 @@ impl BruteIndex {
             }
         }
     }
+
+    /// Adds one block's rows that are strictly nearer than `worst`, a distance that at least k
+    /// rows already seen are within: a row at or beyond it cannot be among the k nearest, as
+    /// every row seen earlier wins a tie. `worst` starts as the largest of the first k
+    /// candidates and tightens to the k-th whenever the candidates fill up.
+    #[inline(always)]
+    fn offer(
+        &self,
+        block: &[f64; LANES],
+        first_row: usize,
+        k: usize,
+        worst: &mut f64,
+        candidates: &mut Vec<(f64, u32)>,
+    ) {
+        if !block.iter().fold(false, |any, &d2| any | (d2 < *worst)) {
+            return;
+        }
+        for (lane, &d2) in block.iter().enumerate() {
+            let row = first_row + lane;
+            if row < self.rows && d2 < *worst {
+                candidates.push((d2, row as u32));
+            }
+        }
+        if candidates.len() >= 4 * k {
+            *worst = shrink(candidates, k);
+        } else if *worst == f64::INFINITY && candidates.len() >= k {
+            *worst = candidates.iter().fold(0.0, |m, c| c.0.max(m));
+        }
+    }
 }
 
 /// Squared distances from each of `queries` to the rows of two consecutive blocks.
@@ -315,37 +344,6 @@ fn keep_nearest(candidates: &mut Vec<(f64, u32)>, k: usize) {
         shrink(candidates, k);
     }
     candidates.sort_unstable_by(by_distance_then_row);
-}
-
-impl BruteIndex {
-    /// Adds one block's rows that are strictly nearer than `worst`, a distance that at least k
-    /// rows already seen are within: a row at or beyond it cannot be among the k nearest, as
-    /// every row seen earlier wins a tie. `worst` starts as the largest of the first k
-    /// candidates and tightens to the k-th whenever the candidates fill up.
-    #[inline(always)]
-    fn offer(
-        &self,
-        block: &[f64; LANES],
-        first_row: usize,
-        k: usize,
-        worst: &mut f64,
-        candidates: &mut Vec<(f64, u32)>,
-    ) {
-        if !block.iter().fold(false, |any, &d2| any | (d2 < *worst)) {
-            return;
-        }
-        for (lane, &d2) in block.iter().enumerate() {
-            let row = first_row + lane;
-            if row < self.rows && d2 < *worst {
-                candidates.push((d2, row as u32));
-            }
-        }
-        if candidates.len() >= 4 * k {
-            *worst = shrink(candidates, k);
-        } else if *worst == f64::INFINITY && candidates.len() >= k {
-            *worst = candidates.iter().fold(0.0, |m, c| c.0.max(m));
-        }
-    }
 }
 
 impl pulp::WithSimd for Scan<'_> {
