@@ -142,6 +142,14 @@ impl AxisWalk {
         Some(Self { steps, depths })
     }
 
+    /// The node after `at` for row `x` (`at` itself at a leaf).
+    #[inline(always)]
+    fn next(&self, at: u32, x: &[f64]) -> u32 {
+        let step = &self.steps[at as usize];
+        let side = (x[step.dim as usize] - step.p) * step.n;
+        if side <= 0.0 { step.left } else { step.right }
+    }
+
     /// Adds the path length of each row of `block` in the tree at `root` to its total.
     fn add_path_lengths(
         &self,
@@ -157,12 +165,21 @@ impl AxisWalk {
             .zip(totals.chunks_mut(Self::LANES))
         {
             let mut at = [root; Self::LANES];
-            let at = &mut at[..totals.len()];
-            for _ in 0..depth {
-                for (a, x) in at.iter_mut().zip(rows.chunks_exact(width)) {
-                    let step = &self.steps[*a as usize];
-                    let side = (x[step.dim as usize] - step.p) * step.n;
-                    *a = if side <= 0.0 { step.left } else { step.right };
+            if totals.len() == Self::LANES {
+                // A full block: a fixed count, so the rows' chains are fully unrolled.
+                let xs: [&[f64]; Self::LANES] =
+                    std::array::from_fn(|i| &rows[i * width..(i + 1) * width]);
+                for _ in 0..depth {
+                    for (a, x) in at.iter_mut().zip(xs) {
+                        *a = self.next(*a, x);
+                    }
+                }
+            } else {
+                let at = &mut at[..totals.len()];
+                for _ in 0..depth {
+                    for (a, x) in at.iter_mut().zip(rows.chunks_exact(width)) {
+                        *a = self.next(*a, x);
+                    }
                 }
             }
             for (total, &a) in totals.iter_mut().zip(at.iter()) {

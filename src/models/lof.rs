@@ -149,15 +149,30 @@ impl KnnIndex {
 const LANES: usize = 8;
 /// Queries scanned together by [`BruteIndex::nearest_many`].
 const GROUP: usize = 8;
+/// Largest magnitude of a value the single-precision filter accepts: squared differences stay
+/// far from `f32::MAX`. Rows or queries with larger (or non-finite) values are scanned exactly.
+const FILTER_RANGE: f64 = 1e15;
 
-/// Exhaustive search, laid out for speed: the training rows in blocks of [`LANES`], each block
-/// stored dimension by dimension, so a block's distances to a query are computed lane-parallel
-/// (with the widest instructions the CPU has, chosen at run time). Each distance still sums its
-/// squared differences in dimension order, so results are bit-identical to a row-by-row scan.
+/// Exhaustive search in two passes that together give exactly the double-precision answer.
+///
+/// The filter pass computes every distance in single precision (twice the lanes per vector
+/// instruction, half the memory) over the training rows kept in blocks of [`LANES`], each
+/// block stored dimension by dimension, with the widest instructions the CPU has (chosen at run
+/// time). It keeps each row whose single-precision distance is, within a proven rounding bound,
+/// possibly no farther than the k-th nearest: a row it drops is certainly beaten by k others.
+/// The exact pass computes the survivors' distances in double precision, summing squared
+/// differences in dimension order, and picks the k nearest (ties to the lower row), so results
+/// are bit-identical to a plain row-by-row scan.
 pub struct BruteIndex {
     dims: usize,
     rows: usize,
-    blocks: Vec<f64>,
+    /// Row-major training rows, for the exact pass.
+    points: Vec<f64>,
+    /// The rows rounded to single precision, in blocks of [`LANES`], dimension by dimension.
+    blocks: Vec<f32>,
+    /// Upper bound of the rows' Euclidean norms, `None` when a value is outside
+    /// [`FILTER_RANGE`] (then every query is scanned exactly).
+    max_norm: Option<f64>,
     /// The widest vector instructions this CPU has (AVX2 where present), found once.
     arch: pulp::Arch,
 }
@@ -165,153 +180,339 @@ pub struct BruteIndex {
 impl BruteIndex {
     pub fn new(points: &[f64], dims: usize) -> Self {
         let rows = points.len().checked_div(dims).unwrap_or(0);
-        let mut blocks = vec![0.0; rows.div_ceil(2 * LANES) * 2 * dims * LANES];
+        // Padding lanes hold NaN: a NaN distance is never within a limit.
+        let mut blocks = vec![f32::NAN; rows.div_ceil(2 * LANES) * 2 * dims * LANES];
         for (i, row) in points.chunks_exact(dims.max(1)).enumerate() {
             let (block, lane) = (i / LANES, i % LANES);
             for (d, &v) in row.iter().enumerate() {
-                blocks[(block * dims + d) * LANES + lane] = v;
+                blocks[(block * dims + d) * LANES + lane] = v as f32;
             }
         }
+        let max_norm = points
+            .chunks_exact(dims.max(1))
+            .try_fold(0.0f64, |max, row| Some(max.max(norm_in_range(row)?)));
         Self {
             dims,
             rows,
+            points: points[..rows * dims].to_vec(),
             blocks,
+            max_norm,
             arch: pulp::Arch::new(),
         }
     }
 
     /// The `k` nearest rows to `q` as (distance, row), nearest first; ties go to the lower row.
     pub fn nearest(&self, q: &[f64], k: usize, out: &mut Vec<(f64, u32)>) {
-        self.arch.dispatch(Scan {
-            index: self,
-            queries: q,
-            k,
-            outs: std::slice::from_mut(out),
-        });
+        if self.filterable(q) {
+            self.arch.dispatch(Scan {
+                index: self,
+                queries: q,
+                k,
+                outs: std::slice::from_mut(out),
+            });
+        } else {
+            self.exact_scan(q, k, out);
+        }
     }
 
     /// [`Self::nearest`] for each row of row-major `queries`, into `outs[i]`. Queries are scanned
     /// in groups, so each block of training rows is read from memory once per group, not once
-    /// per query: the training set (2,512 × 29 values, 580 KB) does not fit in a core's L2.
+    /// per query.
     pub fn nearest_many(&self, queries: &[f64], k: usize, outs: &mut Vec<Vec<(f64, u32)>>) {
-        let n = queries.len().checked_div(self.dims).unwrap_or(0);
-        outs.resize_with(n, Vec::new);
-        for (group, outs) in queries
-            .chunks(GROUP * self.dims.max(1))
-            .zip(outs.chunks_mut(GROUP))
-        {
-            self.arch.dispatch(Scan {
-                index: self,
-                queries: group,
-                k,
-                outs,
-            });
+        let dims = self.dims.max(1);
+        outs.resize_with(queries.len() / dims, Vec::new);
+        for (group, outs) in queries.chunks(GROUP * dims).zip(outs.chunks_mut(GROUP)) {
+            if self.filterable(group) {
+                self.arch.dispatch(Scan {
+                    index: self,
+                    queries: group,
+                    k,
+                    outs,
+                });
+            } else {
+                for (q, out) in group.chunks_exact(dims).zip(outs) {
+                    self.nearest(q, k, out);
+                }
+            }
         }
     }
 
-    /// Scans the training rows once for each of the row-major `queries` (at most [`GROUP`]).
+    fn filterable(&self, queries: &[f64]) -> bool {
+        self.max_norm.is_some() && queries.iter().all(|v| v.abs() <= FILTER_RANGE)
+    }
+
+    /// Squared distance from `q` to training row `row`, in dimension order.
+    fn exact_distance(&self, row: usize, q: &[f64]) -> f64 {
+        let x = &self.points[row * self.dims..(row + 1) * self.dims];
+        x.iter().zip(q).fold(0.0, |s, (&x, &q)| {
+            let t = x - q;
+            s + t * t
+        })
+    }
+
+    /// Squared distances from `q` to the rows in the low 32 bits of `keys`, into `out`. Four
+    /// rows at a time: four independent chains of additions, each in dimension order.
+    fn exact_distances(&self, q: &[f64], keys: &[u64], out: &mut Vec<(f64, u32)>) {
+        let row = |key: u64| {
+            let at = (key as u32) as usize * self.dims;
+            &self.points[at..at + self.dims]
+        };
+        let mut fours = keys.chunks_exact(4);
+        for four in &mut fours {
+            let rows = [row(four[0]), row(four[1]), row(four[2]), row(four[3])];
+            let mut sums = [0.0f64; 4];
+            for (d, &q) in q.iter().enumerate() {
+                for (s, x) in sums.iter_mut().zip(rows) {
+                    let t = x[d] - q;
+                    *s += t * t;
+                }
+            }
+            out.extend(sums.into_iter().zip(four).map(|(s, &key)| (s, key as u32)));
+        }
+        out.extend(
+            fours
+                .remainder()
+                .iter()
+                .map(|&key| (self.exact_distance((key as u32) as usize, q), key as u32)),
+        );
+    }
+
+    /// The double-precision scan alone, for values the filter cannot take.
+    fn exact_scan(&self, q: &[f64], k: usize, out: &mut Vec<(f64, u32)>) {
+        out.clear();
+        if q.len() != self.dims {
+            return;
+        }
+        out.extend(
+            (0..self.rows)
+                .map(|row| (self.exact_distance(row, q), row as u32))
+                .filter(|&(d2, _)| d2 < f64::INFINITY),
+        );
+        finish(out, k);
+    }
+
+    /// Filters the training rows for each of the row-major `queries` (at most [`GROUP`], all
+    /// within [`FILTER_RANGE`]), then picks each one's k nearest exactly.
     #[inline(always)]
     fn scan(&self, queries: &[f64], k: usize, outs: &mut [Vec<(f64, u32)>]) {
         for out in outs.iter_mut() {
             out.clear();
         }
         let k = k.min(self.rows);
+        let Some(max_norm) = self.max_norm else {
+            return;
+        };
         if k == 0 || self.dims == 0 || queries.len() != outs.len() * self.dims {
             return;
         }
-        // `outs` collect candidates as squared distances; `worst` is infinite until k are in.
-        let mut worst = [f64::INFINITY; GROUP];
+        let bound = RoundingBound::new(self.dims);
+        let mut filters: Vec<Filter> = queries
+            .chunks_exact(self.dims)
+            .map(|q| Filter::new(q, max_norm, k))
+            .collect();
         let stride = self.dims * LANES;
         for (pair, blocks) in self.blocks.chunks_exact(2 * stride).enumerate() {
             let (first, second) = blocks.split_at(stride);
             let first_row = pair * 2 * LANES;
-            let mut each = queries
-                .chunks_exact(self.dims)
-                .zip(outs.iter_mut().zip(worst.iter_mut()));
-            // Two queries at a time where there are two: eight independent chains of vector
-            // additions, where one query alone has four.
-            loop {
-                match (each.next(), each.next()) {
-                    (Some((q0, (out0, worst0))), Some((q1, (out1, worst1)))) => {
-                        let [d0, d1] = block_pair_distances(first, second, [q0, q1]);
-                        self.offer(&d0[0], first_row, k, worst0, out0);
-                        self.offer(&d0[1], first_row + LANES, k, worst0, out0);
-                        self.offer(&d1[0], first_row, k, worst1, out1);
-                        self.offer(&d1[1], first_row + LANES, k, worst1, out1);
-                    }
-                    (Some((q, (out, worst))), None) => {
-                        let [d] = block_pair_distances(first, second, [q]);
-                        self.offer(&d[0], first_row, k, worst, out);
-                        self.offer(&d[1], first_row + LANES, k, worst, out);
-                        break;
-                    }
-                    _ => break,
+            let mut each = filters.chunks_exact_mut(4);
+            for four in &mut each {
+                let [f0, f1, f2, f3] = four else { continue };
+                let d = block_pair_distances(first, second, [&f0.q, &f1.q, &f2.q, &f3.q]);
+                for (f, d) in [f0, f1, f2, f3].into_iter().zip(&d) {
+                    self.offer(d, first_row, k, &bound, f);
                 }
             }
-        }
-        for out in outs.iter_mut() {
-            keep_nearest(out, k);
-            for d in out.iter_mut() {
-                d.0 = d.0.sqrt();
+            match each.into_remainder() {
+                [f0, f1, f2] => {
+                    let d = block_pair_distances(first, second, [&f0.q, &f1.q, &f2.q]);
+                    for (f, d) in [f0, f1, f2].into_iter().zip(&d) {
+                        self.offer(d, first_row, k, &bound, f);
+                    }
+                }
+                [f0, f1] => {
+                    let d = block_pair_distances(first, second, [&f0.q, &f1.q]);
+                    for (f, d) in [f0, f1].into_iter().zip(&d) {
+                        self.offer(d, first_row, k, &bound, f);
+                    }
+                }
+                [f0] => {
+                    let [d] = block_pair_distances(first, second, [&f0.q]);
+                    self.offer(&d, first_row, k, &bound, f0);
+                }
+                _ => {}
             }
+        }
+        for ((filter, q), out) in filters
+            .iter_mut()
+            .zip(queries.chunks_exact(self.dims))
+            .zip(outs)
+        {
+            if filter.len > k {
+                filter.shrink(k, &bound);
+            }
+            self.exact_distances(q, filter.kept(), out);
+            finish(out, k);
         }
     }
 
-    /// Adds one block's rows that are strictly nearer than `worst`, a distance that at least k
-    /// rows already seen are within: a row at or beyond it cannot be among the k nearest, as
-    /// every row seen earlier wins a tie. `worst` starts as the largest of the first k
-    /// candidates and tightens to the k-th whenever the candidates fill up.
+    /// Offers a block pair's single-precision distances to a query's filter.
     #[inline(always)]
     fn offer(
         &self,
-        block: &[f64; LANES],
+        pair: &[[f32; LANES]; 2],
         first_row: usize,
         k: usize,
-        worst: &mut f64,
-        candidates: &mut Vec<(f64, u32)>,
+        bound: &RoundingBound,
+        filter: &mut Filter,
     ) {
-        if !block.iter().fold(false, |any, &d2| any | (d2 < *worst)) {
+        let limit = filter.limit;
+        if !pair
+            .iter()
+            .flatten()
+            .fold(false, |any, &d2| any | (d2 <= limit))
+        {
             return;
         }
-        for (lane, &d2) in block.iter().enumerate() {
-            let row = first_row + lane;
-            if row < self.rows && d2 < *worst {
-                candidates.push((d2, row as u32));
-            }
+        // Every lane is written and the length moves only past those within the limit: no
+        // branch to mispredict. `keys` always has room for a block pair past `len`.
+        let mut len = filter.len;
+        for (lane, &d2) in pair.iter().flatten().enumerate() {
+            filter.keys[len] = u64::from(d2.to_bits()) << 32 | (first_row + lane) as u64;
+            len += usize::from(d2 <= limit);
         }
-        if candidates.len() >= 4 * k {
-            *worst = shrink(candidates, k);
-        } else if *worst == f64::INFINITY && candidates.len() >= k {
-            *worst = candidates.iter().fold(0.0, |m, c| c.0.max(m));
+        filter.len = len;
+        if len >= filter.shrink_at {
+            filter.shrink(k, bound);
+        } else if filter.limit == f32::INFINITY && len >= k {
+            let farthest = filter.kept().iter().max().map_or(0, |&key| key >> 32);
+            filter.limit = bound.limit(f32::from_bits(farthest as u32), filter.slack);
         }
     }
 }
 
-/// Squared distances from each of `queries` to the rows of two consecutive blocks.
+/// Euclidean norm of `row`, rounded up, if every value is within [`FILTER_RANGE`].
+fn norm_in_range(row: &[f64]) -> Option<f64> {
+    row.iter()
+        .all(|v| v.abs() <= FILTER_RANGE)
+        .then(|| row.iter().map(|v| v * v).sum::<f64>().sqrt() * (1.0 + 1e-12))
+}
+
+/// One query's filter: the query in single precision and the rows that may be among its k
+/// nearest, as single-precision squared distance (high 32 bits, so keys sort by distance, then
+/// row) and row (low 32 bits).
+struct Filter {
+    q: Vec<f32>,
+    /// Bound of the rounding error's effect on a distance: `2.01 u (|row| + |query|)`.
+    slack: f64,
+    /// Rows farther than this (single precision) are certainly not among the k nearest.
+    limit: f32,
+    /// The first `len` are the kept rows; room for a block pair follows.
+    keys: Vec<u64>,
+    len: usize,
+    shrink_at: usize,
+}
+
+impl Filter {
+    fn new(q: &[f64], max_norm: f64, k: usize) -> Self {
+        let norm = norm_in_range(q).unwrap_or(f64::INFINITY);
+        Self {
+            q: q.iter().map(|&v| v as f32).collect(),
+            slack: 2.01 * f64::from(f32::EPSILON / 2.0) * (max_norm + norm) + SUBNORMAL_SLACK,
+            limit: f32::INFINITY,
+            keys: vec![0; 4 * k + 2 * LANES],
+            len: 0,
+            shrink_at: 4 * k,
+        }
+    }
+
+    fn kept(&self) -> &[u64] {
+        &self.keys[..self.len]
+    }
+
+    /// Keeps the rows within the limit set by the k-th nearest so far.
+    fn shrink(&mut self, k: usize, bound: &RoundingBound) {
+        let (_, kth, _) = self.keys[..self.len].select_nth_unstable(k - 1);
+        let limit = bound.limit(f32::from_bits((*kth >> 32) as u32), self.slack);
+        let mut len = 0;
+        for i in 0..self.len {
+            let key = self.keys[i];
+            self.keys[len] = key;
+            len += usize::from(f32::from_bits((key >> 32) as u32) <= limit);
+        }
+        self.limit = limit;
+        self.len = len;
+        // Many rows at one distance must not make every later offer shrink again.
+        if 2 * len > self.shrink_at {
+            self.shrink_at = 2 * len;
+            self.keys.resize(self.shrink_at + 2 * LANES, 0);
+        }
+    }
+}
+
+/// Covers single-precision rounding below the normal range (absolute, not relative, error).
+const SUBNORMAL_SLACK: f64 = 1e-30;
+
+/// Relative error bounds of a squared distance summed in single precision (a multiply and an
+/// add per dimension) and in double precision (a subtract, multiply and add per dimension):
+/// `γ(n) = n u / (1 - n u)`.
+struct RoundingBound {
+    single: f64,
+    double: f64,
+}
+
+impl RoundingBound {
+    fn new(dims: usize) -> Self {
+        let gamma = |n: f64, u: f64| n * u / (1.0 - n * u);
+        let n = 3.0 * dims as f64 + 3.0;
+        Self {
+            single: gamma(n, f64::from(f32::EPSILON / 2.0)),
+            double: gamma(n, f64::EPSILON / 2.0),
+        }
+    }
+
+    /// The largest single-precision distance a row may have and still be no farther, exactly,
+    /// than a row whose single-precision distance is `kth`.
+    ///
+    /// With `e` the single-precision difference vector and `v` the exact one,
+    /// `|e - v| <= slack` and `d32 / (1 + γs) <= |e|² <= d32 / (1 - γs)`; the double-precision
+    /// distance is within `(1 ± γd) |v|²`. A row is certainly farther than the k-th when
+    /// `(1 - γd) (sqrt(d32 / (1 + γs)) - slack)² > (1 + γd) (sqrt(kth / (1 - γs)) + slack)²`.
+    fn limit(&self, kth: f32, slack: f64) -> f32 {
+        let (s, d) = (self.single, self.double);
+        let kth_exact = (1.0 + d) * ((f64::from(kth) / (1.0 - s)).sqrt() + slack).powi(2);
+        // 1e-9 covers this arithmetic's own rounding; 2u that of the conversion to f32, which
+        // must not go below the limit.
+        let limit = (1.0 + s) * ((kth_exact / (1.0 - d)).sqrt() + slack).powi(2) * (1.0 + 1e-9);
+        (limit * (1.0 + f64::from(f32::EPSILON))) as f32
+    }
+}
+
+/// Squared single-precision distances from each of `queries` to the rows of two consecutive
+/// blocks.
 #[inline(always)]
 fn block_pair_distances<const Q: usize>(
-    first: &[f64],
-    second: &[f64],
-    queries: [&[f64]; Q],
-) -> [[[f64; LANES]; 2]; Q] {
-    let mut acc = [[[0.0f64; LANES]; 2]; Q];
+    first: &[f32],
+    second: &[f32],
+    queries: [&[f32]; Q],
+) -> [[[f32; LANES]; 2]; Q] {
+    let mut acc = [[[0.0f32; LANES]; 2]; Q];
     for (d, (a, b)) in first
         .chunks_exact(LANES)
         .zip(second.chunks_exact(LANES))
         .enumerate()
     {
-        let (Ok(a), Ok(b)) = (<&[f64; LANES]>::try_from(a), <&[f64; LANES]>::try_from(b)) else {
+        let (Ok(a), Ok(b)) = (<&[f32; LANES]>::try_from(a), <&[f32; LANES]>::try_from(b)) else {
             continue;
         };
         for (acc, q) in acc.iter_mut().zip(queries) {
             let qd = q[d];
             for (s, &x) in acc[0].iter_mut().zip(a) {
                 let t = x - qd;
-                *s += t * t;
+                *s = t.mul_add(t, *s);
             }
             for (s, &x) in acc[1].iter_mut().zip(b) {
                 let t = x - qd;
-                *s += t * t;
+                *s = t.mul_add(t, *s);
             }
         }
     }
@@ -331,19 +532,16 @@ fn by_distance_then_row(a: &(f64, u32), b: &(f64, u32)) -> std::cmp::Ordering {
     a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
 }
 
-/// Keeps the `k` nearest of `candidates` (unsorted) and returns the k-th distance.
-fn shrink(candidates: &mut Vec<(f64, u32)>, k: usize) -> f64 {
-    candidates.select_nth_unstable_by(k - 1, by_distance_then_row);
-    candidates.truncate(k);
-    candidates[k - 1].0
-}
-
-/// Keeps the `k` nearest of `candidates`, sorted.
-fn keep_nearest(candidates: &mut Vec<(f64, u32)>, k: usize) {
+/// Keeps the `k` nearest of `candidates` (squared distances), sorted, as distances.
+fn finish(candidates: &mut Vec<(f64, u32)>, k: usize) {
     if candidates.len() > k {
-        shrink(candidates, k);
+        candidates.select_nth_unstable_by(k, by_distance_then_row);
+        candidates.truncate(k);
     }
     candidates.sort_unstable_by(by_distance_then_row);
+    for c in candidates.iter_mut() {
+        c.0 = c.0.sqrt();
+    }
 }
 
 impl pulp::WithSimd for Scan<'_> {
@@ -511,6 +709,81 @@ mod tests {
         assert_eq!(build(16, 100, 20), LofIndexKind::Brute);
         assert_eq!(build(8, 40, 20), LofIndexKind::Brute, "k >= rows / 2");
         assert_eq!(build(29, 100, 20), LofIndexKind::Brute);
+    }
+
+    /// Every distance in dimension order in double precision, sorted: what the scan must equal.
+    fn plain_scan(points: &[f64], dims: usize, q: &[f64], k: usize) -> Vec<(f64, u32)> {
+        let mut all: Vec<(f64, u32)> = points
+            .chunks_exact(dims)
+            .enumerate()
+            .map(|(i, x)| {
+                let d2 = x.iter().zip(q).fold(0.0, |s, (x, q)| s + (x - q) * (x - q));
+                (d2, i as u32)
+            })
+            .filter(|d| d.0 < f64::INFINITY)
+            .collect();
+        all.sort_by(by_distance_then_row);
+        all.truncate(k);
+        all.iter().map(|&(d2, i)| (d2.sqrt(), i)).collect()
+    }
+
+    #[test]
+    fn single_precision_filter_keeps_the_exact_double_precision_neighbours_and_ties() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let dims = 29;
+        // Rows that single precision cannot tell apart (differences of 1e-9 at magnitude 1e3),
+        // exact repeats, one-hot columns, and ordinary spread.
+        let base: Vec<f64> = (0..dims).map(|_| rng.gen_range(-3.0..3.0)).collect();
+        let mut points = Vec::new();
+        for i in 0..700 {
+            let row: Vec<f64> = match i % 4 {
+                0 => base
+                    .iter()
+                    .map(|b| b + rng.gen_range(-1e-9..1e-9))
+                    .collect(),
+                1 => base
+                    .iter()
+                    .map(|b| b * 1e3 + f64::from(i % 3) * 1e-9)
+                    .collect(),
+                2 => base.clone(),
+                _ => (0..dims)
+                    .map(|d| {
+                        if d >= 20 {
+                            f64::from(rng.gen_range(0..2u8))
+                        } else {
+                            rng.gen_range(-5.0..5.0)
+                        }
+                    })
+                    .collect(),
+            };
+            points.extend(row);
+        }
+        let index = BruteIndex::new(&points, dims);
+        let mut queries: Vec<Vec<f64>> = vec![
+            base.clone(),
+            base.iter().map(|b| b * 1e3).collect(),
+            base.iter().map(|b| b + 1e-8).collect(),
+        ];
+        queries.extend((0..20).map(|_| (0..dims).map(|_| rng.gen_range(-4.0..4.0)).collect()));
+        let mut huge = base.clone();
+        huge[3] = 1e200; // beyond the filter's range: scanned exactly
+        queries.push(huge);
+        let mut not_a_number = base.clone();
+        not_a_number[0] = f64::NAN;
+        queries.push(not_a_number);
+        for k in [1, 5, 20, 200] {
+            let flat: Vec<f64> = queries.concat();
+            let mut many = Vec::new();
+            index.nearest_many(&flat, k, &mut many);
+            let mut one = Vec::new();
+            for (i, (q, batch)) in queries.iter().zip(&many).enumerate() {
+                let want = plain_scan(&points, dims, q, k);
+                index.nearest(q, k, &mut one);
+                assert_eq!(one, want, "query {i}, k {k}");
+                assert_eq!(batch, &want, "query {i} in a batch, k {k}");
+            }
+        }
     }
 
     #[test]
