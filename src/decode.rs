@@ -383,6 +383,9 @@ pub fn transaction_avro_value(tx: &Transaction) -> apache_avro::types::Value {
 /// Parses the dataset's `YYYY-MM-DD HH:MM:SS` (UTC), `YYYY-MM-DDTHH:MM:SS`, or RFC 3339.
 pub fn parse_time(s: &str) -> Option<i64> {
     let s = s.trim();
+    if let Some(t) = parse_dataset_time(s) {
+        return Some(t);
+    }
     for fmt in [
         "%Y-%m-%d %H:%M:%S",
         "%Y-%m-%dT%H:%M:%S",
@@ -393,6 +396,33 @@ pub fn parse_time(s: &str) -> Option<i64> {
         }
     }
     DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp())
+}
+
+/// The dataset's exact `YYYY-MM-DD HH:MM:SS` (or with `T`) without a format interpreter: every
+/// event carries one, and chrono's `parse_from_str` reads its format string each call. Anything
+/// else (or an impossible date) is left to the general parser.
+fn parse_dataset_time(s: &str) -> Option<i64> {
+    let b: &[u8; 19] = s.as_bytes().try_into().ok()?;
+    let number = |range: std::ops::Range<usize>| {
+        b[range].iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b' ' | b'T')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(
+        i32::try_from(number(0..4)?).ok()?,
+        number(5..7)?,
+        number(8..10)?,
+    )?;
+    let time = date.and_hms_opt(number(11..13)?, number(14..16)?, number(17..19)?)?;
+    Some(time.and_utc().timestamp())
 }
 
 fn required<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
@@ -698,6 +728,43 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{ok}: {e}"));
             assert_eq!(format_time(tx.time), "2023-04-11 16:29:14");
         }
+    }
+
+    #[test]
+    fn the_dataset_time_shortcut_agrees_with_chrono_and_leaves_the_rest_to_it() {
+        let chrono_reads = |s: &str| {
+            ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"]
+                .iter()
+                .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+                .map(|t| t.and_utc().timestamp())
+        };
+        for s in [
+            "2023-04-11 16:29:14",
+            "2023-04-11T16:29:14",
+            "1970-01-01 00:00:00",
+            "2024-02-29 23:59:59",
+            "2023-02-29 10:00:00",
+            "2023-13-01 10:00:00",
+            "2023-04-11 24:00:00",
+            "2023-04-11 23:59:60",
+            "2023-04-11 16:29:1x",
+            "2023/04/11 16:29:14",
+            "+023-04-11 16:29:14",
+        ] {
+            if let Some(t) = parse_dataset_time(s) {
+                assert_eq!(Some(t), chrono_reads(s), "{s}");
+            }
+            assert_eq!(parse_time(s), chrono_reads(s), "{s}");
+        }
+        assert!(parse_dataset_time("2024-02-29 23:59:59").is_some());
+        // A leap second is chrono's to read.
+        assert!(parse_dataset_time("2023-04-11 23:59:60").is_none());
+        // Forms the shortcut does not take still parse.
+        assert_eq!(
+            parse_time("2023-04-11 16:29:14.250"),
+            parse_time("2023-04-11 16:29:14")
+        );
+        assert!(parse_dataset_time("2023-04-11 16:29:14.250").is_none());
     }
 
     #[test]

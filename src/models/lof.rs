@@ -310,36 +310,30 @@ impl BruteIndex {
             .chunks_exact(self.dims)
             .map(|q| Filter::new(q, max_norm, k))
             .collect();
+        // Up to four queries at a time, in single precision, dimension by dimension.
+        let fours: Vec<Vec<f32>> = queries
+            .chunks(4 * self.dims)
+            .map(|four| {
+                let n = four.len() / self.dims;
+                (0..four.len())
+                    .map(|i| four[(i % n) * self.dims + i / n] as f32)
+                    .collect()
+            })
+            .collect();
         let stride = self.dims * LANES;
         for (pair, blocks) in self.blocks.chunks_exact(2 * stride).enumerate() {
             let (first, second) = blocks.split_at(stride);
             let first_row = pair * 2 * LANES;
-            let mut each = filters.chunks_exact_mut(4);
-            for four in &mut each {
-                let [f0, f1, f2, f3] = four else { continue };
-                let d = block_pair_distances(first, second, [&f0.q, &f1.q, &f2.q, &f3.q]);
-                for (f, d) in [f0, f1, f2, f3].into_iter().zip(&d) {
+            for (filters, q) in filters.chunks_mut(4).zip(&fours) {
+                let d: &[[[f32; LANES]; 2]] = match q.len() / self.dims {
+                    4 => &block_pair_distances::<4>(first, second, q),
+                    3 => &block_pair_distances::<3>(first, second, q),
+                    2 => &block_pair_distances::<2>(first, second, q),
+                    _ => &block_pair_distances::<1>(first, second, q),
+                };
+                for (f, d) in filters.iter_mut().zip(d) {
                     self.offer(d, first_row, k, &bound, f);
                 }
-            }
-            match each.into_remainder() {
-                [f0, f1, f2] => {
-                    let d = block_pair_distances(first, second, [&f0.q, &f1.q, &f2.q]);
-                    for (f, d) in [f0, f1, f2].into_iter().zip(&d) {
-                        self.offer(d, first_row, k, &bound, f);
-                    }
-                }
-                [f0, f1] => {
-                    let d = block_pair_distances(first, second, [&f0.q, &f1.q]);
-                    for (f, d) in [f0, f1].into_iter().zip(&d) {
-                        self.offer(d, first_row, k, &bound, f);
-                    }
-                }
-                [f0] => {
-                    let [d] = block_pair_distances(first, second, [&f0.q]);
-                    self.offer(&d, first_row, k, &bound, f0);
-                }
-                _ => {}
             }
         }
         for ((filter, q), out) in filters
@@ -397,11 +391,9 @@ fn norm_in_range(row: &[f64]) -> Option<f64> {
         .then(|| row.iter().map(|v| v * v).sum::<f64>().sqrt() * (1.0 + 1e-12))
 }
 
-/// One query's filter: the query in single precision and the rows that may be among its k
-/// nearest, as single-precision squared distance (high 32 bits, so keys sort by distance, then
+/// One query's filter: the rows that may be among its k nearest, as single-precision squared distance (high 32 bits, so keys sort by distance, then
 /// row) and row (low 32 bits).
 struct Filter {
-    q: Vec<f32>,
     /// Bound of the rounding error's effect on a distance: `2.01 u (|row| + |query|)`.
     slack: f64,
     /// Rows farther than this (single precision) are certainly not among the k nearest.
@@ -416,7 +408,6 @@ impl Filter {
     fn new(q: &[f64], max_norm: f64, k: usize) -> Self {
         let norm = norm_in_range(q).unwrap_or(f64::INFINITY);
         Self {
-            q: q.iter().map(|&v| v as f32).collect(),
             slack: 2.01 * f64::from(f32::EPSILON / 2.0) * (max_norm + norm) + SUBNORMAL_SLACK,
             limit: f32::INFINITY,
             keys: vec![0; 4 * k + 2 * LANES],
@@ -487,25 +478,28 @@ impl RoundingBound {
     }
 }
 
-/// Squared single-precision distances from each of `queries` to the rows of two consecutive
-/// blocks.
+/// Squared single-precision distances from each of `Q` queries (stored dimension by dimension)
+/// to the rows of two consecutive blocks.
 #[inline(always)]
 fn block_pair_distances<const Q: usize>(
     first: &[f32],
     second: &[f32],
-    queries: [&[f32]; Q],
+    queries: &[f32],
 ) -> [[[f32; LANES]; 2]; Q] {
     let mut acc = [[[0.0f32; LANES]; 2]; Q];
-    for (d, (a, b)) in first
+    for ((a, b), q) in first
         .chunks_exact(LANES)
         .zip(second.chunks_exact(LANES))
-        .enumerate()
+        .zip(queries.chunks_exact(Q))
     {
-        let (Ok(a), Ok(b)) = (<&[f32; LANES]>::try_from(a), <&[f32; LANES]>::try_from(b)) else {
+        let (Ok(a), Ok(b), Ok(q)) = (
+            <&[f32; LANES]>::try_from(a),
+            <&[f32; LANES]>::try_from(b),
+            <&[f32; Q]>::try_from(q),
+        ) else {
             continue;
         };
-        for (acc, q) in acc.iter_mut().zip(queries) {
-            let qd = q[d];
+        for (acc, &qd) in acc.iter_mut().zip(q) {
             for (s, &x) in acc[0].iter_mut().zip(a) {
                 let t = x - qd;
                 *s = t.mul_add(t, *s);
