@@ -391,8 +391,9 @@ fn norm_in_range(row: &[f64]) -> Option<f64> {
         .then(|| row.iter().map(|v| v * v).sum::<f64>().sqrt() * (1.0 + 1e-12))
 }
 
-/// One query's filter: the rows that may be among its k nearest, as single-precision squared distance (high 32 bits, so keys sort by distance, then
-/// row) and row (low 32 bits).
+/// One query's filter: the rows that may be among its k nearest, each as a key with the
+/// single-precision squared distance in the high 32 bits (so keys sort by distance, then row)
+/// and the row in the low 32 bits.
 struct Filter {
     /// Bound of the rounding error's effect on a distance: `2.01 u (|row| + |query|)`.
     slack: f64,
