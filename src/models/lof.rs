@@ -320,32 +320,61 @@ impl BruteIndex {
                     .collect()
             })
             .collect();
+        // Pass one: every single-precision distance, query by query, in row order.
         let stride = self.dims * LANES;
+        let padded = self.blocks.len() / self.dims;
+        let mut distances = vec![[[0.0f32; LANES]; 2]; filters.len() * padded / (2 * LANES)];
+        let per_query = padded / (2 * LANES);
         for (pair, blocks) in self.blocks.chunks_exact(2 * stride).enumerate() {
             let (first, second) = blocks.split_at(stride);
-            let first_row = pair * 2 * LANES;
-            for (filters, q) in filters.chunks_mut(4).zip(&fours) {
+            for (four, q) in fours.iter().enumerate() {
                 let d: &[[[f32; LANES]; 2]] = match q.len() / self.dims {
                     4 => &block_pair_distances::<4>(first, second, q),
                     3 => &block_pair_distances::<3>(first, second, q),
                     2 => &block_pair_distances::<2>(first, second, q),
                     _ => &block_pair_distances::<1>(first, second, q),
                 };
-                for (f, d) in filters.iter_mut().zip(d) {
-                    self.offer(d, first_row, k, &bound, f);
+                for (i, d) in d.iter().enumerate() {
+                    distances[(4 * four + i) * per_query + pair] = *d;
                 }
             }
         }
-        for ((filter, q), out) in filters
+        // Pass two, per query: a limit from a sample, the rows within it, the k nearest exactly.
+        for (((filter, q), out), distances) in filters
             .iter_mut()
             .zip(queries.chunks_exact(self.dims))
             .zip(outs)
+            .zip(distances.chunks_exact(per_query))
         {
-            if filter.len > k {
-                filter.shrink(k, &bound);
+            let sampled = sample_distance(distances, k);
+            filter.limit = bound.limit(sampled, filter.slack);
+            self.offer_all(distances, k, &bound, filter);
+            // The rows dropped by the sample's limit are certainly farther than every row within
+            // the sampled distance; that is enough only if k rows are.
+            if filter.len < k || filter.shrink(k, &bound) > sampled {
+                filter.limit = f32::INFINITY;
+                filter.len = 0;
+                self.offer_all(distances, k, &bound, filter);
+                if filter.len > k {
+                    filter.shrink(k, &bound);
+                }
             }
             self.exact_distances(q, filter.kept(), out);
             finish(out, k);
+        }
+    }
+
+    /// Offers every block pair's distances to a query's filter, in row order.
+    #[inline(always)]
+    fn offer_all(
+        &self,
+        distances: &[[[f32; LANES]; 2]],
+        k: usize,
+        bound: &RoundingBound,
+        filter: &mut Filter,
+    ) {
+        for (pair, d) in distances.iter().enumerate() {
+            self.offer(d, pair * 2 * LANES, k, bound, filter);
         }
     }
 
@@ -382,6 +411,19 @@ impl BruteIndex {
             filter.limit = bound.limit(f32::from_bits(farthest as u32), filter.slack);
         }
     }
+}
+
+/// A distance from the first row of each block pair: the sample's `⌈3k / 16⌉`-th nearest, which
+/// about 3k rows are expected to be within. Its limit is usually a little above that of the k-th
+/// nearest, so few rows are kept before the first shrink.
+fn sample_distance(distances: &[[[f32; LANES]; 2]], k: usize) -> f32 {
+    let mut sample: Vec<u32> = distances.iter().map(|d| d[0][0].to_bits()).collect();
+    if sample.is_empty() {
+        return f32::INFINITY;
+    }
+    let nth = (3 * k).div_ceil(2 * LANES).clamp(1, sample.len()) - 1;
+    let (_, nth, _) = sample.select_nth_unstable(nth);
+    f32::from_bits(*nth)
 }
 
 /// Euclidean norm of `row`, rounded up, if every value is within [`FILTER_RANGE`].
@@ -421,10 +463,12 @@ impl Filter {
         &self.keys[..self.len]
     }
 
-    /// Keeps the rows within the limit set by the k-th nearest so far.
-    fn shrink(&mut self, k: usize, bound: &RoundingBound) {
+    /// Keeps the rows within the limit set by the k-th nearest so far (never loosening it), and
+    /// returns that k-th distance.
+    fn shrink(&mut self, k: usize, bound: &RoundingBound) -> f32 {
         let (_, kth, _) = self.keys[..self.len].select_nth_unstable(k - 1);
-        let limit = bound.limit(f32::from_bits((*kth >> 32) as u32), self.slack);
+        let kth = f32::from_bits((*kth >> 32) as u32);
+        let limit = bound.limit(kth, self.slack).min(self.limit);
         let mut len = 0;
         for i in 0..self.len {
             let key = self.keys[i];
@@ -438,6 +482,7 @@ impl Filter {
             self.shrink_at = 2 * len;
             self.keys.resize(self.shrink_at + 2 * LANES, 0);
         }
+        kth
     }
 }
 
@@ -778,6 +823,34 @@ mod tests {
                 assert_eq!(one, want, "query {i}, k {k}");
                 assert_eq!(batch, &want, "query {i} in a batch, k {k}");
             }
+        }
+    }
+
+    #[test]
+    fn a_sample_nearer_than_the_kth_neighbour_falls_back_to_an_unlimited_scan() {
+        // The sampled rows (the first of every 16) are the query's only near rows: fewer than k
+        // are within the sample's limit. Then 30 rows a few single-precision steps beyond the
+        // sampled distance: more than k within its limit, but not within the distance itself.
+        let near_sample = |i: usize| i % 16 == 0 && i < 64;
+        for band in [false, true] {
+            let points: Vec<f64> = (0..400)
+                .flat_map(|i| {
+                    let x = match i {
+                        _ if near_sample(i) => 1.0,
+                        1..=40 if band && !near_sample(i) => 1.0 + 2e-7,
+                        _ => 10.0 + i as f64,
+                    };
+                    [x, 0.0]
+                })
+                .collect();
+            let index = BruteIndex::new(&points, 2);
+            let (mut one, mut many) = (Vec::new(), Vec::new());
+            let q = [0.0, 0.0];
+            index.nearest(&q, 20, &mut one);
+            index.nearest_many(&[q, q, q].concat(), 20, &mut many);
+            let want = plain_scan(&points, 2, &q, 20);
+            assert_eq!(one, want, "band {band}");
+            assert!(many.iter().all(|m| *m == want), "band {band}");
         }
     }
 
