@@ -158,8 +158,9 @@ const FILTER_RANGE: f64 = 1e15;
 /// The filter pass computes every distance in single precision (twice the lanes per vector
 /// instruction, half the memory) over the training rows kept in blocks of [`LANES`], each
 /// block stored dimension by dimension, with the widest instructions the CPU has (chosen at run
-/// time). It keeps each row whose single-precision distance is, within a proven rounding bound,
-/// possibly no farther than the k-th nearest: a row it drops is certainly beaten by k others.
+/// time). Then, per query, it keeps each row whose single-precision distance is, within a proven
+/// rounding bound, possibly no farther than the k-th nearest (starting from a limit taken from a
+/// sample of the rows): a row it drops is certainly beaten by k others.
 /// The exact pass computes the survivors' distances in double precision, summing squared
 /// differences in dimension order, and picks the k nearest (ties to the lower row), so results
 /// are bit-identical to a plain row-by-row scan.
