@@ -9,7 +9,6 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use extended_isolation_forest::Forest;
 use vigil::config::{Encoding, FeatureConfig, LofIndexKind, ModelConfig, Policy};
 use vigil::decode::Decoder;
 use vigil::models::lof::KnnIndex;
@@ -21,8 +20,13 @@ use vigil::train::{bundled_history, in_event_time_order, replay_features, train}
 
 fn setup() -> (ModelSet, Vec<Vec<u8>>) {
     let history = bundled_history().unwrap_or_default();
-    let models = train(&history, &ModelConfig::default(), &FeatureConfig::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let models = train(
+        &history,
+        &ModelConfig::default(),
+        &FeatureConfig::default(),
+        Policy::All,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let events = in_event_time_order(history.events);
     let payloads = events
         .iter()
@@ -119,19 +123,13 @@ fn models(c: &mut Criterion) {
     });
     g.finish();
 
-    // Isolation forest: the flattened copy against the crate's own scoring of the same trees.
+    // Isolation forest: the flattened copy against the trees as they were grown (boxed nodes).
     let forest_rows: Vec<Vec<f64>> = rows.iter().map(|r| set.forest.encoder.encode(r)).collect();
-    let opts = forest::options(100, 256, 0, forest_rows.len());
-    let json = forest::train_crate_json(&forest_rows, &opts).unwrap_or_default();
-    let flat = forest::FlatForest::from_crate_json(&json).unwrap_or_else(|e| panic!("{e}"));
-    const N: usize = 23;
-    let crate_forest: Forest<f64, N> =
-        serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{e}"));
-    let arrays: Vec<[f64; N]> = forest_rows
-        .iter()
-        .map(|r| <[f64; N]>::try_from(r.as_slice()).unwrap_or([0.0; N]))
-        .collect();
-    let mut g = c.benchmark_group(format!("isolation_forest_100x256_{N}dims"));
+    let opts = forest::options(100, 256, 0, forest_rows.len(), 42);
+    let trees = forest::grow_trees(&forest_rows, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let flat = forest::train(&forest_rows, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let n = set.forest.encoder.width();
+    let mut g = c.benchmark_group(format!("isolation_forest_100x256_{n}dims"));
     g.bench_function("flattened", |b| {
         let mut i = 0usize;
         b.iter(|| {
@@ -141,13 +139,21 @@ fn models(c: &mut Criterion) {
     });
     let all_forest: Vec<f64> = forest_rows.concat();
     g.bench_function("flattened_batch_of_all_rows", |b| {
-        b.iter(|| black_box(flat.score_many(&all_forest, N)));
+        b.iter(|| black_box(flat.score_many(&all_forest, n)));
     });
-    g.bench_function("crate_forest_score", |b| {
+    g.bench_function("grown_trees", |b| {
         let mut i = 0usize;
         b.iter(|| {
             i += 1;
-            black_box(crate_forest.score(&arrays[i % arrays.len()]))
+            let x = &forest_rows[i % forest_rows.len()];
+            black_box(trees.iter().map(|t| t.path_length(x)).sum::<f64>())
+        });
+    });
+    g.bench_function("attribution", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            black_box(flat.attribution(&forest_rows[i % forest_rows.len()]))
         });
     });
     g.finish();

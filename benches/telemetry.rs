@@ -57,8 +57,13 @@ fn bench_path(c: &mut Criterion, name: &str, engine: &Engine, payloads: &[Vec<u8
 
 fn telemetry(c: &mut Criterion) {
     let history = bundled_history().unwrap_or_default();
-    let models = train(&history, &ModelConfig::default(), &FeatureConfig::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let models = train(
+        &history,
+        &ModelConfig::default(),
+        &FeatureConfig::default(),
+        vigil::config::Policy::All,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let payloads: Vec<Vec<u8>> = in_event_time_order(history.events)
         .iter()
         .map(|t| serde_json::to_vec(t).unwrap_or_default())

@@ -99,6 +99,8 @@ pub struct RawModels {
     pub dir: PathBuf,
     pub categorical: Vec<String>,
     pub numeric: Vec<String>,
+    pub target_alert_rate: f64,
+    pub cleaning_passes: usize,
     pub isolation_forest: RawForest,
     pub lof: RawLof,
 }
@@ -110,6 +112,7 @@ pub struct RawForest {
     pub samples: usize,
     pub extension_level: usize,
     pub contamination: f64,
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -226,30 +229,37 @@ pub enum LogFormat {
     Json,
 }
 
-/// The numeric model features of the original design, minus `year`: time never repeats, so a
-/// model trained on last year sees every event of this year as out of range on that axis.
+/// The numeric features both models use by default: the account-relative ones (amount, session
+/// length, login attempts and hour against the account's habit, velocity, never-seen values,
+/// history length) with the population-level amount, share of the balance, session length,
+/// login attempts and time of day. No calendar feature with a period longer than a day: a model
+/// trained on a few weeks has not seen most days of the month, nor any other month.
 pub const DEFAULT_NUMERIC: [&str; 20] = [
-    "TransactionAmount",
-    "CustomerAge",
-    "TransactionDuration",
+    "amount_log",
+    "amount_to_balance",
+    "amount_vs_habit",
+    "duration_log",
+    "duration_vs_habit",
     "LoginAttempts",
-    "AccountBalance",
-    "rolling_mean_amount",
-    "rolling_mean_duration",
-    "seconds_since_last_transaction",
-    "is_not_most_frequent_ip",
-    "is_not_most_frequent_location",
-    "is_not_most_frequent_device",
-    "is_not_most_frequent_merchant",
-    "hour",
-    "month_sin",
-    "month_cos",
-    "weekday_sin",
-    "weekday_cos",
-    "day_sin",
-    "day_cos",
-    "exceeds_75_percent_balance",
+    "login_vs_habit",
+    "hour_sin",
+    "hour_cos",
+    "hours_from_usual",
+    "log_seconds_since_last",
+    "events_last_10m",
+    "events_last_1h",
+    "events_last_24h",
+    "new_device",
+    "new_ip",
+    "new_location",
+    "new_merchant",
+    "new_at_once",
+    "history",
 ];
+
+/// The categorical features both models use by default. `CustomerOccupation` is left out: it
+/// describes the customer, not the transaction, and cannot make one event unusual.
+pub const DEFAULT_CATEGORICAL: [&str; 2] = ["TransactionType", "Channel"];
 
 impl Default for RawConfig {
     fn default() -> Self {
@@ -313,8 +323,10 @@ impl Default for RawModels {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("models/current"),
-            categorical: CATEGORICAL_FEATURES.iter().map(|s| s.to_string()).collect(),
+            categorical: DEFAULT_CATEGORICAL.iter().map(|s| s.to_string()).collect(),
             numeric: DEFAULT_NUMERIC.iter().map(|s| s.to_string()).collect(),
+            target_alert_rate: 0.0,
+            cleaning_passes: 1,
             isolation_forest: RawForest::default(),
             lof: RawLof::default(),
         }
@@ -328,6 +340,7 @@ impl Default for RawForest {
             samples: 256,
             extension_level: 0,
             contamination: 0.05,
+            seed: 42,
         }
     }
 }
@@ -497,6 +510,11 @@ pub struct ModelConfig {
     pub dir: PathBuf,
     pub categorical: Vec<String>,
     pub numeric: Vec<String>,
+    /// When above 0, both thresholds sit at the same training quantile, chosen so that the
+    /// consensus policy alerts on this share of the training events (contamination is unused).
+    pub target_alert_rate: f64,
+    /// Refits after removing the training events either model flagged (0: fit once).
+    pub cleaning_passes: usize,
     pub forest: ForestParams,
     pub lof: LofParams,
 }
@@ -507,6 +525,9 @@ pub struct ForestParams {
     pub samples: usize,
     pub extension_level: usize,
     pub contamination: f64,
+    /// Seed of the trees' sampling and splits: the same rows, parameters and seed give the same
+    /// forest.
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -686,6 +707,19 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
         dir: m.dir.clone(),
         categorical: m.categorical.clone(),
         numeric: m.numeric.clone(),
+        cleaning_passes: if m.cleaning_passes > 5 {
+            return Err(invalid(
+                "models.cleaning_passes",
+                format!("{} is outside 0..=5", m.cleaning_passes),
+            ));
+        } else {
+            m.cleaning_passes
+        },
+        target_alert_rate: if m.target_alert_rate == 0.0 {
+            0.0
+        } else {
+            check_contamination("models.target_alert_rate", m.target_alert_rate)?
+        },
         forest: ForestParams {
             trees: f.trees,
             samples: f.samples,
@@ -694,6 +728,7 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
                 "models.isolation_forest.contamination",
                 f.contamination,
             )?,
+            seed: f.seed,
         },
         lof: LofParams {
             neighbors: l.neighbors,

@@ -18,9 +18,11 @@
 //! - [`run`]: the async wiring (workers, ackers, shutdown); [`server`]: the side HTTP server.
 //! - [`train`]: history → models; [`simulate`]: labelled synthetic traffic; [`demo`]: the embedded default.
 //! - [`replay`]: backtests over a topic range or a file through the same per-event path;
+//!   [`backtest`]: the time split (train on the past, score the future, state warm);
 //!   [`report`]: their per-event CSV, JSON and HTML reports and label metrics.
 //! - [`config`], [`metrics`] (every metric name), [`telemetry`] (logs).
 
+pub mod backtest;
 pub mod config;
 pub mod consensus;
 pub mod decode;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::{SecondsFormat, Utc};
 
 use crate::config::{FeatureConfig, Policy};
-use crate::consensus::decide;
+use crate::consensus::{decide, margin, severity};
 use crate::decode::{DecodeError, Decoder, Transaction};
 use crate::features::{Features, compute};
 use crate::models::{Contribution, ModelSet, Scratch, Verdict};
@@ -32,7 +32,10 @@ pub struct Prediction {
     pub verdicts: [Verdict; 2],
     /// What the consensus policy decides.
     pub alert: bool,
-    /// The features that deviate most from the account's habits and the training data.
+    /// The policy's margin over the thresholds, and the severity it gives.
+    pub margin: f64,
+    pub severity: &'static str,
+    /// What drove the models' scores, strongest first, in words.
     pub top: Vec<Contribution>,
     /// False when scored as a new account (none known, expired, or asked for).
     pub known_account: bool,
@@ -105,7 +108,7 @@ impl Engine {
         let cfg = *self.features();
         let span = tracing::trace_span!("features").entered();
         let account = state.account_mut(&tx.account_id, tx.time, &cfg);
-        let features = compute(account, &tx);
+        let features = compute(account, &tx, &cfg);
         drop(span);
         let verdicts =
             tracing::trace_span!("models").in_scope(|| self.models.assess(&features, scratch));
@@ -123,10 +126,16 @@ impl Engine {
             return Outcome::Clean(scored, Box::new(tx));
         }
         // Explained against the state before this event, then the event joins the state.
-        let top = self
-            .models
-            .explain(&features, account, &tx, self.top_features);
+        let top = self.models.explain(
+            &features,
+            account,
+            &tx,
+            &cfg,
+            self.top_features,
+            &scratch.neighbours,
+        );
         account.update(&tx, &cfg);
+        let margin = margin(self.policy, &verdicts);
         let reason = if top.is_empty() {
             "the models score it above their thresholds".to_string()
         } else {
@@ -148,6 +157,8 @@ impl Engine {
             policy: self.policy.as_str(),
             model_version: self.models.version().to_string(),
             models: verdicts.to_vec(),
+            severity: severity(margin),
+            margin,
             reason,
             top_features: top,
             transaction: tx,
@@ -165,7 +176,7 @@ impl Engine {
     ) -> Prediction {
         let fresh = AccountState::default();
         let known = self.live(account, tx);
-        let features = compute(known.unwrap_or(&fresh), tx);
+        let features = compute(known.unwrap_or(&fresh), tx, self.features());
         let verdicts = self.models.assess(&features, scratch);
         self.prediction(
             verdicts,
@@ -173,6 +184,7 @@ impl Engine {
             known.unwrap_or(&fresh),
             known.is_some(),
             tx,
+            &scratch.neighbours,
         )
     }
 
@@ -185,15 +197,15 @@ impl Engine {
         let features: Vec<Features> = items
             .iter()
             .zip(&known)
-            .map(|(&(_, tx), state)| compute(state.unwrap_or(&fresh), tx))
+            .map(|(&(_, tx), state)| compute(state.unwrap_or(&fresh), tx, self.features()))
             .collect();
-        let verdicts = self.models.assess_many(&features);
+        let (verdicts, neighbours) = self.models.assess_many(&features);
         items
             .iter()
             .zip(known)
-            .zip(features.iter().zip(verdicts))
-            .map(|((&(_, tx), known), (f, v))| {
-                self.prediction(v, f, known.unwrap_or(&fresh), known.is_some(), tx)
+            .zip(features.iter().zip(verdicts.into_iter().zip(&neighbours)))
+            .map(|((&(_, tx), known), (f, (v, nb)))| {
+                self.prediction(v, f, known.unwrap_or(&fresh), known.is_some(), tx, nb)
             })
             .collect()
     }
@@ -208,7 +220,8 @@ impl Engine {
     }
 
     /// The decision and its explanation; `state` is the one the features came from, `known`
-    /// whether it was the account's live state rather than a new account's.
+    /// whether it was the account's live state rather than a new account's, `neighbours` LOF's
+    /// neighbours of the event.
     fn prediction(
         &self,
         verdicts: [Verdict; 2],
@@ -216,11 +229,22 @@ impl Engine {
         state: &AccountState,
         known: bool,
         tx: &Transaction,
+        neighbours: &[(f64, u32)],
     ) -> Prediction {
+        let margin = margin(self.policy, &verdicts);
         Prediction {
             verdicts,
             alert: decide(self.policy, &verdicts),
-            top: self.models.explain(features, state, tx, self.top_features),
+            margin,
+            severity: severity(margin),
+            top: self.models.explain(
+                features,
+                state,
+                tx,
+                self.features(),
+                self.top_features,
+                neighbours,
+            ),
             known_account: known,
         }
     }

@@ -39,6 +39,10 @@ pub struct Alert {
     pub policy: &'static str,
     pub model_version: String,
     pub models: Vec<Verdict>,
+    /// low, medium or high ([`crate::consensus::severity`]).
+    pub severity: &'static str,
+    /// The policy's margin over the thresholds ([`crate::consensus::margin`]).
+    pub margin: f64,
     pub reason: String,
     pub top_features: Vec<Contribution>,
     pub transaction: Transaction,
@@ -139,11 +143,14 @@ fn alert_avro_value(a: &Alert) -> apache_avro::types::Value {
                             ("score", Value::Double(v.score)),
                             ("threshold", Value::Double(v.threshold)),
                             ("flagged", Value::Boolean(v.flagged)),
+                            ("margin", Value::Double(v.margin)),
                         ])
                     })
                     .collect(),
             ),
         ),
+        ("severity", s(a.severity)),
+        ("margin", Value::Double(a.margin)),
         ("reason", s(&a.reason)),
         (
             "top_features",
@@ -154,8 +161,9 @@ fn alert_avro_value(a: &Alert) -> apache_avro::types::Value {
                         record(vec![
                             ("feature", s(c.feature)),
                             ("value", Value::Double(c.value)),
-                            ("baseline", Value::Double(c.baseline)),
-                            ("deviation", Value::Double(c.deviation)),
+                            ("share", Value::Double(c.share)),
+                            ("forest_share", Value::Double(c.forest_share)),
+                            ("lof_share", Value::Double(c.lof_share)),
                             ("detail", s(&c.detail)),
                         ])
                     })
@@ -388,13 +396,17 @@ mod tests {
                 score: 3.5,
                 threshold: 1.2,
                 flagged: true,
+                margin: 2.3,
             }],
+            severity: "high",
+            margin: 2.3,
             reason: "amount".into(),
             top_features: vec![Contribution {
-                feature: "TransactionAmount",
-                value: 900.0,
-                baseline: 200.0,
-                deviation: 4.2,
+                feature: "amount_vs_habit",
+                value: 6.2,
+                share: 0.6,
+                forest_share: 0.5,
+                lof_share: 0.7,
                 detail: "amount".into(),
             }],
             transaction: tx.clone(),

@@ -85,6 +85,12 @@ pub enum Input {
     /// `.csv` (the dataset's header), `.jsonl`/`.json` (one event per line) or `.avro` (an
     /// object container file of `schemas/transaction.avsc` records).
     File(PathBuf),
+    /// Events already read and marked (a time split: [`crate::backtest`]).
+    Recorded {
+        name: String,
+        events: Vec<Recorded>,
+        encoding: Encoding,
+    },
     /// Offsets `from` (inclusive) to `to` (exclusive) of each chosen partition (all if empty).
     Topic {
         kafka: Box<KafkaConfig>,
@@ -157,10 +163,15 @@ impl Candidate {
                 .engine
                 .process(state, &source, &e.payload, &mut self.scratch)
             {
-                Outcome::Clean(s, tx) => ModelOutcome::scored(&s.verdicts, &tx, None),
-                Outcome::Alert(alert, s) => {
-                    ModelOutcome::scored(&s.verdicts, &alert.transaction, Some(&alert))
+                Outcome::Clean(s, tx) => {
+                    ModelOutcome::scored(&s.verdicts, self.engine.policy, &tx, None)
                 }
+                Outcome::Alert(alert, s) => ModelOutcome::scored(
+                    &s.verdicts,
+                    self.engine.policy,
+                    &alert.transaction,
+                    Some(&alert),
+                ),
                 Outcome::Invalid(err) => ModelOutcome::invalid(err.code()),
             },
         )
@@ -232,9 +243,10 @@ impl Progress {
 }
 
 /// Where replay writes: `events.csv` (one row per event and model), `report.json`,
-/// `report.html`.
+/// `report.html`; for a time split, what the report says about it.
 pub struct Outputs {
     pub dir: PathBuf,
+    pub split: Option<crate::report::SplitInfo>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ReplayError + '_ {
@@ -244,14 +256,44 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ReplayError + '_ {
     }
 }
 
-/// The label a JSON record carries in its `vigil_label` field, if any.
-fn json_label(payload: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct L {
-        #[serde(rename = "vigil_label")]
-        label: Option<String>,
+/// The label of a record from its `vigil_label` field, or from an `is_fraud` flag (0/1, true/false)
+/// with an optional `scenario` naming the pattern, as other labelled streams carry it.
+fn label_of(
+    vigil_label: Option<&str>,
+    is_fraud: Option<&str>,
+    scenario: Option<&str>,
+) -> Option<String> {
+    if let Some(l) = vigil_label {
+        return Some(l.to_string());
     }
-    serde_json::from_slice::<L>(payload).ok()?.label
+    let fraud = match is_fraud?.trim().to_ascii_lowercase().as_str() {
+        "1" | "1.0" | "true" | "yes" => true,
+        "0" | "0.0" | "false" | "no" => false,
+        _ => return None,
+    };
+    Some(
+        match (fraud, scenario.map(str::trim).filter(|s| !s.is_empty())) {
+            (false, _) => "normal".to_string(),
+            (true, Some(s)) => s.to_string(),
+            (true, None) => "fraud".to_string(),
+        },
+    )
+}
+
+/// The label a JSON record carries (see [`label_of`]), if any.
+fn json_label(payload: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let text = |k: &str| match v.get(k)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    label_of(
+        text(LABEL_FIELD).as_deref(),
+        text("is_fraud").as_deref(),
+        text("scenario").as_deref(),
+    )
 }
 
 /// A CSV row of the dataset's layout as the JSON event a producer would have sent: numbers
@@ -313,7 +355,9 @@ pub fn read_file(path: &Path) -> Result<(Vec<Recorded>, Encoding), ReplayError> 
                 line: 1,
                 reason: e.to_string(),
             })?;
-            let label_col = headers.iter().position(|h| h == LABEL_FIELD);
+            let col = |name: &str| headers.iter().position(|h| h == name);
+            let (label_col, fraud_col, scenario_col) =
+                (col(LABEL_FIELD), col("is_fraud"), col("scenario"));
             let mut out = Vec::new();
             for (i, row) in reader.records().enumerate() {
                 let row = row.map_err(|e| ReplayError::Input {
@@ -321,7 +365,8 @@ pub fn read_file(path: &Path) -> Result<(Vec<Recorded>, Encoding), ReplayError> 
                     line: i + 2,
                     reason: e.to_string(),
                 })?;
-                let label = label_col.and_then(|c| row.get(c)).map(str::to_string);
+                let get = |c: Option<usize>| c.and_then(|c| row.get(c));
+                let label = label_of(get(label_col), get(fraud_col), get(scenario_col));
                 out.push(rec(i, csv_row_to_json(&headers, &row), label));
             }
             Ok((out, Encoding::Json))
@@ -520,6 +565,7 @@ pub fn replay(
 
     let (source, topic) = match input {
         Input::File(p) => (p.display().to_string(), "file".to_string()),
+        Input::Recorded { name, .. } => (name.clone(), "file".to_string()),
         Input::Topic { kafka, .. } => (
             format!("topic {}", kafka.transactions_topic),
             kafka.transactions_topic.clone(),
@@ -559,6 +605,15 @@ pub fn replay(
             let total = Some(events.len() as u64);
             handle(events, total, candidates, &mut report)?;
         }
+        Input::Recorded {
+            events, encoding, ..
+        } => {
+            for c in candidates.iter_mut() {
+                c.engine.decoder = Decoder::new(*encoding);
+            }
+            let total = Some(events.iter().filter(|e| !e.warm_only).count() as u64);
+            handle(events.clone(), total, candidates, &mut report)?;
+        }
         Input::Topic {
             kafka,
             brokers,
@@ -573,7 +628,8 @@ pub fn replay(
     progress.finish(n);
     csv.flush().map_err(io_err(&csv_path))?;
     let json_path = out.dir.join("report.json");
-    let built = report.build();
+    let mut built = report.build();
+    built.split = out.split.clone();
     std::fs::write(&json_path, crate::report::to_json(&built)).map_err(io_err(&json_path))?;
     let html_path = out.dir.join("report.html");
     std::fs::write(&html_path, crate::report::to_html(&built)).map_err(io_err(&html_path))?;

@@ -66,7 +66,7 @@ pub fn load_or_train(cfg: &Config) -> Result<ModelSet, RunError> {
     }
     let started = Instant::now();
     let history = bundled_history()?;
-    let set = train(&history, &cfg.models, &cfg.features)?;
+    let set = train(&history, &cfg.models, &cfg.features, cfg.policy)?;
     set.save(dir)?;
     tracing::info!(
         dir = %dir.display(),

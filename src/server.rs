@@ -453,6 +453,8 @@ enum View {
 struct Consensus {
     policy: &'static str,
     alert: bool,
+    margin: f64,
+    severity: &'static str,
 }
 
 #[derive(Serialize)]
@@ -540,6 +542,8 @@ fn score_part(
                     consensus: Consensus {
                         policy,
                         alert: p.alert,
+                        margin: p.margin,
+                        severity: p.severity,
                     },
                     top_features: &p.top,
                 },

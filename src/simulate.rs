@@ -1,33 +1,44 @@
-//! Simulator: realistic synthetic transactions, seeded and reproducible, with labelled fraud
-//! patterns (and, optionally, malformed events) mixed in. Accounts and their habits are drawn
-//! from the bundled dataset, so normal traffic looks like the data the models were trained on;
-//! any number of accounts can be simulated, each one copying the habits (amounts, channel,
-//! device, IP, city, merchant, occupation, time of day) of one dataset account.
+//! Simulator: labelled synthetic transactions, seeded and reproducible, with fraud patterns (and,
+//! optionally, malformed events) mixed into accounts that already have a history.
 //!
-//! Fraud patterns, each with its own share ([`Scenarios`]):
-//! - `account_takeover`: a new device, IP and city log in with several attempts, then, minutes
-//!   later, move most of the balance;
-//! - `card_testing`: a burst of 5–12 tiny online payments within minutes;
-//! - `balance_drain`: nearly the whole (large) balance at once;
-//! - `odd_hours`: an otherwise ordinary transaction between 1 and 4 in the morning;
-//! - `login_spike`: many login attempts and a very long session.
+//! Normal traffic is built so that "new" or "unusual" alone is not fraud. Every account has
+//! habits with the variety real accounts show: one to three devices and IPs, a handful of
+//! favourite merchants (Zipf-weighted) and sometimes a new one, a log-normal amount around its
+//! own usual level with occasional large purchases, a channel mix, waking hours in which it
+//! transacts (night owls included; one event in 300 at any hour), now and then a trip (another city, another IP for a few days), a new phone or
+//! a new home IP, a mistyped password, salary credits. Each account transacts at its own rate
+//! (a few times a week to a few times a day), at its usual hours, sometimes several times within
+//! an hour. The event clock is each account's own clock: N accounts make about 1.3·N events per
+//! simulated day, so event times stay realistic however long a simulation runs.
 //!
-//! A share is the fraction of draws that start such an episode, so multi-event patterns make a
-//! larger fraction of events. Every event carries its label: in the `vigil.label` Kafka header,
-//! or in a `vigil_label` field of a JSON-lines file. Scoring reads neither.
+//! Fraud patterns, each with its own share of events ([`Scenarios`]):
+//! - `account_takeover`: a device, IP and city never seen on the account log in with several
+//!   attempts, then, minutes later, move most of the balance online;
+//! - `card_testing`: a burst of 5–12 tiny online payments within minutes at an unfamiliar
+//!   merchant, from an unfamiliar device;
+//! - `balance_drain`: nearly the whole balance at once, from the account's usual device;
+//! - `odd_hours`: an otherwise ordinary transaction between 1 and 4 in the morning on an account
+//!   that sleeps then;
+//! - `login_spike`: many login attempts and a very long session;
+//! - `amount_spike`: a payment 4.5–7 of the account's own spreads above its usual amount (10 to
+//!   several hundred times it), otherwise ordinary.
+//!
+//! Every event carries its label: in the `vigil.label` Kafka header, or in a `vigil_label` field
+//! of a JSON-lines file. Scoring reads neither.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Exp, Normal};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::decode::{Channel, Transaction, format_time};
+use crate::decode::{Channel, Occupation, Transaction, TransactionType, format_time};
 use crate::publish::enqueue;
-use crate::train::bundled_history;
 
 /// The Kafka header, and the JSON field in files, that carries an event's label.
 pub const LABEL_HEADER: &str = "vigil.label";
@@ -42,18 +53,20 @@ pub enum Label {
     BalanceDrain,
     OddHours,
     LoginSpike,
+    AmountSpike,
     /// Not a valid event at all.
     Malformed,
 }
 
 impl Label {
     /// The fraud patterns, in the order `Scenarios` lists them.
-    pub const FRAUD: [Label; 5] = [
+    pub const FRAUD: [Label; 6] = [
         Label::AccountTakeover,
         Label::CardTesting,
         Label::BalanceDrain,
         Label::OddHours,
         Label::LoginSpike,
+        Label::AmountSpike,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +77,7 @@ impl Label {
             Self::BalanceDrain => "balance_drain",
             Self::OddHours => "odd_hours",
             Self::LoginSpike => "login_spike",
+            Self::AmountSpike => "amount_spike",
             Self::Malformed => "malformed",
         }
     }
@@ -79,9 +93,18 @@ impl Label {
     pub fn is_fraud(self) -> bool {
         Self::FRAUD.contains(&self)
     }
+
+    /// Mean events per episode, to turn a share of events into a chance of starting one.
+    fn mean_events(self) -> f64 {
+        match self {
+            Self::AccountTakeover => 2.0,
+            Self::CardTesting => 8.5,
+            _ => 1.0,
+        }
+    }
 }
 
-/// Share of draws that start each fraud pattern, and of malformed events.
+/// Share of events of each fraud pattern, and of malformed events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scenarios {
     pub fraud: Vec<(Label, f64)>,
@@ -89,7 +112,7 @@ pub struct Scenarios {
 }
 
 impl Scenarios {
-    /// `anomaly_share` split evenly over the five patterns.
+    /// `anomaly_share` of all events split evenly over the fraud patterns.
     pub fn even(anomaly_share: f64, malformed_share: f64) -> Self {
         let each = anomaly_share / Label::FRAUD.len() as f64;
         Self {
@@ -128,6 +151,14 @@ impl Scenarios {
         }
         Ok(self)
     }
+
+    /// Chance that one account event starts an episode of each kind.
+    fn start_chances(&self) -> Vec<(Label, f64)> {
+        self.fraud
+            .iter()
+            .map(|&(l, share)| (l, share / l.mean_events()))
+            .collect()
+    }
 }
 
 /// One simulated event: Kafka key, payload, and its label.
@@ -152,98 +183,230 @@ impl SimEvent {
     }
 }
 
+/// US cities, as in the bundled dataset's `Location` column.
+const CITIES: [&str; 24] = [
+    "Albuquerque",
+    "Atlanta",
+    "Austin",
+    "Baltimore",
+    "Boston",
+    "Charlotte",
+    "Chicago",
+    "Columbus",
+    "Dallas",
+    "Denver",
+    "Detroit",
+    "El Paso",
+    "Fresno",
+    "Houston",
+    "Indianapolis",
+    "Jacksonville",
+    "Las Vegas",
+    "Los Angeles",
+    "Miami",
+    "Nashville",
+    "New York",
+    "Philadelphia",
+    "Phoenix",
+    "San Diego",
+];
+
+/// Merchants of the simulated population (`M001`…).
+const MERCHANTS: u32 = 400;
+
+/// A weighted choice among a few values.
+#[derive(Debug, Clone)]
+struct Weighted {
+    values: Vec<String>,
+    weights: Vec<f64>,
+}
+
+impl Weighted {
+    fn zipf(values: Vec<String>) -> Self {
+        let weights = (1..=values.len()).map(|r| 1.0 / r as f64).collect();
+        Self { values, weights }
+    }
+
+    fn pick(&self, rng: &mut ChaCha8Rng) -> String {
+        let total: f64 = self.weights.iter().sum();
+        let mut roll = rng.r#gen::<f64>() * total;
+        for (v, w) in self.values.iter().zip(&self.weights) {
+            if roll < *w {
+                return v.clone();
+            }
+            roll -= w;
+        }
+        self.values.last().cloned().unwrap_or_default()
+    }
+
+    /// Adds a value as the most used one (a new phone, a new home connection).
+    fn replace_favourite(&mut self, value: String) {
+        self.values.insert(0, value);
+        self.weights
+            .insert(0, self.weights.first().copied().unwrap_or(1.0) * 1.5);
+    }
+
+    fn add(&mut self, value: String, weight: f64) {
+        self.values.push(value);
+        self.weights.push(weight);
+    }
+}
+
+/// One account's habits and where it stands.
+#[derive(Debug, Clone)]
+struct Profile {
+    id: String,
+    age: u32,
+    occupation: Occupation,
+    home: String,
+    devices: Weighted,
+    ips: Weighted,
+    merchants: Weighted,
+    channels: [f64; 3],
+    /// ln of the usual debit amount, and the spread of ln amount.
+    amount_mu: f64,
+    amount_sigma: f64,
+    duration_mu: f64,
+    /// The waking window, hours of day (past 24 for night owls, wrapped): transactions fall in
+    /// it, densest in its middle, and almost never outside.
+    wake: f64,
+    sleep: f64,
+    events_per_day: f64,
+    balance: f64,
+    salary: f64,
+    /// Events made so far.
+    history: u32,
+    last_time: i64,
+    /// A trip: until when, where, and on which IP.
+    trip: Option<(i64, String, String)>,
+}
+
+/// What the clock holds next: an account's next ordinary event, or a scripted event.
+#[derive(Debug)]
+enum Due {
+    Account(usize),
+    Scripted(SimEvent),
+}
+
 /// The generator. Same seed and options, same events.
 pub struct Simulator {
     rng: ChaCha8Rng,
-    /// Dataset rows grouped by account: each simulated account copies one group's habits.
-    habits: Vec<Vec<Transaction>>,
-    accounts: usize,
-    /// The dataset's own account ids when not scaling, generated ones otherwise.
-    scaled: bool,
-    locations: Vec<String>,
+    profiles: Vec<Profile>,
+    /// (event time, sequence, index into `dues`): a min-heap by time, ties in creation order.
+    heap: BinaryHeap<Reverse<(i64, u64, usize)>>,
+    dues: Vec<Option<Due>>,
+    free: Vec<usize>,
+    seq: u64,
     clock: i64,
-    mean_gap_secs: f64,
     next_id: u64,
-    scenarios: Scenarios,
-    queued: VecDeque<SimEvent>,
+    chances: Vec<(Label, f64)>,
+    malformed: f64,
 }
 
+/// Accounts simulated when none are asked for.
+pub const DEFAULT_ACCOUNTS: usize = 2_000;
+
+/// 2024-01-01T00:00:00Z, where simulations start unless told otherwise.
+pub const DEFAULT_START: i64 = 1_704_067_200;
+
 impl Simulator {
-    /// A simulator over the dataset's own accounts; `anomaly_share` is split evenly over the
-    /// five fraud patterns.
+    /// A simulator of [`DEFAULT_ACCOUNTS`] accounts; `anomaly_share` of the events are fraud,
+    /// split evenly over the patterns.
     pub fn new(seed: u64, anomaly_share: f64, malformed_share: f64) -> Self {
         Self::with_options(seed, None, Scenarios::even(anomaly_share, malformed_share))
     }
 
-    /// `accounts`: how many accounts to simulate (default: the dataset's 495, with their ids).
-    ///
-    /// Each account transacts about every 39 days of simulated time, which gives the dataset's
-    /// median gap (27 days) between an account's events.
+    /// `accounts`: how many accounts to simulate (default [`DEFAULT_ACCOUNTS`]).
     pub fn with_options(seed: u64, accounts: Option<usize>, scenarios: Scenarios) -> Self {
-        let rows = bundled_history().map(|h| h.events).unwrap_or_default();
-        let mut by_account: std::collections::BTreeMap<String, Vec<Transaction>> =
-            Default::default();
-        for r in rows {
-            by_account.entry(r.account_id.clone()).or_default().push(r);
-        }
-        let habits: Vec<Vec<Transaction>> = by_account.into_values().collect();
-        let mut locations: Vec<String> = habits
-            .iter()
-            .flatten()
-            .map(|e| e.location.clone())
-            .collect();
-        locations.sort();
-        locations.dedup();
-        let n = accounts.unwrap_or(habits.len()).max(1);
-        Self {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            mean_gap_secs: 39.0 * 86_400.0 / n as f64,
-            accounts: n,
-            scaled: accounts.is_some(),
-            habits,
-            locations,
-            clock: 1_704_067_200, // 2024-01-01, right after the dataset ends
+        Self::starting_at(seed, accounts, scenarios, DEFAULT_START)
+    }
+
+    /// As [`Self::with_options`], with the clock starting at `start` (seconds since the epoch).
+    pub fn starting_at(
+        seed: u64,
+        accounts: Option<usize>,
+        scenarios: Scenarios,
+        start: i64,
+    ) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = accounts.unwrap_or(DEFAULT_ACCOUNTS).max(1);
+        let profiles: Vec<Profile> = (0..n).map(|i| Self::profile(&mut rng, i, start)).collect();
+        let mut sim = Self {
+            rng,
+            profiles,
+            heap: BinaryHeap::new(),
+            dues: Vec::new(),
+            free: Vec::new(),
+            seq: 0,
+            clock: start,
             next_id: 1,
-            scenarios,
-            queued: VecDeque::new(),
+            chances: scenarios.start_chances(),
+            malformed: scenarios.malformed,
+        };
+        for i in 0..n {
+            // Accounts start at a random point of their own rhythm.
+            let first =
+                start + (sim.rng.r#gen::<f64>() * 86_400.0 / sim.profiles[i].events_per_day) as i64;
+            let t = sim.at_usual_hour(i, first, start);
+            sim.schedule(t, Due::Account(i));
+        }
+        sim
+    }
+
+    fn profile(rng: &mut ChaCha8Rng, i: usize, start: i64) -> Profile {
+        let ids = |rng: &mut ChaCha8Rng, n: usize, make: &dyn Fn(&mut ChaCha8Rng) -> String| {
+            (0..n).map(|_| make(rng)).collect::<Vec<_>>()
+        };
+        let n_devices = [1, 1, 2, 2, 3][rng.gen_range(0..5)];
+        let n_ips = [1, 2, 2, 3][rng.gen_range(0..4)];
+        let n_merchants = rng.gen_range(3..=15);
+        let night_owl = rng.gen_bool(0.12);
+        let channels = match rng.gen_range(0..3) {
+            0 => [0.6, 0.3, 0.1],
+            1 => [0.2, 0.7, 0.1],
+            _ => [0.3, 0.4, 0.3],
+        };
+        let age = rng.gen_range(18..=80);
+        let occupation = match age {
+            18..=24 => Occupation::Student,
+            65.. => Occupation::Retired,
+            _ if rng.gen_bool(0.5) => Occupation::Engineer,
+            _ => Occupation::Doctor,
+        };
+        let amount_mu = rng.gen_range(20.0_f64..400.0).ln();
+        Profile {
+            id: format!("AC{i:06}"),
+            age,
+            occupation,
+            home: CITIES[rng.gen_range(0..CITIES.len())].to_string(),
+            devices: Weighted::zipf(ids(rng, n_devices, &|r| Self::new_device(r))),
+            ips: Weighted::zipf(ids(rng, n_ips, &|r| Self::new_ip(r))),
+            merchants: Weighted::zipf(ids(rng, n_merchants, &|r| Self::merchant(r))),
+            channels,
+            amount_mu,
+            amount_sigma: rng.gen_range(0.4..0.9),
+            duration_mu: rng.gen_range(40.0_f64..200.0).ln(),
+            wake: if night_owl {
+                rng.gen_range(10.0..13.0)
+            } else {
+                rng.gen_range(6.0..9.0)
+            },
+            sleep: if night_owl {
+                rng.gen_range(25.0..28.0)
+            } else {
+                rng.gen_range(21.0..24.5)
+            },
+            events_per_day: rng.gen_range(0.3_f64..3.0),
+            balance: (amount_mu.exp() * rng.gen_range(10.0..60.0)).round(),
+            salary: (amount_mu.exp() * rng.gen_range(15.0..40.0)).round(),
+            history: 0,
+            last_time: start,
+            trip: None,
         }
     }
 
-    fn pick<T: Clone>(rng: &mut ChaCha8Rng, v: &[T], fallback: T) -> T {
-        v.choose(rng).cloned().unwrap_or(fallback)
-    }
-
-    /// One of an account's usual transactions, on the simulator's clock (keeping the row's
-    /// weekday and time of day: the dataset has no weekend traffic).
-    fn usual(&mut self, account: usize) -> Option<Transaction> {
-        let habits = self.habits.get(account % self.habits.len().max(1))?;
-        let mut tx = habits.choose(&mut self.rng)?.clone();
-        if self.scaled {
-            tx.account_id = format!("SA{account:07}");
-        }
-        tx.transaction_id = format!("SIM{:09}", self.next_id);
-        self.next_id += 1;
-        let day = self.clock - self.clock.rem_euclid(86_400);
-        let weekday = |t: i64| (t.div_euclid(86_400) + 3).rem_euclid(7);
-        let shift = (weekday(tx.time) - weekday(day)).rem_euclid(7);
-        tx.time = day + shift * 86_400 + tx.time.rem_euclid(86_400);
-        tx.previous_date = None;
-        Some(tx)
-    }
-
-    fn roll_label(&mut self) -> Label {
-        let mut roll: f64 = self.rng.r#gen();
-        if roll < self.scenarios.malformed {
-            return Label::Malformed;
-        }
-        roll -= self.scenarios.malformed;
-        for &(label, share) in &self.scenarios.fraud {
-            if roll < share {
-                return label;
-            }
-            roll -= share;
-        }
-        Label::Normal
+    fn new_device(rng: &mut ChaCha8Rng) -> String {
+        format!("D{:07}", rng.gen_range(0..10_000_000))
     }
 
     fn new_ip(rng: &mut ChaCha8Rng) -> String {
@@ -256,6 +419,171 @@ impl Simulator {
         )
     }
 
+    fn merchant(rng: &mut ChaCha8Rng) -> String {
+        format!("M{:03}", rng.gen_range(1..=MERCHANTS))
+    }
+
+    fn schedule(&mut self, time: i64, due: Due) {
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.dues[s] = Some(due);
+                s
+            }
+            None => {
+                self.dues.push(Some(due));
+                self.dues.len() - 1
+            }
+        };
+        self.seq += 1;
+        self.heap.push(Reverse((time, self.seq, slot)));
+    }
+
+    /// The day of `around`, at a time of day drawn from the account's waking hours (a
+    /// triangular density over the window; one in 300 at any hour at all); a time before
+    /// `not_before` becomes a follow-up a few minutes after it.
+    fn at_usual_hour(&mut self, account: usize, around: i64, not_before: i64) -> i64 {
+        let p = &self.profiles[account];
+        let hour = if self.rng.gen_bool(1.0 / 300.0) {
+            self.rng.gen_range(0.0..24.0)
+        } else {
+            let (a, b) = (self.rng.r#gen::<f64>(), self.rng.r#gen::<f64>());
+            (p.wake + (p.sleep - p.wake) * (a + b) / 2.0).rem_euclid(24.0)
+        };
+        let t = around - around.rem_euclid(86_400) + (hour * 3600.0) as i64;
+        if t > not_before {
+            t
+        } else {
+            not_before + self.rng.gen_range(60..3600)
+        }
+    }
+
+    fn next_transaction_id(&mut self) -> String {
+        let id = format!("SIM{:09}", self.next_id);
+        self.next_id += 1;
+        id
+    }
+
+    /// One of the account's ordinary transactions at `time`; moves its habits along.
+    fn ordinary(&mut self, account: usize, time: i64) -> Transaction {
+        let transaction_id = self.next_transaction_id();
+        let rng = &mut self.rng;
+        let p = &mut self.profiles[account];
+        if p.trip.as_ref().is_some_and(|(until, _, _)| *until < time) {
+            p.trip = None;
+        }
+        if p.trip.is_none() && rng.gen_bool(0.01) {
+            let city = CITIES[rng.gen_range(0..CITIES.len())].to_string();
+            p.trip = Some((
+                time + rng.gen_range(2..10) * 86_400,
+                city,
+                Self::new_ip(rng),
+            ));
+        }
+        if rng.gen_bool(0.003) {
+            p.devices.replace_favourite(Self::new_device(rng));
+        }
+        if rng.gen_bool(0.004) {
+            p.ips.replace_favourite(Self::new_ip(rng));
+        }
+        let (location, ip) = match &p.trip {
+            Some((_, city, ip)) if rng.gen_bool(0.8) => (city.clone(), ip.clone()),
+            _ => (p.home.clone(), p.ips.pick(rng)),
+        };
+        let merchant = if rng.gen_bool(0.06) {
+            let m = Self::merchant(rng);
+            if rng.gen_bool(0.3) {
+                p.merchants.add(m.clone(), 0.5);
+            }
+            m
+        } else {
+            p.merchants.pick(rng)
+        };
+        let credit = rng.gen_bool(0.08);
+        let channel_roll = rng.r#gen::<f64>();
+        let channel = if channel_roll < p.channels[0] {
+            Channel::Atm
+        } else if channel_roll < p.channels[0] + p.channels[1] {
+            Channel::Online
+        } else {
+            Channel::Branch
+        };
+        let z: f64 = Normal::new(0.0, 1.0).map_or(0.0, |d| d.sample(rng));
+        let mut amount = (p.amount_mu + p.amount_sigma * z).exp();
+        if rng.gen_bool(0.01) {
+            amount *= rng.gen_range(3.0..6.0); // rent, a holiday, a repair
+        }
+        if credit {
+            amount = p.salary * rng.gen_range(0.3..1.0);
+            p.balance += amount;
+        } else {
+            amount = amount.min(p.balance * 0.9);
+            p.balance -= amount;
+        }
+        // Salary and savings keep the balance around its own level.
+        let level = p.salary * 2.0;
+        if p.balance < level * 0.2 {
+            p.balance += p.salary;
+        }
+        let duration = (p.duration_mu
+            + 0.35 * Normal::new(0.0, 1.0).map_or(0.0, |d| d.sample(rng)))
+        .exp()
+        .clamp(5.0, 1_500.0);
+        let login_attempts = match rng.r#gen::<f64>() {
+            x if x < 0.93 => 1,
+            x if x < 0.99 => 2,
+            _ => 3,
+        };
+        p.history += 1;
+        p.last_time = p.last_time.max(time);
+        Transaction {
+            transaction_id,
+            account_id: p.id.clone(),
+            amount: (amount.max(0.5) * 100.0).round() / 100.0,
+            time,
+            transaction_type: if credit {
+                TransactionType::Credit
+            } else {
+                TransactionType::Debit
+            },
+            location,
+            device_id: p.devices.pick(rng),
+            ip_address: ip,
+            merchant_id: merchant,
+            channel,
+            customer_age: p.age,
+            occupation: p.occupation,
+            duration: duration as u32,
+            login_attempts,
+            balance: (p.balance.max(0.0) * 100.0).round() / 100.0,
+            previous_date: None,
+        }
+    }
+
+    fn roll_label(&mut self, account: usize) -> Label {
+        let mut roll: f64 = self.rng.r#gen();
+        if roll < self.malformed {
+            return Label::Malformed;
+        }
+        roll -= self.malformed;
+        // Fraud strikes accounts that have a history to stand out from.
+        if self.profiles[account].history < 5 {
+            return Label::Normal;
+        }
+        let by_day = self.profiles[account].sleep <= 24.5;
+        for &(label, chance) in &self.chances {
+            if roll < chance {
+                // Odd hours are odd for an account that is active by day.
+                return if label == Label::OddHours && !by_day {
+                    Label::Normal
+                } else {
+                    label
+                };
+            }
+            roll -= chance;
+        }
+        Label::Normal
+    }
+
     fn event(tx: &Transaction, label: Label) -> SimEvent {
         SimEvent {
             key: tx.account_id.clone(),
@@ -264,76 +592,92 @@ impl Simulator {
         }
     }
 
-    /// Builds the events of one episode of `label` for `account` into the queue.
-    fn episode(&mut self, label: Label, account: usize) {
-        let Some(mut tx) = self.usual(account) else {
-            self.queued.push_back(SimEvent {
-                key: String::new(),
-                payload: b"{}".to_vec(),
-                label: Label::Malformed,
-            });
-            return;
-        };
-        let day = tx.time - tx.time.rem_euclid(86_400);
+    /// Schedules the events of one episode of `label` on `account`, starting at `time`.
+    fn episode(&mut self, label: Label, account: usize, time: i64) {
+        let mut tx = self.ordinary(account, time);
+        let rng = &mut self.rng;
+        let mut events = Vec::new();
         match label {
-            Label::Normal => self.queued.push_back(Self::event(&tx, label)),
+            Label::Normal => events.push(Self::event(&tx, label)),
             Label::AccountTakeover => {
-                let rng = &mut self.rng;
-                tx.device_id = format!("D9{:05}", rng.gen_range(0..100_000));
+                let home = &self.profiles[account].home;
+                let elsewhere: Vec<&str> = CITIES.iter().copied().filter(|c| c != home).collect();
+                tx.device_id = Self::new_device(rng);
                 tx.ip_address = Self::new_ip(rng);
-                tx.location = Self::pick(rng, &self.locations, tx.location.clone());
-                tx.login_attempts = rng.gen_range(3..=5);
-                tx.time = day + rng.gen_range(1..5) * 3600 + rng.gen_range(0..3600);
-                self.queued.push_back(Self::event(&tx, label));
+                tx.location = elsewhere.choose(rng).map_or("Unknown", |c| c).to_string();
+                tx.login_attempts = rng.gen_range(3..=6);
+                tx.channel = Channel::Online;
+                events.push(Self::event(&tx, label));
                 let mut take = tx.clone();
                 take.transaction_id = format!("SIM{:09}", self.next_id);
                 self.next_id += 1;
-                take.time += self.rng.gen_range(60..900);
+                take.time += rng.gen_range(60..900);
                 take.login_attempts = 1;
-                take.amount = (tx.balance * self.rng.gen_range(0.85..0.99) * 100.0).round() / 100.0;
-                self.queued.push_back(Self::event(&take, label));
+                take.transaction_type = TransactionType::Debit;
+                take.merchant_id = Self::merchant(rng);
+                let before = tx.balance;
+                take.amount = (before * rng.gen_range(0.7..0.99) * 100.0).round() / 100.0;
+                take.balance = ((before - take.amount) * 100.0).round() / 100.0;
+                events.push(Self::event(&take, label));
             }
             Label::CardTesting => {
-                let n = self.rng.gen_range(5..=12);
-                let merchant = format!("M{:03}", self.rng.gen_range(1..=100));
-                let device = format!("D9{:05}", self.rng.gen_range(0..100_000));
-                let ip = Self::new_ip(&mut self.rng);
+                let n = rng.gen_range(5..=12);
+                let merchant = Self::merchant(rng);
+                let device = Self::new_device(rng);
+                let ip = Self::new_ip(rng);
                 let mut t = tx.time;
                 for i in 0..n {
                     let mut probe = tx.clone();
                     if i > 0 {
                         probe.transaction_id = format!("SIM{:09}", self.next_id);
                         self.next_id += 1;
+                        t += rng.gen_range(5..90);
                     }
-                    t += self.rng.gen_range(5..90);
                     probe.time = t;
-                    probe.amount = (self.rng.gen_range(0.5..5.0_f64) * 100.0).round() / 100.0;
+                    probe.amount = (rng.gen_range(0.5..5.0_f64) * 100.0).round() / 100.0;
+                    probe.transaction_type = TransactionType::Debit;
                     probe.channel = Channel::Online;
                     probe.merchant_id = merchant.clone();
                     probe.device_id = device.clone();
                     probe.ip_address = ip.clone();
-                    probe.duration = self.rng.gen_range(8..30);
-                    self.queued.push_back(Self::event(&probe, label));
+                    probe.duration = rng.gen_range(8..30);
+                    events.push(Self::event(&probe, label));
                 }
             }
             Label::BalanceDrain => {
-                tx.balance = self.rng.gen_range(8_000.0..15_000.0_f64).round();
-                tx.amount = (tx.balance * self.rng.gen_range(0.9..0.99) * 100.0).round() / 100.0;
-                tx.duration = self.rng.gen_range(200..300);
-                self.queued.push_back(Self::event(&tx, label));
+                let before = tx.balance
+                    + if tx.transaction_type == TransactionType::Debit {
+                        tx.amount
+                    } else {
+                        -tx.amount
+                    };
+                tx.transaction_type = TransactionType::Debit;
+                tx.amount = (before.max(100.0) * rng.gen_range(0.9..0.99) * 100.0).round() / 100.0;
+                tx.balance = ((before.max(100.0) - tx.amount) * 100.0).round() / 100.0;
+                events.push(Self::event(&tx, label));
             }
             Label::OddHours => {
-                tx.time = day + self.rng.gen_range(1..4) * 3600 + self.rng.gen_range(0..3600);
-                self.queued.push_back(Self::event(&tx, label));
+                // The coming night, between 1 and 4.
+                let night = tx.time - tx.time.rem_euclid(86_400) + 86_400;
+                tx.time = night + rng.gen_range(1..4) * 3600 + rng.gen_range(0..3600);
+                events.push(Self::event(&tx, label));
             }
             Label::LoginSpike => {
-                tx.login_attempts = self.rng.gen_range(5..=9);
-                tx.duration = self.rng.gen_range(900..3_000);
-                tx.time = day + self.rng.gen_range(2..4) * 3600;
-                self.queued.push_back(Self::event(&tx, label));
+                tx.login_attempts = rng.gen_range(5..=9);
+                tx.duration = rng.gen_range(900..3_000);
+                events.push(Self::event(&tx, label));
+            }
+            Label::AmountSpike => {
+                // Far above the habit in the account's own terms: 4.5–7 spreads of its amounts.
+                let p = &self.profiles[account];
+                let far = p.amount_mu + p.amount_sigma * rng.gen_range(4.5..7.0);
+                tx.transaction_type = TransactionType::Debit;
+                tx.amount = (far.exp().min(500_000.0) * 100.0).round() / 100.0;
+                tx.balance = (tx.balance + tx.amount * rng.gen_range(0.2..3.0)).round();
+                events.push(Self::event(&tx, label));
             }
             Label::Malformed => {
-                let payload = match self.rng.gen_range(0..3) {
+                let payload = match rng.gen_range(0..3) {
                     0 => b"{\"TransactionID\": \"broken".to_vec(),
                     1 => {
                         let mut v = serde_json::to_value(&tx).unwrap_or_default();
@@ -350,30 +694,55 @@ impl Simulator {
                         serde_json::to_vec(&v).unwrap_or_default()
                     }
                 };
-                self.queued.push_back(SimEvent {
+                events.push(SimEvent {
                     key: tx.account_id,
                     payload,
                     label,
                 });
             }
         }
+        for e in events {
+            let t = serde_json::from_slice::<serde_json::Value>(&e.payload)
+                .ok()
+                .and_then(|v| v.get("TransactionDate")?.as_str().map(str::to_string))
+                .and_then(|d| crate::decode::parse_time(&d))
+                .unwrap_or(time);
+            self.schedule(t.max(time), Due::Scripted(e));
+        }
     }
 
-    /// The next event.
+    /// The next event, in event-time order.
     pub fn next_event(&mut self) -> SimEvent {
-        if let Some(e) = self.queued.pop_front() {
-            return e;
+        loop {
+            let Some(Reverse((time, _, slot))) = self.heap.pop() else {
+                return SimEvent {
+                    key: String::new(),
+                    payload: b"{}".to_vec(),
+                    label: Label::Malformed,
+                };
+            };
+            self.clock = self.clock.max(time);
+            let due = self.dues.get_mut(slot).and_then(Option::take);
+            self.free.push(slot);
+            match due {
+                Some(Due::Scripted(e)) => return e,
+                Some(Due::Account(a)) => {
+                    let label = self.roll_label(a);
+                    self.episode(label, a, time);
+                    let gap = Exp::new(self.profiles[a].events_per_day)
+                        .map_or(1.0, |d| d.sample(&mut self.rng));
+                    let next = if self.rng.gen_bool(0.15) {
+                        // Several errands in one outing.
+                        time + self.rng.gen_range(120..5400)
+                    } else {
+                        let around = time + (gap * 86_400.0) as i64;
+                        self.at_usual_hour(a, around, time)
+                    };
+                    self.schedule(next, Due::Account(a));
+                }
+                None => {}
+            }
         }
-        let gap = -self.mean_gap_secs * (1.0 - self.rng.r#gen::<f64>()).ln();
-        self.clock += gap.max(1.0) as i64;
-        let label = self.roll_label();
-        let account = self.rng.gen_range(0..self.accounts);
-        self.episode(label, account);
-        self.queued.pop_front().unwrap_or_else(|| SimEvent {
-            key: String::new(),
-            payload: b"{}".to_vec(),
-            label: Label::Malformed,
-        })
     }
 
     /// Event time of the simulated clock, for progress lines.
@@ -430,51 +799,119 @@ mod tests {
     use super::*;
     use crate::decode::Decoder;
 
+    fn decode(e: &SimEvent) -> Transaction {
+        Decoder::Json
+            .decode(&e.payload)
+            .unwrap_or_else(|err| panic!("{err}: {:?}", e.label))
+    }
+
+    fn only(kind: &str) -> Scenarios {
+        Scenarios::even(0.0, 0.0)
+            .with(&[format!("{kind}=0.2")])
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
     fn the_same_seed_gives_the_same_events() {
         let (mut a, mut b) = (Simulator::new(7, 0.05, 0.01), Simulator::new(7, 0.05, 0.01));
-        for _ in 0..500 {
+        for _ in 0..2000 {
             let (x, y) = (a.next_event(), b.next_event());
             assert_eq!((x.key, x.payload, x.label), (y.key, y.payload, y.label));
         }
     }
 
     #[test]
-    fn labels_follow_the_shares_and_only_malformed_events_fail_validation() {
-        let mut s = Simulator::new(1, 0.1, 0.05);
+    fn labels_follow_the_shares_of_events_and_only_malformed_events_fail_validation() {
+        let mut s = Simulator::new(1, 0.06, 0.01);
         let mut counts = std::collections::BTreeMap::new();
-        for _ in 0..6000 {
+        let n = 60_000;
+        for _ in 0..n {
             let e = s.next_event();
             let valid = Decoder::Json.decode(&e.payload).is_ok();
             assert_eq!(valid, e.label != Label::Malformed, "{:?}", e.label);
             *counts.entry(e.label).or_insert(0) += 1;
         }
+        let fraud: u32 = Label::FRAUD
+            .iter()
+            .map(|k| counts.get(k).copied().unwrap_or(0))
+            .sum();
+        // Accounts need a few events of history first, so the share is reached a little below.
+        let share = f64::from(fraud) / n as f64;
+        assert!((0.04..=0.07).contains(&share), "{share} {counts:?}");
         for kind in Label::FRAUD {
-            assert!(counts.get(&kind).copied().unwrap_or(0) > 40, "{counts:?}");
+            assert!(counts.get(&kind).copied().unwrap_or(0) > 300, "{counts:?}");
         }
         let malformed = counts.get(&Label::Malformed).copied().unwrap_or(0);
-        assert!((200..=420).contains(&malformed), "{counts:?}");
+        assert!((450..=750).contains(&malformed), "{counts:?}");
+    }
+
+    #[test]
+    fn events_come_in_event_time_order_at_a_realistic_pace() {
+        let mut s = Simulator::new(3, 0.02, 0.0);
+        let mut last = 0;
+        let n = 26_000;
+        for _ in 0..n {
+            let tx = decode(&s.next_event());
+            assert!(tx.time >= last, "{} after {last}", tx.time);
+            last = tx.time;
+        }
+        // 2,000 accounts at 0.3–3 events a day (plus follow-ups): about 3,000 events a day.
+        let days = (last - DEFAULT_START) as f64 / 86_400.0;
+        assert!(
+            (5.0..15.0).contains(&days),
+            "{n} events took {days:.1} days"
+        );
+    }
+
+    #[test]
+    fn normal_accounts_have_varied_but_stable_habits() {
+        let mut s = Simulator::with_options(4, Some(50), Scenarios::even(0.0, 0.0));
+        let mut by_account: std::collections::HashMap<String, Vec<Transaction>> =
+            Default::default();
+        for _ in 0..20_000 {
+            let tx = decode(&s.next_event());
+            by_account
+                .entry(tx.account_id.clone())
+                .or_default()
+                .push(tx);
+        }
+        let distinct = |v: &[Transaction], f: fn(&Transaction) -> &str| {
+            v.iter()
+                .map(f)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        };
+        let mut several_devices = 0;
+        for txs in by_account.values() {
+            let devices = distinct(txs, |t| &t.device_id);
+            let merchants = distinct(txs, |t| &t.merchant_id);
+            assert!(
+                devices <= 8 && merchants >= 3,
+                "{devices} devices, {merchants} merchants"
+            );
+            several_devices += usize::from(devices > 1);
+            // The usual merchant carries a good part of the traffic, but not all of it.
+            let mut counts: std::collections::HashMap<&str, usize> = Default::default();
+            for t in txs {
+                *counts.entry(&t.merchant_id).or_default() += 1;
+            }
+            let top = counts.values().max().copied().unwrap_or(0) as f64 / txs.len() as f64;
+            assert!((0.1..0.9).contains(&top), "{top}");
+        }
+        assert!(several_devices > 10, "{several_devices}");
     }
 
     #[test]
     fn card_testing_is_a_burst_of_tiny_online_payments_on_one_account() {
-        let scenarios = Scenarios::even(0.0, 0.0)
-            .with(&["card_testing=1".into()])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut s = Simulator::with_options(3, None, scenarios);
-        let first = Decoder::Json
-            .decode(&s.next_event().payload)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut burst = vec![first];
-        while burst.len() < 5 {
-            let e = s.next_event();
-            assert_eq!(e.label, Label::CardTesting);
-            burst.push(
-                Decoder::Json
-                    .decode(&e.payload)
-                    .unwrap_or_else(|e| panic!("{e}")),
-            );
-        }
+        let mut s = Simulator::new(3, 0.0, 0.0);
+        s.chances = only("card_testing").start_chances();
+        let burst: Vec<Transaction> = std::iter::from_fn(|| Some(s.next_event()))
+            .take(50_000)
+            .filter(|e| e.label == Label::CardTesting)
+            .take(5)
+            .map(|e| decode(&e))
+            .collect();
+        assert_eq!(burst.len(), 5);
         for tx in &burst {
             assert_eq!(tx.account_id, burst[0].account_id);
             assert!(tx.amount < 5.0 && tx.channel == Channel::Online, "{tx:?}");
@@ -482,40 +919,51 @@ mod tests {
         assert!(
             burst
                 .windows(2)
-                .all(|w| w[1].time > w[0].time && w[1].time - w[0].time < 90)
+                .all(|w| w[1].time >= w[0].time && w[1].time - w[0].time < 90)
         );
     }
 
     #[test]
     fn account_takeover_logs_in_from_somewhere_new_then_moves_most_of_the_balance() {
-        let scenarios = Scenarios::even(0.0, 0.0)
-            .with(&["account_takeover=1".into()])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut s = Simulator::with_options(5, None, scenarios);
-        let a = Decoder::Json
-            .decode(&s.next_event().payload)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let b = Decoder::Json
-            .decode(&s.next_event().payload)
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            (a.account_id.as_str(), a.device_id.as_str()),
-            (b.account_id.as_str(), b.device_id.as_str())
-        );
-        assert!(a.device_id.starts_with("D9") && a.login_attempts >= 3);
-        assert!(b.amount > 0.8 * b.balance && b.time > a.time);
+        let mut s = Simulator::new(5, 0.0, 0.0);
+        s.chances = only("account_takeover").start_chances();
+        let mut seen_devices: std::collections::HashMap<String, Vec<String>> = Default::default();
+        let mut takeovers: std::collections::HashMap<String, Vec<Transaction>> = Default::default();
+        for _ in 0..50_000 {
+            let e = s.next_event();
+            let tx = decode(&e);
+            if e.label != Label::AccountTakeover {
+                seen_devices
+                    .entry(tx.account_id.clone())
+                    .or_default()
+                    .push(tx.device_id);
+                continue;
+            }
+            let pair = takeovers.entry(tx.account_id.clone()).or_default();
+            if pair.is_empty() {
+                let known = seen_devices
+                    .get(&tx.account_id)
+                    .cloned()
+                    .unwrap_or_default();
+                assert!(known.len() >= 5 && !known.contains(&tx.device_id));
+            }
+            pair.push(tx);
+            if pair.len() == 2 {
+                break;
+            }
+        }
+        let pair = takeovers
+            .into_values()
+            .find(|p| p.len() == 2)
+            .unwrap_or_default();
+        let [a, b] = <[Transaction; 2]>::try_from(pair).unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(a.device_id, b.device_id);
+        assert!(a.login_attempts >= 3);
+        assert!(b.amount > 2.0 * b.balance && b.time > a.time, "{b:?}");
     }
 
     #[test]
-    fn scaled_accounts_get_their_own_ids_and_bad_shares_are_refused() {
-        let mut s = Simulator::with_options(9, Some(10_000), Scenarios::even(0.0, 0.0));
-        let ids: std::collections::BTreeSet<String> =
-            (0..2000).map(|_| s.next_event().key).collect();
-        assert!(
-            ids.len() > 1500 && ids.iter().all(|k| k.starts_with("SA")),
-            "{}",
-            ids.len()
-        );
+    fn bad_shares_are_refused() {
         assert!(
             Scenarios::even(0.0, 0.0)
                 .with(&["phishing=0.1".into()])
@@ -539,9 +987,10 @@ mod tests {
         let e = s.next_event();
         let v: serde_json::Value = serde_json::from_slice(&e.labelled_json()).unwrap_or_default();
         assert_eq!(v[LABEL_FIELD], "normal");
-        let tx = Decoder::Json
-            .decode(&e.labelled_json())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let tx = decode(&SimEvent {
+            payload: e.labelled_json(),
+            ..e.clone()
+        });
         assert_eq!(tx.account_id, e.key);
     }
 }

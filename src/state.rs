@@ -1,17 +1,21 @@
-//! Per-account state: what vigil remembers about each account between its events — the last few
-//! amounts and durations, when it last transacted, and its most frequent IP, location, device and
-//! merchant — kept per Kafka partition so that a partition's accounts can move as a unit.
+//! Per-account state: what vigil remembers about each account between its events — its habits
+//! (running log-amount mean and spread of its debits and of its credits, log-duration mean and
+//! spread, usual login attempts, events per hour of day), its latest events' times and amounts (for velocity), the IPs, locations,
+//! devices and merchants it has used with their counts, and the last few amounts and durations of
+//! the original design's rolling means — kept per Kafka partition so that a partition's accounts
+//! can move as a unit.
 //!
-//! Memory is bounded: the rolling buffers hold `window - 1` values, each frequent-value sketch
-//! holds `frequency_slots` entries (Space-Saving: exact while an account has used no more distinct
-//! values than slots), and an account idle for `state_ttl` in event time is forgotten.
+//! Memory is bounded: the rolling buffers hold `window - 1` values, the velocity ring
+//! [`RECENT_EVENTS`] events, each value sketch `frequency_slots` entries (Space-Saving: exact
+//! while an account has used no more distinct values than slots), the habits a fixed handful of
+//! numbers; an account idle for `state_ttl` in event time is forgotten.
 
 use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 
 use crate::config::FeatureConfig;
-use crate::decode::Transaction;
+use crate::decode::{Transaction, TransactionType};
 
 /// One slot of a [`FrequentValues`] sketch.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -32,6 +36,14 @@ pub struct FrequentValues {
 }
 
 impl FrequentValues {
+    /// How often `value` was seen (0: never, as far as the sketch remembers).
+    pub fn count_of(&self, value: &str) -> u32 {
+        self.slots
+            .iter()
+            .find(|s| &*s.value == value)
+            .map_or(0, |s| s.count)
+    }
+
     /// The value seen most often (earliest first seen on a tie), if any was seen.
     pub fn most_frequent(&self) -> Option<&str> {
         self.slots
@@ -89,6 +101,48 @@ pub struct RecentScore {
     pub alert: bool,
 }
 
+/// How many of an account's latest events are kept for the velocity features.
+pub const RECENT_EVENTS: usize = 16;
+
+/// Running mean and spread (Welford) of a value over an account's events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Running {
+    pub n: u32,
+    pub mean: f64,
+    /// Sum of squared deviations from the mean.
+    #[serde(skip)]
+    pub m2: f64,
+}
+
+impl Running {
+    pub fn add(&mut self, x: f64) {
+        self.n += 1;
+        let delta = x - self.mean;
+        self.mean += delta / f64::from(self.n);
+        self.m2 += delta * (x - self.mean);
+    }
+
+    /// How many spreads `x` lies from the mean: the spread is shrunk toward `prior_sd` as if two
+    /// earlier events had shown it, so two similar events do not make a third one look absurd.
+    /// 0 without history.
+    pub fn z(&self, x: f64, prior_sd: f64) -> f64 {
+        if self.n == 0 {
+            return 0.0;
+        }
+        const PRIOR_EVENTS: f64 = 2.0;
+        let var =
+            (self.m2 + PRIOR_EVENTS * prior_sd * prior_sd) / (f64::from(self.n) + PRIOR_EVENTS);
+        ((x - self.mean) / var.sqrt()).clamp(-10.0, 10.0)
+    }
+}
+
+/// One of an account's latest events, for velocity.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RecentEvent {
+    pub time: i64,
+    pub amount: f64,
+}
+
 /// Everything vigil keeps about one account.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AccountState {
@@ -103,6 +157,17 @@ pub struct AccountState {
     pub locations: FrequentValues,
     pub devices: FrequentValues,
     pub merchants: FrequentValues,
+    /// ln(1 + amount) over the account's debits, and over its credits: a salary is not a
+    /// payment, and a payment is measured against payments.
+    pub log_debit: Running,
+    pub log_credit: Running,
+    /// ln(1 + duration) over the account's events.
+    pub log_duration: Running,
+    pub login_attempts: Running,
+    /// Events per hour of day (UTC), saturating.
+    pub hours: [u16; 24],
+    /// The latest [`RECENT_EVENTS`] events, oldest first.
+    pub recent: VecDeque<RecentEvent>,
     /// The latest [`RECENT_SCORES`] scores, oldest first. Not used by the features; empty
     /// after a state restore until the account's next event.
     pub recent_scores: VecDeque<RecentScore>,
@@ -137,6 +202,42 @@ impl AccountState {
         self.locations.observe(&tx.location, slots);
         self.devices.observe(&tx.device_id, slots);
         self.merchants.observe(&tx.merchant_id, slots);
+        self.amount_habit_mut(tx.transaction_type)
+            .add(tx.amount.ln_1p());
+        self.log_duration.add(f64::from(tx.duration).ln_1p());
+        self.login_attempts.add(f64::from(tx.login_attempts));
+        let hour = hour_of_day(tx.time);
+        self.hours[hour] = self.hours[hour].saturating_add(1);
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(RecentEvent {
+            time: tx.time,
+            amount: tx.amount,
+        });
+    }
+
+    /// The account's running log-amount of transactions of this type.
+    pub fn amount_habit(&self, kind: TransactionType) -> &Running {
+        match kind {
+            TransactionType::Debit => &self.log_debit,
+            TransactionType::Credit => &self.log_credit,
+        }
+    }
+
+    fn amount_habit_mut(&mut self, kind: TransactionType) -> &mut Running {
+        match kind {
+            TransactionType::Debit => &mut self.log_debit,
+            TransactionType::Credit => &mut self.log_credit,
+        }
+    }
+
+    /// Earlier events within `window_secs` before `time`, and the oldest one's time.
+    pub fn events_within(&self, time: i64, window_secs: i64) -> (usize, Option<i64>) {
+        let within = self.recent.iter().filter(|e| e.time > time - window_secs);
+        within.fold((0, None), |(n, oldest), e| {
+            (n + 1, Some(oldest.map_or(e.time, |o: i64| o.min(e.time))))
+        })
     }
 
     pub fn record_score(&mut self, score: RecentScore) {
@@ -151,11 +252,22 @@ impl AccountState {
         std::mem::size_of::<Self>()
             + (self.recent_amounts.capacity() + self.recent_durations.capacity()) * 8
             + self.recent_scores.capacity() * std::mem::size_of::<RecentScore>()
+            + self.recent.capacity() * std::mem::size_of::<RecentEvent>()
             + self.ips.heap_bytes()
             + self.locations.heap_bytes()
             + self.devices.heap_bytes()
             + self.merchants.heap_bytes()
     }
+}
+
+/// The hour of day of `time` as an angle on the 24-hour circle.
+pub fn hour_angle(time: i64) -> f64 {
+    std::f64::consts::TAU * time.rem_euclid(86_400) as f64 / 86_400.0
+}
+
+/// The hour of day (0–23, UTC) of `time`.
+pub fn hour_of_day(time: i64) -> usize {
+    (time.rem_euclid(86_400) / 3_600) as usize
 }
 
 /// The accounts of one input partition and the position the state has reached in it.

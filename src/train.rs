@@ -7,9 +7,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{FeatureConfig, ModelConfig};
+use crate::config::{FeatureConfig, ModelConfig, Policy};
 use crate::decode::{DecodeError, Decoder, RawTransaction, Transaction, format_time, validate};
-use crate::features::{Features, observe};
+use crate::features::{FEATURES, Features, numeric_index, observe};
 use crate::models::encoding::{CategoricalEncoding, Encoder, percentile};
 use crate::models::lof::{KnnIndex, LofModel};
 use crate::models::{
@@ -178,11 +178,162 @@ pub fn replay_features(events: &[Transaction], cfg: &FeatureConfig) -> Vec<Featu
         .collect()
 }
 
-/// Trains both detectors on `history` and returns the model set (not yet saved).
+/// The configured numeric features a model trained on `span_secs` of history can use: calendar
+/// features whose period the history does not cover are dropped (every later event would lie
+/// outside what training saw on that axis), each with a note saying so.
+pub fn covered_features(numeric: &[String], span_secs: i64) -> (Vec<String>, Vec<String>) {
+    let mut notes = Vec::new();
+    let kept = numeric
+        .iter()
+        .filter(|name| {
+            let period = numeric_index(name).and_then(|i| FEATURES[i].period_secs);
+            match period {
+                Some(p) if span_secs < p => {
+                    let days = |s: i64| {
+                        if s == i64::MAX {
+                            "never repeats".to_string()
+                        } else {
+                            format!("repeats every {:.0} days", s as f64 / 86_400.0)
+                        }
+                    };
+                    notes.push(format!(
+                        "feature `{name}` not used: it {}, and the training data spans {:.1} days",
+                        days(p),
+                        span_secs as f64 / 86_400.0
+                    ));
+                    false
+                }
+                _ => true,
+            }
+        })
+        .cloned()
+        .collect();
+    (kept, notes)
+}
+
+/// Both thresholds at the same training quantile `q` (the share of training events each model
+/// flags), with `q` chosen by bisection so that `policy` alerts on `target` of the training
+/// events.
+fn thresholds_for_alert_rate(
+    forest: &[f64],
+    lof: &[f64],
+    policy: Policy,
+    target: f64,
+) -> (f64, f64) {
+    let at = |q: f64| {
+        (
+            percentile(forest, 100.0 * (1.0 - q)),
+            percentile(lof, 100.0 * (1.0 - q)),
+        )
+    };
+    let rate = |q: f64| {
+        let (tf, tl) = at(q);
+        let alerts = forest
+            .iter()
+            .zip(lof)
+            .filter(|&(&f, &l)| match policy {
+                Policy::All => f > tf && l > tl,
+                Policy::Any => f > tf || l > tl,
+                Policy::IsolationForest => f > tf,
+                Policy::Lof => l > tl,
+            })
+            .count();
+        alerts as f64 / forest.len().max(1) as f64
+    };
+    let (mut lo, mut hi) = (0.0, 1.0);
+    for _ in 0..40 {
+        let mid = (lo + hi) / 2.0;
+        if rate(mid) < target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    at(hi)
+}
+
+/// Both models fitted on the kept rows.
+struct Fitted {
+    forest: forest::FlatForest,
+    lof: LofModel,
+    index: KnnIndex,
+    sample_size: usize,
+    /// For each training row, its row in the LOF reference set, if it is one.
+    reference: Vec<Option<usize>>,
+}
+
+impl Fitted {
+    /// Every training row's score under each model: the forest's, and LOF's of the row among
+    /// the others (leave-one-out for a reference row, as a new event for a removed one).
+    fn scores(&self, forest_rows: &[Vec<f64>], lof_rows: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
+        let forest = forest_rows.iter().map(|r| self.forest.score(r)).collect();
+        let mut buf = Vec::new();
+        let lof = lof_rows
+            .iter()
+            .zip(&self.reference)
+            .map(|(r, at)| match at {
+                Some(i) => self.lof.training_lof[*i],
+                None => self.lof.score(&self.index, r, &mut buf),
+            })
+            .collect();
+        (forest, lof)
+    }
+}
+
+fn fit(
+    forest_rows: &[Vec<f64>],
+    lof_rows: &[Vec<f64>],
+    dims: usize,
+    keep: &[bool],
+    models: &ModelConfig,
+) -> Result<Fitted, ModelError> {
+    let kept = |rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        rows.iter()
+            .zip(keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| r.clone())
+            .collect()
+    };
+    let p = models.forest;
+    let forest_kept = kept(forest_rows);
+    let opts = forest::options(
+        p.trees,
+        p.samples,
+        p.extension_level,
+        forest_kept.len(),
+        p.seed,
+    );
+    let forest = forest::train(&forest_kept, &opts)?;
+    let points: Vec<f64> = kept(lof_rows).concat();
+    let index = KnnIndex::build(models.lof.index, &points, dims, models.lof.neighbors);
+    let lof = LofModel::fit(points, dims, models.lof.neighbors, &index)?;
+    let mut next = 0;
+    let reference = keep
+        .iter()
+        .map(|&k| {
+            k.then(|| {
+                next += 1;
+                next - 1
+            })
+        })
+        .collect();
+    Ok(Fitted {
+        forest,
+        lof,
+        index,
+        sample_size: opts.sample_size,
+        reference,
+    })
+}
+
+/// Trains both detectors on `history` and returns the model set (not yet saved). The result
+/// depends only on the history, the parameters and the forest's seed: the same inputs give a
+/// byte-identical artifact (its time is the newest training event's, not the clock's).
 pub fn train(
     history: &History,
     models: &ModelConfig,
     features: &FeatureConfig,
+    policy: Policy,
 ) -> Result<ModelSet, ModelError> {
     let events = in_event_time_order(history.events.clone());
     if events.len() < 3 {
@@ -192,10 +343,15 @@ pub fn train(
             history.source
         )));
     }
+    let (first, last) = (events[0].time, events[events.len() - 1].time);
+    let (numeric, notes) = covered_features(&models.numeric, last - first);
+    if numeric.is_empty() && models.categorical.is_empty() {
+        return Err(ModelError::Training(notes.join("; ")));
+    }
     let rows = replay_features(&events, features);
 
     let forest_encoder = Encoder::fit(
-        &models.numeric,
+        &numeric,
         &models.categorical,
         CategoricalEncoding::Ordinal,
         false,
@@ -203,44 +359,82 @@ pub fn train(
     )?;
     let forest_rows: Vec<Vec<f64>> = rows.iter().map(|r| forest_encoder.encode(r)).collect();
     let p = models.forest;
-    let opts = forest::options(p.trees, p.samples, p.extension_level, forest_rows.len());
-    let sample_size = opts.sample_size;
-    let flat = forest::train(&forest_rows, &opts)?;
-    let forest_scores: Vec<f64> = forest_rows.iter().map(|r| flat.score(r)).collect();
-    let forest_threshold = percentile(&forest_scores, 100.0 * (1.0 - p.contamination));
-
     let lof_encoder = Encoder::fit(
-        &models.numeric,
+        &numeric,
         &models.categorical,
         CategoricalEncoding::OneHot,
         true,
         &rows,
     )?;
     let dims = lof_encoder.width();
-    let points: Vec<f64> = rows.iter().flat_map(|r| lof_encoder.encode(r)).collect();
-    let index = KnnIndex::build(models.lof.index, &points, dims, models.lof.neighbors);
-    let lof = LofModel::fit(points, dims, models.lof.neighbors, &index)?;
-    let lof_threshold = percentile(&lof.training_lof, 100.0 * (1.0 - models.lof.contamination));
+    let lof_rows: Vec<Vec<f64>> = rows.iter().map(|r| lof_encoder.encode(r)).collect();
 
-    let created = chrono::Utc::now();
+    // Unlabelled history holds frauds too, and a fraud pattern seen dozens of times looks like
+    // a habit: LOF finds each such event among its own kind, and the forest's trees learn to
+    // expect it. Each cleaning pass refits both models without the events either one flagged.
+    let mut keep = vec![true; rows.len()];
+    let mut fitted = fit(&forest_rows, &lof_rows, dims, &keep, models)?;
+    for _ in 0..models.cleaning_passes {
+        let (forest_scores, lof_scores) = fitted.scores(&forest_rows, &lof_rows);
+        let tf = percentile(&forest_scores, 100.0 * (1.0 - p.contamination));
+        let tl = percentile(&lof_scores, 100.0 * (1.0 - models.lof.contamination));
+        keep = forest_scores
+            .iter()
+            .zip(&lof_scores)
+            .map(|(&f, &l)| f <= tf && l <= tl)
+            .collect();
+        fitted = fit(&forest_rows, &lof_rows, dims, &keep, models)?;
+    }
+    let (forest_scores, lof_scores) = fitted.scores(&forest_rows, &lof_rows);
+    let Fitted {
+        forest: flat,
+        lof,
+        sample_size,
+        ..
+    } = fitted;
+
+    let (forest_threshold, lof_threshold) = if models.target_alert_rate > 0.0 {
+        thresholds_for_alert_rate(
+            &forest_scores,
+            &lof_scores,
+            policy,
+            models.target_alert_rate,
+        )
+    } else {
+        (
+            percentile(&forest_scores, 100.0 * (1.0 - p.contamination)),
+            percentile(&lof_scores, 100.0 * (1.0 - models.lof.contamination)),
+        )
+    };
+
     let accounts = events
         .iter()
         .map(|e| e.account_id.as_str())
         .collect::<std::collections::HashSet<_>>()
         .len();
-    // Time, training data and parameters: two models trained in the same second on the same
-    // data with different settings (a champion and its challenger) get different versions.
-    let settings = sha256_hex(format!("{p:?}|{:?}|{features:?}", models.lof).as_bytes());
+    // Training data and every setting: two models of the same data with different settings (a
+    // champion and its challenger) get different versions; the same ones, the same version.
+    let settings = sha256_hex(
+        format!(
+            "{p:?}|{:?}|{features:?}|{numeric:?}|{:?}|{}|{}",
+            models.lof,
+            models.categorical,
+            models.target_alert_rate,
+            policy.as_str()
+        )
+        .as_bytes(),
+    );
+    let as_of = chrono::DateTime::<chrono::Utc>::from_timestamp(last, 0).unwrap_or_default();
     let version = format!(
         "{}-{}-{}",
-        created.format("%Y%m%dT%H%M%SZ"),
+        as_of.format("%Y%m%dT%H%M%SZ"),
         &history.fingerprint[..8.min(history.fingerprint.len())],
         &settings[..4]
     );
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         version,
-        created_at: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        created_at: as_of.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         features: *features,
         isolation_forest: ForestSection {
             params: p,
@@ -253,7 +447,7 @@ pub fn train(
             params: models.lof,
             k: lof.k,
             threshold: lof_threshold,
-            training_scores: ScoreSummary::of(&lof.training_lof),
+            training_scores: ScoreSummary::of(&lof_scores),
             encoder: lof_encoder,
         },
         training: TrainingInfo {
@@ -263,14 +457,11 @@ pub fn train(
             rows_valid: history.events.len(),
             rows_invalid: history.rejected.len(),
             accounts,
-            first_event: events
-                .first()
-                .map(|e| format_time(e.time))
-                .unwrap_or_default(),
-            last_event: events
-                .last()
-                .map(|e| format_time(e.time))
-                .unwrap_or_default(),
+            first_event: format_time(first),
+            last_event: format_time(last),
+            target_alert_rate: models.target_alert_rate,
+            policy: policy.as_str().to_string(),
+            notes,
         },
     };
     ModelSet::assemble(manifest, flat, lof, models.lof.index)
@@ -294,7 +485,8 @@ mod tests {
     fn training_flags_about_the_contamination_share_and_round_trips_through_disk() {
         let h = bundled_history().unwrap_or_else(|e| panic!("{e}"));
         let models = ModelConfig::default();
-        let set = train(&h, &models, &FeatureConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let set = train(&h, &models, &FeatureConfig::default(), Policy::All)
+            .unwrap_or_else(|e| panic!("{e}"));
         let events = in_event_time_order(h.events.clone());
         let rows = replay_features(&events, &FeatureConfig::default());
         let mut scratch = crate::models::Scratch::default();
@@ -306,16 +498,14 @@ mod tests {
         let (f, l) = (flagged(0), flagged(1));
         // (1 - 0.05) quantile of the training scores: 5 % of 2,512 rows, give or take ties.
         assert!((110..=140).contains(&f), "forest flagged {f}");
-        let lof_train_flags = set
-            .lof
-            .model
-            .training_lof
-            .iter()
-            .filter(|s| **s > set.lof.threshold)
-            .count();
+        // LOF's threshold is the same quantile of every training row's score: leave-one-out
+        // for the rows kept in its reference set, as new events for the ones cleaning removed.
+        assert_eq!(set.lof.threshold, set.manifest.lof.training_scores.p95);
+        let removed = rows.len() - set.lof.model.training_lof.len();
         assert!(
-            (110..=140).contains(&lof_train_flags),
-            "lof flagged {lof_train_flags} of training"
+            (150..=300).contains(&removed),
+            "cleaning removed {removed} of {}",
+            rows.len()
         );
         assert!(l > 0);
 

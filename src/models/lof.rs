@@ -28,6 +28,10 @@ pub struct LofModel {
     pub lrd: Vec<f64>,
     /// LOF of each training row (neighbours exclude the row itself), for the threshold.
     pub training_lof: Vec<f64>,
+    /// Per training row and column: the mean squared difference to its k neighbours on that
+    /// column, row-major like `points`: how spread a neighbourhood is along each feature, the
+    /// yardstick of [`LofModel::attribution`].
+    pub spread: Vec<f32>,
 }
 
 /// A k-nearest-neighbour search compiled for one width.
@@ -635,6 +639,11 @@ impl LofModel {
             .zip(&lrd)
             .map(|(nb, own)| mean_ratio(nb, &lrd, *own))
             .collect();
+        let spread = points
+            .chunks_exact(dims)
+            .zip(&neighbours)
+            .flat_map(|(row, nb)| squared_gaps(&points, dims, row, nb).map(|v| v as f32))
+            .collect();
         Ok(Self {
             k,
             dims,
@@ -642,7 +651,29 @@ impl LofModel {
             k_distance,
             lrd,
             training_lof,
+            spread,
         })
+    }
+
+    /// Each column's part in `q`'s distance from its neighbours, beyond what those neighbours
+    /// show among their own: the mean squared gap to the neighbours on the column, less the
+    /// neighbours' own mean squared gap on it, clipped at 0. A column on which `q` sits as close
+    /// to its neighbours as they sit to theirs explains nothing of its outlier factor.
+    pub fn attribution(&self, q: &[f64], neighbours: &[(f64, u32)]) -> Vec<f64> {
+        let mut own = vec![0.0; self.dims];
+        for &(_, j) in neighbours {
+            let start = j as usize * self.dims;
+            if let Some(s) = self.spread.get(start..start + self.dims) {
+                for (o, v) in own.iter_mut().zip(s) {
+                    *o += f64::from(*v);
+                }
+            }
+        }
+        let n = neighbours.len().max(1) as f64;
+        squared_gaps(&self.points, self.dims, q, neighbours)
+            .zip(own)
+            .map(|(gap, own)| (gap - own / n).max(0.0))
+            .collect()
     }
 
     /// LOF of a new row (about 1 for inliers, higher for outliers).
@@ -666,6 +697,26 @@ impl LofModel {
         let own = local_reachability_density(neighbours, &self.k_distance);
         mean_ratio(neighbours, &self.lrd, own)
     }
+}
+
+/// Per column, the mean squared difference between `row` and its `neighbours`.
+fn squared_gaps<'a>(
+    points: &'a [f64],
+    dims: usize,
+    row: &'a [f64],
+    neighbours: &'a [(f64, u32)],
+) -> impl Iterator<Item = f64> + 'a {
+    let n = neighbours.len().max(1) as f64;
+    (0..dims).map(move |d| {
+        neighbours
+            .iter()
+            .map(|&(_, j)| {
+                let gap = row[d] - points[j as usize * dims + d];
+                gap * gap
+            })
+            .sum::<f64>()
+            / n
+    })
 }
 
 fn local_reachability_density(neighbours: &[(f64, u32)], k_distance: &[f64]) -> f64 {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{FeatureConfig, ForestParams, LofIndexKind, LofParams};
 use crate::decode::Transaction;
-use crate::features::{Features, NUMERIC_FEATURES};
+use crate::features::{Baseline, Context, FEATURES, Features, Topic, categorical_index};
 use crate::state::AccountState;
 use encoding::Encoder;
 use forest::FlatForest;
@@ -46,7 +46,8 @@ pub enum ModelError {
 #[derive(Debug, Default)]
 pub struct Scratch {
     row: Vec<f64>,
-    neighbours: Vec<(f64, u32)>,
+    /// LOF's neighbours of the latest event assessed, for its explanation.
+    pub neighbours: Vec<(f64, u32)>,
 }
 
 /// One detector: an encoder, a score (higher = more anomalous) and a threshold.
@@ -57,6 +58,8 @@ pub trait Detector: Send + Sync {
     fn encoder(&self) -> &Encoder;
     /// Scores above this are flagged: the (1 - contamination) quantile of training scores.
     fn threshold(&self) -> f64;
+    /// The median training score: what a typical event scores.
+    fn median(&self) -> f64;
     /// Score of an encoded row.
     fn score_row(&self, row: &[f64], scratch: &mut Vec<(f64, u32)>) -> f64;
 
@@ -69,11 +72,18 @@ pub trait Detector: Send + Sync {
 
     /// This detector's verdict on a score.
     fn verdict(&self, score: f64) -> Verdict {
+        let (threshold, median) = (self.threshold(), self.median());
+        let unit = threshold - median;
         Verdict {
             model: self.name(),
             score,
-            threshold: self.threshold(),
-            flagged: score > self.threshold(),
+            threshold,
+            flagged: score > threshold,
+            margin: if unit > 0.0 {
+                (score - threshold) / unit
+            } else {
+                score - threshold
+            },
         }
     }
 }
@@ -85,6 +95,9 @@ pub struct Verdict {
     pub score: f64,
     pub threshold: f64,
     pub flagged: bool,
+    /// How far above the threshold the score is, in units of the threshold's own distance above
+    /// the median training score (negative below the threshold): comparable across models.
+    pub margin: f64,
 }
 
 /// Isolation forest over raw numerics and ordinal-encoded categoricals.
@@ -93,6 +106,7 @@ pub struct IsolationForest {
     pub encoder: Encoder,
     pub forest: FlatForest,
     pub threshold: f64,
+    pub median: f64,
 }
 
 impl Detector for IsolationForest {
@@ -104,6 +118,9 @@ impl Detector for IsolationForest {
     }
     fn threshold(&self) -> f64 {
         self.threshold
+    }
+    fn median(&self) -> f64 {
+        self.median
     }
     fn score_row(&self, row: &[f64], _: &mut Vec<(f64, u32)>) -> f64 {
         self.forest.score(row)
@@ -117,6 +134,7 @@ pub struct Lof {
     pub model: LofModel,
     pub index: KnnIndex,
     pub threshold: f64,
+    pub median: f64,
 }
 
 impl Detector for Lof {
@@ -128,6 +146,9 @@ impl Detector for Lof {
     }
     fn threshold(&self) -> f64 {
         self.threshold
+    }
+    fn median(&self) -> f64 {
+        self.median
     }
     fn score_row(&self, row: &[f64], scratch: &mut Vec<(f64, u32)>) -> f64 {
         self.model.score(&self.index, row, scratch)
@@ -176,6 +197,12 @@ pub struct TrainingInfo {
     pub accounts: usize,
     pub first_event: String,
     pub last_event: String,
+    /// 0 when each threshold comes from its model's contamination.
+    pub target_alert_rate: f64,
+    /// The consensus policy a target alert rate was reached under.
+    pub policy: String,
+    /// What training decided on its own, e.g. calendar features it left out.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,6 +230,8 @@ pub struct LofSection {
 pub struct Manifest {
     pub format: u32,
     pub version: String,
+    /// The newest training event's time: the model describes the data up to then. Derived from
+    /// the data, not the clock, so that the same data give the same artifact.
     pub created_at: String,
     /// The state/feature parameters the models were trained with; serving uses the same.
     pub features: FeatureConfig,
@@ -211,7 +240,9 @@ pub struct Manifest {
     pub training: TrainingInfo,
 }
 
-pub const MANIFEST_FORMAT: u32 = 1;
+/// 2: vigil's own seeded forest with node counts, LOF neighbourhood spreads, the account-relative
+/// features. Artifacts of format 1 must be retrained.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// A loaded model set: what the pipeline scores with.
 #[derive(Debug)]
@@ -252,8 +283,9 @@ impl ModelSet {
 
     /// [`Self::assess`] of many events, equal to assessing them one by one but cheaper per
     /// event: the forest is walked tree by tree and LOF scans its reference set for groups of
-    /// events at once.
-    pub fn assess_many(&self, features: &[Features]) -> Vec<[Verdict; 2]> {
+    /// events at once. Also returns LOF's neighbours of each event, for its explanation.
+    #[allow(clippy::type_complexity)]
+    pub fn assess_many(&self, features: &[Features]) -> (Vec<[Verdict; 2]>, Vec<Vec<(f64, u32)>>) {
         let encode = |enc: &Encoder| {
             let mut rows = Vec::with_capacity(features.len() * enc.width());
             let mut row = Vec::new();
@@ -267,15 +299,17 @@ impl ModelSet {
             .forest
             .forest
             .score_many(&encode(&self.forest.encoder), self.forest.encoder.width());
+        let mut neighbours = Vec::new();
         let lof =
             self.lof
                 .model
-                .score_many(&self.lof.index, &encode(&self.lof.encoder), &mut Vec::new());
-        forest
+                .score_many(&self.lof.index, &encode(&self.lof.encoder), &mut neighbours);
+        let verdicts = forest
             .into_iter()
             .zip(lof)
             .map(|(f, l)| [self.forest.verdict(f), self.lof.verdict(l)])
-            .collect()
+            .collect();
+        (verdicts, neighbours)
     }
 
     pub fn version(&self) -> &str {
@@ -304,7 +338,7 @@ impl ModelSet {
         let mut manifest: Manifest = read_json(dir, "manifest.json")?;
         if manifest.format != MANIFEST_FORMAT {
             return Err(ModelError::Inconsistent(format!(
-                "manifest format {} is not {MANIFEST_FORMAT}",
+                "manifest format {} is not {MANIFEST_FORMAT}: retrain it with `vigil train`",
                 manifest.format
             )));
         }
@@ -330,7 +364,11 @@ impl ModelSet {
             )));
         }
         let lw = manifest.lof.encoder.width();
-        if model.dims != lw || model.points.len() != model.lrd.len() * lw || model.k == 0 {
+        if model.dims != lw
+            || model.points.len() != model.lrd.len() * lw
+            || model.spread.len() != model.points.len()
+            || model.k == 0
+        {
             return Err(ModelError::Inconsistent(format!(
                 "LOF reference set of width {} does not fit the encoder ({lw})",
                 model.dims
@@ -342,94 +380,188 @@ impl ModelSet {
                 encoder: manifest.isolation_forest.encoder.clone(),
                 forest,
                 threshold: manifest.isolation_forest.threshold,
+                median: manifest.isolation_forest.training_scores.p50,
             },
             lof: Lof {
                 encoder: manifest.lof.encoder.clone(),
                 model,
                 index: knn,
                 threshold: manifest.lof.threshold,
+                median: manifest.lof.training_scores.p50,
             },
             manifest,
         })
     }
 
-    /// The features that most set this event apart, largest deviation first: distance from the
-    /// training median in interquartile ranges (LOF's scaler), with the account's own baseline
-    /// where it has one.
+    /// Why the models scored this event as they did, for a person: each model's score is
+    /// attributed to its input columns ([`FlatForest::attribution`], [`LofModel::attribution`]),
+    /// columns are summed into features, each model's attribution is normalised to shares and
+    /// the two averaged. Features are grouped by [`Topic`]; the strongest topics come first, each
+    /// in the words of its strongest feature whose value is really unusual — a topic whose
+    /// features are all ordinary is left out, so a normal fact is never given as a reason.
+    /// `neighbours` are LOF's neighbours of the event (from its scoring).
     pub fn explain(
         &self,
         f: &Features,
         account: &AccountState,
         tx: &Transaction,
+        cfg: &FeatureConfig,
         top: usize,
+        neighbours: &[(f64, u32)],
     ) -> Vec<Contribution> {
-        let enc = &self.lof.encoder;
-        let Some(scaler) = &enc.scaler else {
+        if top == 0 {
             return Vec::new();
+        }
+        let forest = by_feature(
+            &self.forest.encoder,
+            &self
+                .forest
+                .forest
+                .attribution(&self.forest.encoder.encode(f)),
+        );
+        let lof = by_feature(
+            &self.lof.encoder,
+            &self
+                .lof
+                .model
+                .attribution(&self.lof.encoder.encode(f), neighbours),
+        );
+        let shares = |v: &[(Feature, f64)]| {
+            let total: f64 = v.iter().map(|x| x.1).sum();
+            v.iter()
+                .map(|&(k, x)| (k, if total > 0.0 { x / total } else { 0.0 }))
+                .collect::<Vec<_>>()
         };
-        // Deviations of every numeric feature, largest first (ties in feature order); only the
-        // few kept are worded.
-        let mut ranked: Vec<(usize, f64, f64)> = enc
-            .numeric_indexes()
-            .iter()
-            .zip(scaler.center.iter().zip(&scaler.scale))
-            .map(|(&i, (&center, &scale))| (i, center, (f.numeric[i] - center).abs() / scale))
-            .filter(|&(_, _, deviation)| deviation > 0.0)
-            .collect();
-        ranked.sort_by(|a, b| b.2.total_cmp(&a.2));
-        ranked.truncate(top);
-        ranked
+        let (forest, lof) = (shares(&forest), shares(&lof));
+        let share_of = |v: &[(Feature, f64)], k: Feature| {
+            v.iter().filter(|x| x.0 == k).map(|x| x.1).sum::<f64>()
+        };
+        let mut features: Vec<Feature> = forest.iter().chain(&lof).map(|x| x.0).collect();
+        features.sort();
+        features.dedup();
+        // (feature, combined, forest, lof), strongest first.
+        let mut ranked: Vec<(Feature, f64, f64, f64)> = features
             .into_iter()
-            .map(|(i, center, deviation)| {
-                let name = NUMERIC_FEATURES[i];
-                let value = f.numeric[i];
-                let usual = |what: &str, seen: Option<&str>, now: &str| match seen {
-                    Some(u) if u != now => format!("{what} {now} is not the account's usual {u}"),
-                    _ => format!("{what} {now} is the account's usual"),
-                };
-                let detail = match name {
-                    "is_not_most_frequent_ip" => usual("IP", account.ips.most_frequent(), &tx.ip_address),
-                    "is_not_most_frequent_device" => {
-                        usual("device", account.devices.most_frequent(), &tx.device_id)
-                    }
-                    "is_not_most_frequent_location" => {
-                        usual("location", account.locations.most_frequent(), &tx.location)
-                    }
-                    "is_not_most_frequent_merchant" => {
-                        usual("merchant", account.merchants.most_frequent(), &tx.merchant_id)
-                    }
-                    "TransactionAmount" if !account.recent_amounts.is_empty() => {
-                        let mean = account.recent_amounts.iter().sum::<f64>()
-                            / account.recent_amounts.len() as f64;
-                        format!(
-                            "amount {value:.2} vs the account's recent {mean:.2} (training median {center:.2})"
-                        )
-                    }
-                    "exceeds_75_percent_balance" if value > 0.0 => format!(
-                        "amount {:.2} is over 75% of the balance {:.2}",
-                        tx.amount, tx.balance
-                    ),
-                    _ => format!("{name} = {value:.2}, training median {center:.2}"),
-                };
-                Contribution {
-                    feature: name,
-                    value,
-                    baseline: center,
-                    deviation,
-                    detail,
-                }
+            .map(|k| {
+                let (a, b) = (share_of(&forest, k), share_of(&lof, k));
+                (k, (a + b) / 2.0, a, b)
             })
-            .collect()
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+
+        let context = Context::new(account, tx, cfg);
+        let scaler = self.lof.encoder.scaler.as_ref();
+        let baseline = |i: usize| {
+            let col = self
+                .lof
+                .encoder
+                .numeric_indexes()
+                .iter()
+                .position(|&n| n == i)?;
+            let s = scaler?;
+            Some(Baseline {
+                median: s.center[col],
+                scale: s.scale[col],
+            })
+        };
+        let mut topics: Vec<(Topic, f64, f64, f64)> = Vec::new();
+        for &(k, combined, a, b) in &ranked {
+            let Feature::Numeric(i) = k else { continue };
+            let topic = FEATURES[i].topic;
+            match topics.iter_mut().find(|t| t.0 == topic) {
+                Some(t) => {
+                    t.1 += combined;
+                    t.2 += a;
+                    t.3 += b;
+                }
+                None => topics.push((topic, combined, a, b)),
+            }
+        }
+        topics.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut out = Vec::new();
+        for (topic, share, forest_share, lof_share) in topics {
+            if share <= 0.0 {
+                break;
+            }
+            let worded = ranked.iter().find_map(|&(k, _, _, _)| {
+                let Feature::Numeric(i) = k else { return None };
+                let def = &FEATURES[i];
+                if def.topic != topic {
+                    return None;
+                }
+                let value = f.numeric[i];
+                (def.reason)(&context, value, baseline(i).as_ref())
+                    .map(|detail| (def.name, value, detail))
+            });
+            if let Some((feature, value, detail)) = worded {
+                out.push(Contribution {
+                    feature,
+                    value,
+                    share,
+                    forest_share,
+                    lof_share,
+                    detail,
+                });
+                if out.len() == top {
+                    break;
+                }
+            }
+        }
+        out
     }
 }
 
-/// One feature's part in an alert.
+/// A model input feature: numeric (index into [`FEATURES`]) or categorical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Feature {
+    Numeric(usize),
+    Categorical(usize),
+}
+
+/// Sums per-column attributions into per-feature ones (one-hot columns into their feature).
+fn by_feature(enc: &Encoder, columns: &[f64]) -> Vec<(Feature, f64)> {
+    let mut out: Vec<(Feature, f64)> = enc
+        .numeric_indexes()
+        .iter()
+        .map(|&i| (Feature::Numeric(i), 0.0))
+        .collect();
+    for v in &enc.categorical {
+        out.push((
+            Feature::Categorical(categorical_index(&v.feature).unwrap_or(0)),
+            0.0,
+        ));
+    }
+    let numeric = enc.numeric_indexes().len();
+    for (col, (name, &x)) in enc.columns.iter().zip(columns).enumerate() {
+        let slot = if col < numeric {
+            col
+        } else {
+            let feature = name.split('=').next().unwrap_or(name);
+            numeric
+                + enc
+                    .categorical
+                    .iter()
+                    .position(|v| v.feature == feature)
+                    .unwrap_or(0)
+        };
+        if let Some(o) = out.get_mut(slot) {
+            o.1 += x;
+        }
+    }
+    out
+}
+
+/// One reason in an alert: a topic the models' scores rest on, worded by its strongest feature.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Contribution {
+    /// The feature whose value is worded.
     pub feature: &'static str,
     pub value: f64,
-    pub baseline: f64,
-    pub deviation: f64,
+    /// The topic's share of the two models' attributions (0–1), and each model's.
+    pub share: f64,
+    pub forest_share: f64,
+    pub lof_share: f64,
+    /// The reason, for a person.
     pub detail: String,
 }
 

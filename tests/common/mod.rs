@@ -12,6 +12,7 @@ pub fn trained_models() -> ModelSet {
         &bundled_history().unwrap(),
         &ModelConfig::default(),
         &FeatureConfig::default(),
+        vigil::config::Policy::All,
     )
     .unwrap()
 }

@@ -30,11 +30,20 @@ pub struct ModelOutcome {
     pub lof: f64,
     pub lof_flag: bool,
     pub alert: bool,
+    /// The policy's margin over the thresholds ([`crate::consensus::margin`]).
+    pub margin: f64,
     pub top_features: Vec<&'static str>,
+    /// For an alert, its reasons in words.
+    pub reason: String,
 }
 
 impl ModelOutcome {
-    pub fn scored(v: &[Verdict; 2], tx: &Transaction, alert: Option<&Alert>) -> Self {
+    pub fn scored(
+        v: &[Verdict; 2],
+        policy: Policy,
+        tx: &Transaction,
+        alert: Option<&Alert>,
+    ) -> Self {
         Self {
             error: None,
             transaction_id: tx.transaction_id.clone(),
@@ -45,9 +54,11 @@ impl ModelOutcome {
             lof: v[1].score,
             lof_flag: v[1].flagged,
             alert: alert.is_some(),
+            margin: crate::consensus::margin(policy, v),
             top_features: alert
                 .map(|a| a.top_features.iter().map(|c| c.feature).collect())
                 .unwrap_or_default(),
+            reason: alert.map(|a| a.reason.clone()).unwrap_or_default(),
         }
     }
 
@@ -62,7 +73,9 @@ impl ModelOutcome {
             lof: f64::NAN,
             lof_flag: false,
             alert: false,
+            margin: f64::NAN,
             top_features: Vec::new(),
+            reason: String::new(),
         }
     }
 }
@@ -76,7 +89,7 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
-    pub const CSV_HEADER: [&'static str; 14] = [
+    pub const CSV_HEADER: [&'static str; 16] = [
         "model",
         "partition",
         "offset",
@@ -90,7 +103,9 @@ impl EventRecord {
         "lof_score",
         "lof_flag",
         "alert",
+        "margin",
         "top_features",
+        "reason",
     ];
 
     pub fn new(e: &Recorded) -> Self {
@@ -139,7 +154,9 @@ impl EventRecord {
                 &num(o.lof),
                 &u8::from(o.lof_flag).to_string(),
                 &u8::from(o.alert).to_string(),
+                &num(o.margin),
                 &o.top_features.join(" "),
+                &o.reason,
             ])?;
         }
         Ok(())
@@ -278,6 +295,65 @@ pub struct KindRecall {
     pub recall: Option<f64>,
 }
 
+/// What alerting on a given share of the events would give: the events ranked by the policy's
+/// margin, the top `alert_share` of them alerted.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OperatingPoint {
+    pub alert_share: f64,
+    pub alerts: u64,
+    pub alerts_per_day: Option<f64>,
+    /// The margin an event needs to be among them (0 is the shipped thresholds).
+    pub margin: f64,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    /// Whether this row is the shipped thresholds rather than a budget.
+    pub shipped: bool,
+}
+
+/// The shares of events an analyst team might afford to review, for the operating-point table.
+pub const ALERT_BUDGETS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1];
+
+impl OperatingPoint {
+    /// The table: one row per budget of [`ALERT_BUDGETS`] and one for the shipped thresholds,
+    /// by alert share. `rows` are (margin, positive, event time) of the labelled events.
+    pub fn table(rows: &[(f64, bool, i64)]) -> Vec<Self> {
+        let mut v: Vec<(f64, bool, i64)> = rows.to_vec();
+        v.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let positives = v.iter().filter(|r| r.1).count() as u64;
+        let (first, last) = v.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
+            (lo.min(r.2), hi.max(r.2))
+        });
+        let days = (last > first).then(|| (last - first) as f64 / 86_400.0);
+        let point = |alerts: usize, shipped: bool| {
+            let tp = v[..alerts].iter().filter(|r| r.1).count() as u64;
+            let alerts_u = alerts as u64;
+            OperatingPoint {
+                alert_share: alerts as f64 / v.len().max(1) as f64,
+                alerts: alerts_u,
+                alerts_per_day: days.map(|d| alerts as f64 / d.max(1.0 / 24.0)),
+                margin: if alerts == 0 {
+                    f64::INFINITY
+                } else {
+                    v[alerts - 1].0
+                },
+                precision: (alerts > 0).then(|| tp as f64 / alerts as f64),
+                recall: (positives > 0).then(|| tp as f64 / positives as f64),
+                shipped,
+            }
+        };
+        let mut out: Vec<Self> = ALERT_BUDGETS
+            .iter()
+            .map(|b| ((b * v.len() as f64).round() as usize).min(v.len()))
+            .filter(|&n| n > 0)
+            .map(|n| point(n, false))
+            .collect();
+        out.push(point(v.iter().filter(|r| r.0 > 0.0).count(), true));
+        out.sort_by(|a, b| a.alerts.cmp(&b.alerts).then(a.shipped.cmp(&b.shipped)));
+        out.dedup_by(|b, a| a.alerts == b.alerts && !b.shipped && !a.shipped);
+        out
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Labels {
     pub positives: u64,
@@ -287,6 +363,75 @@ pub struct Labels {
     pub consensus: Quality,
     /// Per label value (fraud pattern): how many of its events each model caught.
     pub by_label: BTreeMap<String, KindRecall>,
+    /// Alert budgets and the shipped thresholds: alerts per day, precision, recall.
+    pub operating_points: Vec<OperatingPoint>,
+}
+
+/// How a feature's distribution moved between the training data and the scored events.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FeatureDrift {
+    pub feature: String,
+    /// Population stability index over the training deciles.
+    pub psi: f64,
+    /// `stable` (< 0.1), `moderate` (< 0.25) or `major`.
+    pub level: &'static str,
+}
+
+/// The population stability index of `scored` against `training`: Σ (q − p) ln(q / p) over bins
+/// cut at the training deciles (fewer when values repeat), each share floored at 1e-4.
+pub fn psi(training: &[f64], scored: &[f64]) -> f64 {
+    if training.is_empty() || scored.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = training.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mut edges: Vec<f64> = (1..10)
+        .map(|d| crate::models::encoding::percentile_sorted(&sorted, f64::from(d) * 10.0))
+        .collect();
+    edges.dedup();
+    let shares = |values: &[f64]| {
+        let mut counts = vec![0usize; edges.len() + 1];
+        for &x in values {
+            counts[edges.partition_point(|&e| e < x)] += 1;
+        }
+        counts
+            .into_iter()
+            .map(|c| (c as f64 / values.len() as f64).max(1e-4))
+            .collect::<Vec<_>>()
+    };
+    shares(training)
+        .iter()
+        .zip(shares(scored))
+        .map(|(p, q)| (q - p) * (q / p).ln())
+        .sum()
+}
+
+impl FeatureDrift {
+    pub fn new(feature: &str, training: &[f64], scored: &[f64]) -> Self {
+        let psi = psi(training, scored);
+        Self {
+            feature: feature.to_string(),
+            psi,
+            level: if psi < 0.1 {
+                "stable"
+            } else if psi < 0.25 {
+                "moderate"
+            } else {
+                "major"
+            },
+        }
+    }
+}
+
+/// A time split's facts for the report: where it was cut and how the features drifted.
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitInfo {
+    /// Events before this time trained the model and warmed the state; the rest were scored.
+    pub train_until: String,
+    pub training_events: usize,
+    pub scored_events: usize,
+    /// Per model feature, largest drift first.
+    pub drift: Vec<FeatureDrift>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -307,7 +452,20 @@ pub struct ModelReport {
     pub alerts_by_day: Vec<(String, u64)>,
     pub top_accounts: Vec<(String, u64)>,
     pub feature_drivers: Vec<(String, u64)>,
+    /// The alerts with the largest margins, with their reasons.
+    pub strongest_alerts: Vec<AlertSample>,
     pub labels: Option<Labels>,
+}
+
+/// One alert as an analyst would read it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertSample {
+    pub transaction_id: String,
+    pub account_id: String,
+    pub event_time: String,
+    pub label: Option<String>,
+    pub margin: f64,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -338,26 +496,26 @@ pub struct Report {
     pub events: u64,
     pub models: Vec<ModelReport>,
     pub comparisons: Vec<Comparison>,
+    /// For a time-split backtest.
+    pub split: Option<SplitInfo>,
 }
 
 struct Acc {
     report: ModelReport,
-    policy: Policy,
-    forest_threshold: f64,
-    lof_threshold: f64,
     by_day: BTreeMap<String, u64>,
     accounts: BTreeMap<String, u64>,
     features: BTreeMap<String, u64>,
     labelled: Vec<Labelled>,
+    alerts: Vec<AlertSample>,
 }
 
-/// One labelled valid event as one model saw it. `consensus` is the score the policy's decision
-/// thresholds at 1: the smaller (policy `all`) or larger (`any`) of the two scores divided by
-/// their thresholds.
+/// One labelled valid event as one model saw it. `consensus` is the policy's margin, which its
+/// decision thresholds at 0.
 struct Labelled {
     forest: f64,
     lof: f64,
     consensus: f64,
+    time: i64,
     forest_flag: bool,
     lof_flag: bool,
     alert: bool,
@@ -407,15 +565,14 @@ impl ReportBuilder {
                         alerts_by_day: Vec::new(),
                         top_accounts: Vec::new(),
                         feature_drivers: Vec::new(),
+                        strongest_alerts: Vec::new(),
                         labels: None,
                     },
-                    policy: c.policy(),
-                    forest_threshold: tf,
-                    lof_threshold: tl,
                     by_day: BTreeMap::new(),
                     accounts: BTreeMap::new(),
                     features: BTreeMap::new(),
                     labelled: Vec::new(),
+                    alerts: Vec::new(),
                 }
             })
             .collect();
@@ -466,23 +623,25 @@ impl ReportBuilder {
                 for f in &o.top_features {
                     *acc.features.entry((*f).to_string()).or_default() += 1;
                 }
+                acc.alerts.push(AlertSample {
+                    transaction_id: o.transaction_id.clone(),
+                    account_id: o.account_id.clone(),
+                    event_time: crate::decode::format_time(o.time),
+                    label: record.label.clone(),
+                    margin: o.margin,
+                    reason: o.reason.clone(),
+                });
             }
             if let Some((label, pos)) = record
                 .label
                 .as_ref()
                 .and_then(|l| positive(l).map(|p| (l, p)))
             {
-                let (f, l) = (o.forest / acc.forest_threshold, o.lof / acc.lof_threshold);
-                let consensus = match acc.policy {
-                    Policy::All => f.min(l),
-                    Policy::Any => f.max(l),
-                    Policy::IsolationForest => f,
-                    Policy::Lof => l,
-                };
                 acc.labelled.push(Labelled {
                     forest: o.forest,
                     lof: o.lof,
-                    consensus,
+                    consensus: o.margin,
+                    time: o.time,
                     forest_flag: o.forest_flag,
                     lof_flag: o.lof_flag,
                     alert: o.alert,
@@ -512,6 +671,10 @@ impl ReportBuilder {
                 r.alerts_by_day = acc.by_day.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 r.top_accounts = top(&acc.accounts, 10);
                 r.feature_drivers = top(&acc.features, 20);
+                let mut strongest = acc.alerts.clone();
+                strongest.sort_by(|a, b| b.margin.total_cmp(&a.margin));
+                strongest.truncate(20);
+                r.strongest_alerts = strongest;
                 if !acc.labelled.is_empty() {
                     let rows = |score: fn(&Labelled) -> (f64, bool)| {
                         acc.labelled
@@ -547,6 +710,12 @@ impl ReportBuilder {
                         lof: Quality::of(&rows(|x| (x.lof, x.lof_flag))),
                         consensus: Quality::of(&rows(|x| (x.consensus, x.alert))),
                         by_label,
+                        operating_points: OperatingPoint::table(
+                            &acc.labelled
+                                .iter()
+                                .map(|x| (x.consensus, x.positive, x.time))
+                                .collect::<Vec<_>>(),
+                        ),
                     });
                 }
                 r
@@ -603,223 +772,18 @@ impl ReportBuilder {
             events: self.events,
             models,
             comparisons,
+            split: None,
         }
     }
 }
+
+pub use html::to_html;
+
+mod html;
 
 /// The report as pretty JSON (stable key order, shortest round-trip floats).
 pub fn to_json(r: &Report) -> String {
     serde_json::to_string_pretty(r).unwrap_or_default() + "\n"
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn pct(x: Option<f64>) -> String {
-    x.map_or("–".into(), |v| format!("{:.1}%", v * 100.0))
-}
-
-fn num3(x: Option<f64>) -> String {
-    x.map_or("–".into(), |v| format!("{v:.3}"))
-}
-
-/// A bar chart of labelled values as inline SVG; `mark` draws a vertical line at that x value
-/// (histogram thresholds).
-fn bars(values: &[(String, u64)], mark: Option<(f64, &[f64])>, color: &str) -> String {
-    let (w, h, pad) = (640.0, 180.0, 28.0);
-    let max = values.iter().map(|v| v.1).max().unwrap_or(0).max(1) as f64;
-    let n = values.len().max(1) as f64;
-    let bw = (w - 2.0 * pad) / n;
-    let mut svg = format!(r#"<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">"#);
-    svg += &format!(
-        r##"<line x1="{pad}" y1="{y}" x2="{x2}" y2="{y}" stroke="#999"/>"##,
-        y = h - pad,
-        x2 = w - pad
-    );
-    for (i, (label, v)) in values.iter().enumerate() {
-        let bh = (*v as f64 / max) * (h - 2.0 * pad);
-        let x = pad + i as f64 * bw;
-        svg += &format!(
-            r#"<rect x="{x:.1}" y="{y:.1}" width="{bwm:.1}" height="{bh:.1}" fill="{color}"><title>{t}: {v}</title></rect>"#,
-            y = h - pad - bh,
-            bwm = (bw - 1.0).max(0.5),
-            t = esc(label)
-        );
-    }
-    if let (Some(first), Some(last)) = (values.first(), values.last()) {
-        svg += &format!(
-            r##"<text x="{pad}" y="{y}" font-size="11" fill="#555">{}</text>"##,
-            esc(&first.0),
-            y = h - 8.0
-        );
-        svg += &format!(
-            r##"<text x="{x}" y="{y}" font-size="11" fill="#555" text-anchor="end">{}</text>"##,
-            esc(&last.0),
-            x = w - pad,
-            y = h - 8.0
-        );
-    }
-    svg += &format!(r##"<text x="{pad}" y="14" font-size="11" fill="#555">max {max}</text>"##);
-    if let Some((at, edges)) = mark {
-        if let (Some(lo), Some(hi)) = (edges.first(), edges.last()) {
-            let step = if edges.len() > 1 {
-                edges[1] - edges[0]
-            } else {
-                1.0
-            };
-            let frac = ((at - lo) / (hi + step - lo)).clamp(0.0, 1.0);
-            let x = pad + frac * (w - 2.0 * pad);
-            svg += &format!(
-                r##"<line x1="{x:.1}" y1="{pad}" x2="{x:.1}" y2="{y}" stroke="#c0392b" stroke-width="2" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{pad}" font-size="11" fill="#c0392b">threshold {at:.3}</text>"##,
-                y = h - pad,
-                tx = x + 4.0
-            );
-        }
-    }
-    svg + "</svg>"
-}
-
-fn quality_row(name: &str, q: &Quality) -> String {
-    format!(
-        "<tr><td>{name}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-        num3(q.precision),
-        num3(q.recall),
-        num3(q.f1),
-        num3(q.roc_auc),
-        num3(q.pr_auc),
-        q.tp,
-        q.fp,
-        q.fn_,
-        q.tn
-    )
-}
-
-/// The report as one self-contained HTML page: inline CSS and SVG, no scripts, no requests.
-pub fn to_html(r: &Report) -> String {
-    let mut h = String::new();
-    h += r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><title>vigil backtest</title><style>
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:980px;color:#222;padding:0 1rem}
-h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}h3{margin-top:1.4rem}
-table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
-.kpi{display:inline-block;margin:0 1.5rem .5rem 0}.kpi b{display:block;font-size:1.4rem}.muted{color:#666}svg{max-width:100%;height:auto;display:block}
-</style></head><body>"#;
-    h += &format!(
-        "<h1>vigil backtest</h1><p class=\"muted\">Input: {} · {} events</p>",
-        esc(&r.input),
-        r.events
-    );
-    for c in &r.comparisons {
-        h += &format!(
-            "<h2>Champion {} vs challenger {}</h2><table><tr><th></th><th>events</th></tr><tr><td>both alert</td><td>{}</td></tr><tr><td>only {}</td><td>{}</td></tr><tr><td>only {}</td><td>{}</td></tr></table>",
-            esc(&c.champion),
-            esc(&c.challenger),
-            c.both_alert,
-            esc(&c.champion),
-            c.champion_only,
-            esc(&c.challenger),
-            c.challenger_only
-        );
-        if let Some(b) = &c.better_on_labels {
-            h += &format!(
-                "<p>Better on the labels (consensus F1, then PR-AUC): <b>{}</b></p>",
-                esc(b)
-            );
-        }
-        if !c.examples.is_empty() {
-            h += "<h3>Disagreements (first 25)</h3><table><tr><th>transaction</th><th>partition/offset</th><th>label</th><th>champion</th><th>challenger</th></tr>";
-            for e in &c.examples {
-                h += &format!(
-                    "<tr><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    esc(&e.transaction_id),
-                    e.partition,
-                    e.offset,
-                    esc(e.label.as_deref().unwrap_or("")),
-                    if e.champion_alert { "alert" } else { "–" },
-                    if e.challenger_alert { "alert" } else { "–" }
-                );
-            }
-            h += "</table>";
-        }
-    }
-    for m in &r.models {
-        h += &format!(
-            "<h2>Model {} <span class=\"muted\">({}, policy {})</span></h2>",
-            esc(&m.name),
-            esc(&m.version),
-            m.policy
-        );
-        let invalid: u64 = m.invalid.values().sum();
-        h += &format!(
-            "<div class=\"kpi\"><b>{}</b>valid events</div><div class=\"kpi\"><b>{}</b>invalid</div><div class=\"kpi\"><b>{}</b>alerts</div><div class=\"kpi\"><b>{}</b>alert rate</div>",
-            m.valid,
-            invalid,
-            m.alerts,
-            pct(m.alert_rate)
-        );
-        if let Some(l) = &m.labels {
-            h += &format!(
-                "<h3>Against the labels <span class=\"muted\">({} positives, {} negatives)</span></h3>",
-                l.positives, l.negatives
-            );
-            h += "<table><tr><th>detector</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th><th>PR-AUC</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th></tr>";
-            h += &quality_row("isolation forest", &l.isolation_forest);
-            h += &quality_row("LOF", &l.lof);
-            h += &quality_row("consensus (alerts)", &l.consensus);
-            h += "</table><h3>Recall per label</h3><table><tr><th>label</th><th>events</th><th>forest flagged</th><th>LOF flagged</th><th>alerted</th><th>recall</th></tr>";
-            for (k, v) in &l.by_label {
-                h += &format!(
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    esc(k),
-                    v.events,
-                    v.forest_flagged,
-                    v.lof_flagged,
-                    v.alerted,
-                    pct(v.recall)
-                );
-            }
-            h += "</table>";
-        }
-        h += "<h3>Alerts over time (per day of event time)</h3>";
-        h += &bars(&m.alerts_by_day, None, "#c0392b");
-        h += &format!(
-            "<h3>Agreement between the models</h3><table><tr><th></th><th>LOF flags</th><th>LOF does not</th></tr><tr><td>forest flags</td><td>{}</td><td>{}</td></tr><tr><td>forest does not</td><td>{}</td><td>{}</td></tr></table>",
-            m.agreement.both, m.agreement.forest_only, m.agreement.lof_only, m.agreement.neither
-        );
-        for (name, hist) in &m.scores {
-            h += &format!(
-                "<h3>{} score distribution</h3>",
-                if *name == ISOLATION_FOREST {
-                    "Isolation forest"
-                } else {
-                    "LOF"
-                }
-            );
-            let vals: Vec<(String, u64)> = hist
-                .edges
-                .iter()
-                .zip(&hist.counts)
-                .map(|(e, c)| (format!("{e}"), *c))
-                .collect();
-            h += &bars(&vals, Some((hist.threshold, &hist.edges)), "#2c7fb8");
-        }
-        h += "<h3>Features that drive alerts</h3>";
-        h += &bars(&m.feature_drivers, None, "#8e44ad");
-        h += "<table><tr><th>feature</th><th>alerts listing it</th></tr>";
-        for (f, n) in &m.feature_drivers {
-            h += &format!("<tr><td>{}</td><td>{n}</td></tr>", esc(f));
-        }
-        h += "</table><h3>Top accounts by alerts</h3><table><tr><th>account</th><th>alerts</th></tr>";
-        for (a, n) in &m.top_accounts {
-            h += &format!("<tr><td>{}</td><td>{n}</td></tr>", esc(a));
-        }
-        h += "</table>";
-    }
-    h += "</body></html>\n";
-    h
 }
 
 #[cfg(test)]
@@ -866,18 +830,95 @@ mod tests {
         assert_eq!(positive("malformed"), None);
     }
 
+    /// A real time-split backtest of simulated traffic, rendered: every table and chart of the
+    /// page has rows, and the page is self-contained.
     #[test]
-    fn the_html_page_has_no_scripts_or_remote_resources() {
-        let r = Report {
-            input: "<x>".into(),
-            events: 0,
-            models: Vec::new(),
-            comparisons: Vec::new(),
+    fn a_backtest_report_renders_every_section_with_real_rows_and_nothing_remote() {
+        use crate::backtest::{Cut, Split};
+        use crate::replay::{Candidate, Input, Outputs, Recorded, replay};
+        use crate::simulate::Simulator;
+
+        let mut sim =
+            Simulator::with_options(8, Some(300), crate::simulate::Scenarios::even(0.03, 0.002));
+        let events: Vec<Recorded> = (0..9_000)
+            .map(|i| {
+                let e = sim.next_event();
+                Recorded {
+                    partition: 0,
+                    offset: i,
+                    payload: e.payload,
+                    label: Some(e.label.as_str().to_string()),
+                    warm_only: false,
+                }
+            })
+            .collect();
+        let split = Split::of_events(
+            "<simulated>",
+            events,
+            crate::config::Encoding::Json,
+            Cut::Share(1.0 / 3.0),
+        );
+        let cfg = crate::config::RawConfig::default()
+            .validate()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let models = crate::train::train(&split.training, &cfg.models, &cfg.features, cfg.policy)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let info = split.info(&models.manifest.lof.encoder.numeric, &cfg.features);
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut candidates = vec![Candidate::new(
+            "m".into(),
+            dir.path().join("model"),
+            models,
+            split.encoding,
+            cfg.policy,
+            cfg.top_features,
+        )];
+        let input = Input::Recorded {
+            name: "<simulated>".into(),
+            events: split.events,
+            encoding: split.encoding,
         };
+        let out = Outputs {
+            dir: dir.path().to_path_buf(),
+            split: Some(info),
+        };
+        let r = replay(&input, &mut candidates, &out).unwrap_or_else(|e| panic!("{e}"));
+        let m = &r.models[0];
+        let labels = m.labels.as_ref().unwrap_or_else(|| panic!("no labels"));
+        assert!(
+            m.alerts > 20 && labels.positives > 50,
+            "{} alerts",
+            m.alerts
+        );
+        assert!(labels.by_label.len() >= 5, "{:?}", labels.by_label.keys());
+        assert!(labels.operating_points.iter().any(|p| p.shipped));
+        assert!(labels.operating_points.len() >= 6);
+        assert!(
+            !m.strongest_alerts.is_empty()
+                && m.strongest_alerts.iter().all(|a| !a.reason.is_empty())
+        );
+
         let html = to_html(&r);
-        assert!(html.contains("&lt;x&gt;"));
+        assert!(html.contains("&lt;simulated&gt;"));
+        let count = |needle: &str| html.matches(needle).count();
+        for section in [
+            "Time split",
+            "Feature drift",
+            "Recall per label",
+            "Operating points",
+            "(the thresholds)",
+            "Strongest alerts and their reasons",
+            "Agreement between the models",
+        ] {
+            assert!(html.contains(section), "{section}");
+        }
+        // Tables with rows: per pattern, per budget, per drifting feature, per alert.
+        assert!(count("<tr>") > 60, "{} rows", count("<tr>"));
+        assert!(count("<rect") > 50, "{} bars", count("<rect"));
         for banned in ["<script", "http://", "https://", "src="] {
             assert!(!html.contains(banned), "{banned}");
         }
+        let written = std::fs::read_to_string(dir.path().join("report.html")).unwrap_or_default();
+        assert_eq!(written, html);
     }
 }
