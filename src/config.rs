@@ -97,8 +97,6 @@ pub struct RawFeatures {
 #[serde(deny_unknown_fields, default)]
 pub struct RawModels {
     pub dir: PathBuf,
-    pub categorical: Vec<String>,
-    pub numeric: Vec<String>,
     pub target_alert_rate: f64,
     pub cleaning_passes: usize,
     pub isolation_forest: RawForest,
@@ -108,6 +106,8 @@ pub struct RawModels {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawForest {
+    pub numeric: Vec<String>,
+    pub categorical: Vec<String>,
     pub trees: usize,
     pub samples: usize,
     pub extension_level: usize,
@@ -118,6 +118,8 @@ pub struct RawForest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLof {
+    pub numeric: Vec<String>,
+    pub categorical: Vec<String>,
     pub neighbors: usize,
     pub contamination: f64,
     pub index: LofIndexKind,
@@ -229,12 +231,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// The numeric features both models use by default: the account-relative ones (amount, session
-/// length, login attempts and hour against the account's habit, velocity, never-seen values,
-/// history length) with the population-level amount, share of the balance, session length,
-/// login attempts and time of day. No calendar feature with a period longer than a day: a model
-/// trained on a few weeks has not seen most days of the month, nor any other month.
-pub const DEFAULT_NUMERIC: [&str; 20] = [
+fn strings(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// LOF's numeric features by default: the account-relative ones (amount, session length, login
+/// attempts and hour against the account's habit, velocity, never-seen values, history length)
+/// with the population-level amount, share of the balance, session length, login attempts and
+/// time of day. No calendar feature with a period longer than a day: a model trained on a few
+/// weeks has not seen most days of the month, nor any other month.
+pub const LOF_NUMERIC: [&str; 20] = [
     "amount_log",
     "amount_to_balance",
     "amount_vs_habit",
@@ -257,9 +263,28 @@ pub const DEFAULT_NUMERIC: [&str; 20] = [
     "history",
 ];
 
-/// The categorical features both models use by default. `CustomerOccupation` is left out: it
-/// describes the customer, not the transaction, and cannot make one event unusual.
-pub const DEFAULT_CATEGORICAL: [&str; 2] = ["TransactionType", "Channel"];
+/// LOF's categorical features by default. `CustomerOccupation` is left out: it describes the
+/// customer, not the transaction, and cannot make one event unusual.
+pub const LOF_CATEGORICAL: [&str; 2] = ["TransactionType", "Channel"];
+
+/// The forest's features by default: only the account-relative signals, each of which is near
+/// its normal value for nearly every legitimate event. A tree splits on one feature (or a few)
+/// at a time, so every feature that merely varies among normal events (amounts, hours, gaps)
+/// takes splits away from the ones that isolate a fraud; LOF, which sees all features at once in
+/// a distance, is given those.
+pub const FOREST_NUMERIC: [&str; 11] = [
+    "amount_to_balance",
+    "amount_vs_habit",
+    "duration_vs_habit",
+    "login_vs_habit",
+    "hours_from_usual",
+    "events_last_10m",
+    "events_last_1h",
+    "new_device",
+    "new_ip",
+    "new_location",
+    "new_at_once",
+];
 
 impl Default for RawConfig {
     fn default() -> Self {
@@ -323,10 +348,8 @@ impl Default for RawModels {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("models/current"),
-            categorical: DEFAULT_CATEGORICAL.iter().map(|s| s.to_string()).collect(),
-            numeric: DEFAULT_NUMERIC.iter().map(|s| s.to_string()).collect(),
             target_alert_rate: 0.0,
-            cleaning_passes: 1,
+            cleaning_passes: 2,
             isolation_forest: RawForest::default(),
             lof: RawLof::default(),
         }
@@ -336,9 +359,11 @@ impl Default for RawModels {
 impl Default for RawForest {
     fn default() -> Self {
         Self {
-            trees: 100,
+            numeric: strings(&FOREST_NUMERIC),
+            categorical: Vec::new(),
+            trees: 200,
             samples: 256,
-            extension_level: 0,
+            extension_level: 3,
             contamination: 0.05,
             seed: 42,
         }
@@ -348,7 +373,9 @@ impl Default for RawForest {
 impl Default for RawLof {
     fn default() -> Self {
         Self {
-            neighbors: 20,
+            numeric: strings(&LOF_NUMERIC),
+            categorical: strings(&LOF_CATEGORICAL),
+            neighbors: 50,
             contamination: 0.05,
             index: LofIndexKind::Auto,
         }
@@ -508,8 +535,8 @@ impl Default for FeatureConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub dir: PathBuf,
-    pub categorical: Vec<String>,
-    pub numeric: Vec<String>,
+    pub forest_features: FeatureLists,
+    pub lof_features: FeatureLists,
     /// When above 0, both thresholds sit at the same training quantile, chosen so that the
     /// consensus policy alerts on this share of the training events (contamination is unused).
     pub target_alert_rate: f64,
@@ -517,6 +544,13 @@ pub struct ModelConfig {
     pub cleaning_passes: usize,
     pub forest: ForestParams,
     pub lof: LofParams,
+}
+
+/// The features one model is given, by name (see [`crate::features::FEATURES`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureLists {
+    pub numeric: Vec<String>,
+    pub categorical: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -626,11 +660,22 @@ fn check_contamination(key: &'static str, c: f64) -> Result<f64, ConfigError> {
     }
 }
 
-fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
-    for name in &m.categorical {
+fn validate_lists(
+    section: &'static str,
+    numeric: &[String],
+    categorical: &[String],
+) -> Result<FeatureLists, ConfigError> {
+    let (numeric_key, categorical_key) = match section {
+        "isolation_forest" => (
+            "models.isolation_forest.numeric",
+            "models.isolation_forest.categorical",
+        ),
+        _ => ("models.lof.numeric", "models.lof.categorical"),
+    };
+    for name in categorical {
         if !CATEGORICAL_FEATURES.contains(&name.as_str()) {
             return Err(invalid(
-                "models.categorical",
+                categorical_key,
                 format!(
                     "unknown feature `{name}`; known: {}",
                     CATEGORICAL_FEATURES.join(", ")
@@ -638,10 +683,10 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
             ));
         }
     }
-    for name in &m.numeric {
+    for name in numeric {
         if !NUMERIC_FEATURES.contains(&name.as_str()) {
             return Err(invalid(
-                "models.numeric",
+                numeric_key,
                 format!(
                     "unknown feature `{name}`; known: {}",
                     NUMERIC_FEATURES.join(", ")
@@ -650,30 +695,40 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
         }
     }
     let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = m
-        .numeric
+    if let Some(dup) = numeric
         .iter()
-        .chain(&m.categorical)
+        .chain(categorical)
         .find(|n| !seen.insert(n.as_str()))
     {
         return Err(invalid(
-            "models",
+            numeric_key,
             format!("feature `{dup}` is listed twice"),
         ));
     }
-    let forest_dims = m.numeric.len() + m.categorical.len();
-    if forest_dims == 0 {
+    let dims = numeric.len() + categorical.len();
+    if dims == 0 {
+        return Err(invalid(numeric_key, "no model features are configured"));
+    }
+    if dims > MAX_MODEL_DIMS {
         return Err(invalid(
-            "models.numeric",
-            "no model features are configured",
+            numeric_key,
+            format!("{dims} model features; at most {MAX_MODEL_DIMS} are supported"),
         ));
     }
-    if forest_dims > MAX_MODEL_DIMS {
-        return Err(invalid(
-            "models.numeric",
-            format!("{forest_dims} model features; at most {MAX_MODEL_DIMS} are supported"),
-        ));
-    }
+    Ok(FeatureLists {
+        numeric: numeric.to_vec(),
+        categorical: categorical.to_vec(),
+    })
+}
+
+fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
+    let forest_features = validate_lists(
+        "isolation_forest",
+        &m.isolation_forest.numeric,
+        &m.isolation_forest.categorical,
+    )?;
+    let lof_features = validate_lists("lof", &m.lof.numeric, &m.lof.categorical)?;
+    let forest_dims = forest_features.numeric.len() + forest_features.categorical.len();
     let f = &m.isolation_forest;
     if f.trees == 0 || f.trees > 10_000 {
         return Err(invalid(
@@ -705,8 +760,8 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
     }
     Ok(ModelConfig {
         dir: m.dir.clone(),
-        categorical: m.categorical.clone(),
-        numeric: m.numeric.clone(),
+        forest_features,
+        lof_features,
         cleaning_passes: if m.cleaning_passes > 5 {
             return Err(invalid(
                 "models.cleaning_passes",
@@ -983,7 +1038,10 @@ mod tests {
                 "kafka:\n  topics:\n    alerts: transactions\n",
                 "kafka.topics",
             ),
-            ("models:\n  numeric: [Amount]\n", "models.numeric"),
+            (
+                "models:\n  lof:\n    numeric: [Amount]\n",
+                "models.lof.numeric",
+            ),
             ("kafka:\n  client:\n    group.id: other\n", "kafka.client"),
             ("traces:\n  sample_ratio: 2\n", "traces.sample_ratio"),
             ("server:\n  auth:\n    kind: magic\n", "server.auth.kind"),

@@ -531,7 +531,7 @@ pub const FEATURES: &[FeatureDef] = &[
     },
     FeatureDef {
         name: "amount_vs_habit",
-        definition: "ln(1 + amount) against the mean and spread of it over the account's earlier transactions of the same type, debit or credit (spreads; 0 without any)",
+        definition: "spreads by which ln(1 + amount) lies above its mean over the account's earlier transactions of the same type, debit or credit (0 at or below it, or without any)",
         reads: "running log-amount mean and spread of debits and of credits",
         topic: Topic::Amount,
         period_secs: None,
@@ -572,7 +572,7 @@ pub const FEATURES: &[FeatureDef] = &[
     },
     FeatureDef {
         name: "duration_vs_habit",
-        definition: "ln(1 + session seconds) against the account's own mean and spread of it",
+        definition: "spreads by which ln(1 + session seconds) lies above the account's own mean of it (0 at or below it, or without history)",
         reads: "running log-duration mean and spread",
         topic: Topic::Duration,
         period_secs: None,

@@ -657,9 +657,11 @@ impl Simulator {
                 events.push(Self::event(&tx, label));
             }
             Label::OddHours => {
-                // The coming night, between 1 and 4.
-                let night = tx.time - tx.time.rem_euclid(86_400) + 86_400;
-                tx.time = night + rng.gen_range(1..4) * 3600 + rng.gen_range(0..3600);
+                // The coming night, between 1 and 4, at least two hours into the account's sleep.
+                let p = &self.profiles[account];
+                let (from, to) = ((p.sleep - 24.0 + 2.0).max(1.0), (p.wake - 2.0).min(4.0));
+                let midnight = tx.time - tx.time.rem_euclid(86_400) + 86_400;
+                tx.time = midnight + (rng.gen_range(from..to.max(from + 0.1)) * 3600.0) as i64;
                 events.push(Self::event(&tx, label));
             }
             Label::LoginSpike => {

@@ -344,15 +344,28 @@ pub fn train(
         )));
     }
     let (first, last) = (events[0].time, events[events.len() - 1].time);
-    let (numeric, notes) = covered_features(&models.numeric, last - first);
-    if numeric.is_empty() && models.categorical.is_empty() {
-        return Err(ModelError::Training(notes.join("; ")));
+    let span = last - first;
+    let (forest_numeric, mut notes) = covered_features(&models.forest_features.numeric, span);
+    let (lof_numeric, lof_notes) = covered_features(&models.lof_features.numeric, span);
+    notes.extend(
+        lof_notes
+            .into_iter()
+            .filter(|n| !notes.contains(n))
+            .collect::<Vec<_>>(),
+    );
+    for (numeric, lists) in [
+        (&forest_numeric, &models.forest_features),
+        (&lof_numeric, &models.lof_features),
+    ] {
+        if numeric.is_empty() && lists.categorical.is_empty() {
+            return Err(ModelError::Training(notes.join("; ")));
+        }
     }
     let rows = replay_features(&events, features);
 
     let forest_encoder = Encoder::fit(
-        &numeric,
-        &models.categorical,
+        &forest_numeric,
+        &models.forest_features.categorical,
         CategoricalEncoding::Ordinal,
         false,
         &rows,
@@ -360,8 +373,8 @@ pub fn train(
     let forest_rows: Vec<Vec<f64>> = rows.iter().map(|r| forest_encoder.encode(r)).collect();
     let p = models.forest;
     let lof_encoder = Encoder::fit(
-        &numeric,
-        &models.categorical,
+        &lof_numeric,
+        &models.lof_features.categorical,
         CategoricalEncoding::OneHot,
         true,
         &rows,
@@ -416,9 +429,10 @@ pub fn train(
     // champion and its challenger) get different versions; the same ones, the same version.
     let settings = sha256_hex(
         format!(
-            "{p:?}|{:?}|{features:?}|{numeric:?}|{:?}|{}|{}",
+            "{p:?}|{:?}|{features:?}|{forest_numeric:?}|{lof_numeric:?}|{:?}|{:?}|{}|{}",
             models.lof,
-            models.categorical,
+            models.forest_features.categorical,
+            models.lof_features.categorical,
             models.target_alert_rate,
             policy.as_str()
         )
