@@ -1,0 +1,236 @@
+//! Detection quality, measured as a bank would: a time split of labelled simulated traffic (train
+//! on the first third, score the rest with the account state warm), at the shipped defaults;
+//! the bundled real dataset's alert rate under the same split; reasons that name the injected
+//! signal; and reproducible training.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use vigil::backtest::{Cut, Split};
+use vigil::config::{Config, Encoding, RawConfig};
+use vigil::features::{FEATURES, Topic, numeric_index};
+use vigil::replay::{Candidate, Input, Outputs, Recorded, replay};
+use vigil::report::Report;
+use vigil::simulate::{Label, Scenarios, Simulator};
+use vigil::train::{History, bundled_history, train};
+
+fn defaults() -> Config {
+    RawConfig::default().validate().unwrap()
+}
+
+/// 60,000 events of 1,000 accounts (about a month), 2 % of them fraud over the six patterns.
+fn simulated(seed: u64) -> Vec<Recorded> {
+    let mut sim = Simulator::with_options(seed, Some(1_000), Scenarios::even(0.02, 0.001));
+    (0..60_000)
+        .map(|i| {
+            let e = sim.next_event();
+            Recorded {
+                partition: 0,
+                offset: i,
+                payload: e.payload,
+                label: Some(e.label.as_str().to_string()),
+                warm_only: false,
+            }
+        })
+        .collect()
+}
+
+/// A time-split backtest at the defaults: the report and each scored event's CSV row.
+fn backtest(events: Vec<Recorded>) -> (Report, Vec<BTreeMap<String, String>>) {
+    let cfg = defaults();
+    let split = Split::of_events("simulated", events, Encoding::Json, Cut::Share(1.0 / 3.0));
+    let models = train(&split.training, &cfg.models, &cfg.features, cfg.policy).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut candidates = vec![Candidate::new(
+        "defaults".into(),
+        dir.path().join("model"),
+        models,
+        split.encoding,
+        cfg.policy,
+        cfg.top_features,
+    )];
+    let input = Input::Recorded {
+        name: "simulated".into(),
+        events: split.events,
+        encoding: split.encoding,
+    };
+    let out = Outputs {
+        dir: dir.path().to_path_buf(),
+        split: None,
+    };
+    let report = replay(&input, &mut candidates, &out).unwrap();
+    let rows = csv::Reader::from_path(dir.path().join("events.csv"))
+        .unwrap()
+        .deserialize()
+        .collect::<Result<Vec<BTreeMap<String, String>>, _>>()
+        .unwrap();
+    (report, rows)
+}
+
+fn shared_backtest() -> &'static (Report, Vec<BTreeMap<String, String>>) {
+    static RUN: OnceLock<(Report, Vec<BTreeMap<String, String>>)> = OnceLock::new();
+    RUN.get_or_init(|| backtest(simulated(2026)))
+}
+
+/// The floor this suite holds the defaults to, a little under what docs/backtesting.md measured
+/// on such streams (consensus precision 0.69, recall 0.83–0.88; amount spikes 0.58–0.71, odd
+/// hours 0.48–0.54, the other patterns 0.95–1.0): a change that makes detection clearly worse
+/// fails here. The goal (precision 0.8 at recall 0.9, every pattern 0.8) is not reached yet.
+#[test]
+fn a_time_split_of_simulated_traffic_keeps_precision_recall_and_every_pattern_above_the_floor() {
+    let (report, _) = shared_backtest();
+    let m = &report.models[0];
+    let labels = m.labels.as_ref().unwrap();
+    let consensus = &labels.consensus;
+    let (precision, recall) = (consensus.precision.unwrap(), consensus.recall.unwrap());
+    assert!(
+        precision >= 0.6 && recall >= 0.78,
+        "precision {precision:.3} recall {recall:.3}"
+    );
+    assert!(consensus.pr_auc.unwrap() >= 0.8, "{:?}", consensus.pr_auc);
+    for kind in Label::FRAUD {
+        let k = &labels.by_label[kind.as_str()];
+        let floor = match kind {
+            Label::OddHours => 0.4,
+            Label::AmountSpike => 0.5,
+            _ => 0.9,
+        };
+        assert!(
+            k.recall.unwrap() >= floor,
+            "{}: recall {:?} of {}",
+            kind.as_str(),
+            k.recall,
+            k.events
+        );
+    }
+    // The shipped point is a row of the operating-point table.
+    assert!(labels.operating_points.iter().any(|p| p.shipped));
+}
+
+/// What each pattern injects, as feature topics: a reason naming one of them names the signal.
+fn injected(label: &str) -> &'static [Topic] {
+    match label {
+        "account_takeover" => &[Topic::Novelty, Topic::Login, Topic::Balance, Topic::Amount],
+        "card_testing" => &[
+            Topic::Velocity,
+            Topic::Novelty,
+            Topic::Amount,
+            Topic::Duration,
+        ],
+        "balance_drain" => &[Topic::Balance, Topic::Amount],
+        "odd_hours" => &[Topic::Hour],
+        "login_spike" => &[Topic::Login, Topic::Duration],
+        "amount_spike" => &[Topic::Amount, Topic::Balance],
+        _ => &[],
+    }
+}
+
+#[test]
+fn the_first_reason_of_nearly_every_true_alert_names_the_injected_signal() {
+    let (_, rows) = shared_backtest();
+    let mut per_pattern: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r["alert"] == "1") {
+        let label = r["label"].as_str();
+        if injected(label).is_empty() {
+            continue;
+        }
+        let first = r["top_features"].split(' ').next().unwrap_or("");
+        let topic = numeric_index(first).map(|i| FEATURES[i].topic);
+        assert!(!r["reason"].is_empty(), "an alert without a reason: {r:?}");
+        let e = per_pattern.entry(label).or_default();
+        e.0 += 1;
+        e.1 += usize::from(topic.is_some_and(|t| injected(label).contains(&t)));
+    }
+    assert_eq!(per_pattern.len(), Label::FRAUD.len(), "{per_pattern:?}");
+    for (label, (alerts, named)) in per_pattern {
+        let share = named as f64 / alerts as f64;
+        assert!(
+            share >= 0.9,
+            "{label}: {named} of {alerts} first reasons name the signal"
+        );
+    }
+}
+
+#[test]
+fn no_alert_lists_a_normal_fact_as_a_reason() {
+    let (_, rows) = shared_backtest();
+    for r in rows.iter().filter(|r| r["alert"] == "1") {
+        let reason = &r["reason"];
+        for normal in ["is the account's usual", "training median", "= 0.00"] {
+            assert!(!reason.contains(normal), "{reason}");
+        }
+    }
+}
+
+#[test]
+fn a_time_split_of_the_bundled_real_dataset_alerts_on_at_most_one_and_a_half_times_the_contamination()
+ {
+    let history = bundled_history().unwrap();
+    let events: Vec<Recorded> = history
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Recorded {
+            partition: 0,
+            offset: i as i64,
+            payload: serde_json::to_vec(t).unwrap(),
+            label: None,
+            warm_only: false,
+        })
+        .collect();
+    let (report, _) = backtest(events);
+    let m = &report.models[0];
+    let contamination = defaults().models.forest.contamination;
+    let rate = m.alert_rate.unwrap();
+    assert!(m.valid > 1_500, "{} scored", m.valid);
+    assert!(rate <= 1.5 * contamination, "alert rate {rate:.4}");
+}
+
+fn history_of(events: &[Recorded]) -> History {
+    vigil::train::history_from_payloads(
+        "simulated",
+        events.iter().map(|e| e.payload.as_slice()),
+        &vigil::decode::Decoder::Json,
+    )
+}
+
+#[test]
+fn training_twice_with_the_same_seed_writes_byte_identical_model_directories() {
+    let cfg = defaults();
+    let events: Vec<Recorded> = simulated(5).into_iter().take(6_000).collect();
+    let history = history_of(&events);
+    let save = |seed: u64| {
+        let mut models = cfg.models.clone();
+        models.forest.seed = seed;
+        let set = train(&history, &models, &cfg.features, cfg.policy).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        set.save(dir.path()).unwrap();
+        let files: BTreeMap<String, Vec<u8>> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        (set.manifest.isolation_forest.params.seed, files)
+    };
+    let (seed_a, a) = save(7);
+    let (_, b) = save(7);
+    assert_eq!(seed_a, 7, "the seed is recorded in the manifest");
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        ["forest.json", "lof.json", "manifest.json"]
+    );
+    for (name, bytes) in &a {
+        assert!(b[name] == *bytes, "{name} differs between two trainings");
+    }
+    let (_, c) = save(8);
+    assert!(
+        c["forest.json"] != a["forest.json"],
+        "another seed, another forest"
+    );
+}
