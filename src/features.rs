@@ -531,7 +531,7 @@ pub const FEATURES: &[FeatureDef] = &[
     },
     FeatureDef {
         name: "amount_vs_habit",
-        definition: "spreads by which ln(1 + amount) lies above its mean over the account's earlier transactions of the same type, debit or credit (0 at or below it, or without any)",
+        definition: "spreads between ln(1 + amount) and its mean over the account's earlier transactions of the same type, debit or credit (negative below it; 0 without any)",
         reads: "running log-amount mean and spread of debits and of credits",
         topic: Topic::Amount,
         period_secs: None,
@@ -572,7 +572,7 @@ pub const FEATURES: &[FeatureDef] = &[
     },
     FeatureDef {
         name: "duration_vs_habit",
-        definition: "spreads by which ln(1 + session seconds) lies above the account's own mean of it (0 at or below it, or without history)",
+        definition: "spreads between ln(1 + session seconds) and the account's own mean of it (negative below; 0 without history)",
         reads: "running log-duration mean and spread",
         topic: Topic::Duration,
         period_secs: None,

@@ -156,7 +156,7 @@ impl Metrics {
             )?),
             model_created_seconds: register!(IntGauge::new(
                 "model_created_timestamp_seconds",
-                "Unix time the loaded model was trained"
+                "Unix time of the newest event the loaded model was trained on"
             )?),
             ready: register!(IntGauge::new(
                 "ready",

@@ -122,11 +122,9 @@ impl Running {
         self.m2 += delta * (x - self.mean);
     }
 
-    /// How many spreads `x` lies above the mean (0 at or below it, at most 10): the spread is
-    /// shrunk toward `prior_sd` as if two earlier events had shown it, so two similar events do
-    /// not make a third one look absurd. 0 without history. One-sided: an amount or a session
-    /// below the account's habit is not what makes a fraud, and the lower tail would only add
-    /// the normal events' spread to the models' input.
+    /// How many spreads `x` lies from the mean (clamped to ±10): the spread is shrunk toward
+    /// `prior_sd` as if two earlier events had shown it, so two similar events do not make a
+    /// third one look absurd. 0 without history.
     pub fn z(&self, x: f64, prior_sd: f64) -> f64 {
         if self.n == 0 {
             return 0.0;

@@ -57,20 +57,22 @@ async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
     assert_eq!(v["version"], s.models.manifest.version.as_str());
     let forest = &v["models"][0];
     assert_eq!(forest["name"], "isolation_forest");
-    assert_eq!(forest["parameters"]["trees"], 100);
+    assert_eq!(forest["parameters"]["trees"], 200);
+    assert_eq!(forest["parameters"]["seed"], 42);
     assert_eq!(forest["sample_size"], 256);
     assert_eq!(
         forest["threshold"].as_f64(),
         Some(s.models.forest.threshold)
     );
-    assert_eq!(forest["columns"].as_array().unwrap().len(), 23);
+    assert_eq!(forest["columns"].as_array().unwrap().len(), 11);
     let lof = &v["models"][1];
     assert_eq!(lof["name"], "lof");
-    assert_eq!(lof["k"], 20);
+    assert_eq!(lof["k"], 50);
     // `auto` (the default) resolves as scikit-learn does: brute force above 15 columns.
     assert_eq!(lof["parameters"]["index"], "auto");
     assert_eq!(lof["index"], "brute");
-    assert_eq!(lof["columns"].as_array().unwrap().len(), 29);
+    // 20 numerics, TransactionType (2) and Channel (3) one-hot.
+    assert_eq!(lof["columns"].as_array().unwrap().len(), 25);
     assert_eq!(v["training"]["rows_valid"], 2512);
 }
 
@@ -202,8 +204,24 @@ async fn predict_gives_each_models_score_threshold_flag_the_consensus_and_the_re
     }
     assert_eq!(p["consensus"]["policy"], "all");
     assert_eq!(p["consensus"]["alert"].as_bool(), Some(expected.alert));
-    assert_eq!(p["top_features"].as_array().unwrap().len(), 3);
-    assert!(p["top_features"][0]["detail"].as_str().is_some());
+    // An ordinary first transaction has nothing unusual to say: no normal fact is a reason.
+    assert_eq!(p["top_features"], serde_json::json!([]), "{p}");
+    assert!(p["consensus"]["severity"].as_str().is_some());
+
+    // One far from every account's habits gets its reasons, each worded for a person.
+    let mut odd = tx.clone();
+    (odd.amount, odd.balance, odd.login_attempts, odd.duration) = (9800.0, 10200.0, 5, 1900);
+    let (status, v) = post(&s, "/predict", serde_json::to_vec(&[&odd]).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let reasons = v["predictions"][0]["top_features"].as_array().unwrap();
+    assert_eq!(reasons.len(), 3, "{v}");
+    for r in reasons {
+        assert!(r["detail"].as_str().is_some_and(|d| !d.is_empty()), "{r}");
+        assert!(
+            r["share"].as_f64().is_some_and(|x| x > 0.0 && x <= 1.0),
+            "{r}"
+        );
+    }
 
     // One model only.
     let (status, v) = post(&s, "/models/lof/predict", serde_json::to_vec(tx).unwrap()).await;
@@ -374,7 +392,7 @@ async fn each_model_is_described_by_name_and_an_unknown_name_is_a_json_404() {
     assert_eq!(v["threshold"].as_f64(), Some(s.models.forest.threshold));
     let (status, body) = get(&s, "/models/lof").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(body.contains("\"k\":20"));
+    assert!(body.contains("\"k\":50"));
     let (status, body) = get(&s, "/models/svm").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("isolation_forest and lof"), "{body}");

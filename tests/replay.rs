@@ -32,12 +32,14 @@ fn backtest(dir: &Path, out: &str) {
                 "simulate",
                 "--count",
                 "3000",
+                "--accounts",
+                "100",
                 "--anomaly-share",
                 "0.05",
                 "--malformed-share",
                 "0.01",
                 "--seed",
-                "5",
+                "6",
                 "--out",
                 "sim.jsonl",
             ],
@@ -91,6 +93,7 @@ fn replaying_the_same_file_twice_gives_identical_output_files() {
         "balance_drain",
         "odd_hours",
         "login_spike",
+        "amount_spike",
     ] {
         assert!(
             labels["by_label"][kind]["events"].as_u64().unwrap() > 0,

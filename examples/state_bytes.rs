@@ -1,0 +1,32 @@
+fn main() {
+    let path = std::env::args().nth(1).unwrap_or_default();
+    let (events, _) =
+        vigil::replay::read_file(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = vigil::config::FeatureConfig::default();
+    let mut p = vigil::state::PartitionState::default();
+    for e in &events {
+        if let Ok(t) = vigil::decode::Decoder::Json.decode(&e.payload) {
+            let a = p.account_mut(&t.account_id, t.time, &cfg);
+            vigil::features::observe(a, &t, &cfg);
+            a.record_score(vigil::state::RecentScore {
+                time: t.time,
+                forest: 0.0,
+                lof: 0.0,
+                alert: false,
+            });
+        }
+    }
+    let mut b: Vec<usize> = p.accounts.values().map(|a| a.bytes()).collect();
+    b.sort();
+    let n: Vec<u64> = p.accounts.values().map(|a| a.transactions).collect();
+    println!(
+        "accounts {} mean {} median {} p99 {} max {} events/account mean {:.1} total {}",
+        b.len(),
+        b.iter().sum::<usize>() / b.len(),
+        b[b.len() / 2],
+        b[b.len() * 99 / 100],
+        b[b.len() - 1],
+        n.iter().sum::<u64>() as f64 / n.len() as f64,
+        p.bytes()
+    );
+}
