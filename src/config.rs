@@ -361,7 +361,7 @@ impl Default for RawForest {
         Self {
             numeric: strings(&FOREST_NUMERIC),
             categorical: Vec::new(),
-            trees: 200,
+            trees: 100,
             samples: 256,
             extension_level: 3,
             contamination: 0.05,
