@@ -637,10 +637,9 @@ pub const FEATURES: &[FeatureDef] = &[
         topic: Topic::Hour,
         period_secs: Some(DAY),
         value: |c| hour_angle(c.tx.time).cos(),
-        reason: |c, v, b| {
-            unusual_for_all(v, b, 1.5)
-                .map(|_| format!("at {}, an hour when few accounts transact", c.hhmm()))
-        },
+        // A time of day is a reason only against the account's own day (`hours_from_usual`):
+        // against all accounts, it says more about who trained the model than about the event.
+        reason: no_reason,
     },
     FeatureDef {
         name: "hours_from_usual",

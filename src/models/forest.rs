@@ -55,9 +55,10 @@ pub struct FlatForest {
     pub roots: Vec<u32>,
     pub nodes: Vec<Node>,
     pub terms: Vec<Term>,
-    /// Derived from `nodes` when every split is on one axis (extension level 0); not stored.
+    /// Derived from `nodes` and `terms` when splits have at most [`PLANE_TERMS`] terms; not
+    /// stored.
     #[serde(skip)]
-    axis: Option<AxisWalk>,
+    walk: Option<Lockstep>,
 }
 
 /// What `forest.json` holds: a [`FlatForest`] without its derived walk table.
@@ -72,74 +73,100 @@ struct Stored {
 
 impl From<Stored> for FlatForest {
     fn from(s: Stored) -> Self {
-        let axis = AxisWalk::build(&s.roots, &s.nodes);
+        let walk = Lockstep::build(&s.roots, &s.nodes, &s.terms);
         Self {
             dims: s.dims,
             c: s.c,
             roots: s.roots,
             nodes: s.nodes,
             terms: s.terms,
-            axis,
+            walk,
         }
     }
 }
 
-/// An axis-parallel forest laid out for walking several rows in lockstep without branches: every
-/// node names both children, a leaf names itself twice, so a row that reached its leaf stays
-/// there while the others go on, and every row takes the same number of steps (the tree's
-/// depth). Branchy walks mispredict about every other split; these do not, and the rows' loads
-/// overlap.
+/// A forest laid out for walking several rows in lockstep without branches: every node names
+/// both children, a leaf names itself twice, so a row that reached its leaf stays there while the
+/// others go on, and every row takes the same number of steps (the tree's depth). Branchy walks
+/// mispredict about every other split; these do not, and the rows' loads overlap. `T` is the
+/// most terms a split has: 1 for an axis-parallel forest, up to [`PLANE_TERMS`] for hyperplanes
+/// (shorter ones padded with zero terms, which leave every side unchanged).
 #[derive(Debug, Clone, PartialEq)]
-struct AxisWalk {
-    steps: Vec<Step>,
+struct Walk<const T: usize> {
+    steps: Vec<Step<T>>,
     /// Steps from each tree's root to its deepest leaf, in the order of `roots`.
     depths: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Step {
-    dim: u32,
+struct Step<const T: usize> {
+    dim: [u32; T],
     left: u32,
     right: u32,
-    n: f64,
-    p: f64,
+    n: [f64; T],
+    p: [f64; T],
 }
 
-impl AxisWalk {
-    /// Rows walked together: enough independent chains to hide the load latency of each step.
-    const LANES: usize = 8;
+/// The widest hyperplane the lockstep walk lays out inline (extension level 3).
+const PLANE_TERMS: usize = 4;
 
-    fn build(roots: &[u32], nodes: &[Node]) -> Option<Self> {
-        if nodes.iter().any(|n| n.terms > 1) {
-            return None;
+/// The lockstep layout of a forest, by the width of its splits.
+#[derive(Debug, Clone, PartialEq)]
+enum Lockstep {
+    Axis(Walk<1>),
+    Plane(Walk<PLANE_TERMS>),
+}
+
+impl Lockstep {
+    fn build(roots: &[u32], nodes: &[Node], terms: &[Term]) -> Option<Self> {
+        let widest = nodes.iter().map(|n| n.terms as usize).max().unwrap_or(0);
+        if widest <= 1 {
+            Walk::build(roots, nodes, terms).map(Self::Axis)
+        } else if widest <= PLANE_TERMS {
+            Walk::build(roots, nodes, terms).map(Self::Plane)
+        } else {
+            None
         }
+    }
+}
+
+/// Rows walked together: enough independent chains to hide the load latency of each step.
+const LANES: usize = 8;
+
+impl<const T: usize> Walk<T> {
+    fn build(roots: &[u32], nodes: &[Node], terms: &[Term]) -> Option<Self> {
         // Children come after their parent, so one backward pass sees them first.
         let mut depth = vec![0u32; nodes.len()];
         let mut steps = Vec::with_capacity(nodes.len());
         for (i, node) in nodes.iter().enumerate().rev() {
             let at = i as u32;
-            let step = if node.terms == 0 {
-                Step {
-                    dim: 0,
-                    left: at,
-                    right: at,
-                    n: 0.0,
-                    p: 0.0,
-                }
-            } else {
+            let mut step = Step {
+                dim: [0; T],
+                left: at,
+                right: at,
+                n: [0.0; T],
+                p: [0.0; T],
+            };
+            if node.terms > 0 {
                 let (left, right) = (i + 1, node.right as usize);
-                if right <= left {
+                if right <= left || node.terms as usize > T {
                     return None;
                 }
                 depth[i] = 1 + (*depth.get(left)?).max(*depth.get(right)?);
-                Step {
+                (step.left, step.right) = (left as u32, node.right);
+                let inline = [Term {
                     dim: node.dim,
-                    left: left as u32,
-                    right: node.right,
                     n: node.n,
                     p: node.p,
+                }];
+                let of_node = match node.terms {
+                    1 => &inline[..],
+                    k => terms.get(node.dim as usize..(node.dim + k) as usize)?,
+                };
+                for (j, t) in of_node.iter().enumerate() {
+                    (step.dim[j], step.n[j], step.p[j]) = (t.dim, t.n, t.p);
                 }
-            };
+            }
             steps.push(step);
         }
         steps.reverse();
@@ -150,12 +177,23 @@ impl AxisWalk {
         Some(Self { steps, depths })
     }
 
-    /// The node after `at` for row `x` (`at` itself at a leaf).
+    /// The node after `at` for row `x` (`at` itself at a leaf). The side is summed in term order
+    /// from 0, as [`FlatForest::side`] and the grown trees do, so every decision is theirs.
     #[inline(always)]
     fn next(&self, at: u32, x: &[f64]) -> u32 {
         let step = &self.steps[at as usize];
-        let side = (x[step.dim as usize] - step.p) * step.n;
+        let mut side = 0.0;
+        for j in 0..T {
+            side += (x[step.dim[j] as usize] - step.p[j]) * step.n[j];
+        }
         if side <= 0.0 { step.left } else { step.right }
+    }
+
+    /// Adds each row's path length in every tree to its total.
+    fn add_all(&self, forest: &FlatForest, block: &[f64], width: usize, totals: &mut [f64]) {
+        for (&root, &depth) in forest.roots.iter().zip(&self.depths) {
+            self.add_path_lengths(&forest.nodes, root, depth, block, width, totals);
+        }
     }
 
     /// Adds the path length of each row of `block` in the tree at `root` to its total.
@@ -168,14 +206,11 @@ impl AxisWalk {
         width: usize,
         totals: &mut [f64],
     ) {
-        for (rows, totals) in block
-            .chunks(Self::LANES * width)
-            .zip(totals.chunks_mut(Self::LANES))
-        {
-            let mut at = [root; Self::LANES];
-            if totals.len() == Self::LANES {
+        for (rows, totals) in block.chunks(LANES * width).zip(totals.chunks_mut(LANES)) {
+            let mut at = [root; LANES];
+            if totals.len() == LANES {
                 // A full block: a fixed count, so the rows' chains are fully unrolled.
-                let xs: [&[f64]; Self::LANES] =
+                let xs: [&[f64]; LANES] =
                     std::array::from_fn(|i| &rows[i * width..(i + 1) * width]);
                 for _ in 0..depth {
                     for (a, x) in at.iter_mut().zip(xs) {
@@ -219,12 +254,9 @@ impl FlatForest {
             let block = &block[..n * width];
             let mut totals = [0.0f64; BLOCK];
             let totals = &mut totals[..n];
-            match &self.axis {
-                Some(walk) => {
-                    for (&root, &depth) in self.roots.iter().zip(&walk.depths) {
-                        walk.add_path_lengths(&self.nodes, root, depth, block, width, totals);
-                    }
-                }
+            match &self.walk {
+                Some(Lockstep::Axis(walk)) => walk.add_all(self, block, width, totals),
+                Some(Lockstep::Plane(walk)) => walk.add_all(self, block, width, totals),
                 None => {
                     for &root in &self.roots {
                         for (total, x) in totals.iter_mut().zip(block.chunks_exact(width)) {
@@ -474,13 +506,13 @@ impl FlatForest {
             roots: Vec::with_capacity(trees.len()),
             nodes: Vec::new(),
             terms: Vec::new(),
-            axis: None,
+            walk: None,
         };
         for tree in trees {
             flat.roots.push(flat.nodes.len() as u32);
             flat.push(tree);
         }
-        flat.axis = AxisWalk::build(&flat.roots, &flat.nodes);
+        flat.walk = Lockstep::build(&flat.roots, &flat.nodes, &flat.terms);
         flat
     }
 
@@ -605,7 +637,7 @@ mod tests {
             let trees = grow_trees(&data, &opts).unwrap_or_else(|e| panic!("{e}"));
             let flat = train(&data, &opts).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(flat.dims, 3);
-            assert_eq!(flat.axis.is_some(), extension_level == 0);
+            assert!(flat.walk.is_some());
             let stored = serde_json::to_vec(&flat).unwrap_or_default();
             let loaded: FlatForest =
                 serde_json::from_slice(&stored).unwrap_or_else(|e| panic!("{e}"));
