@@ -8,12 +8,59 @@
 
 use std::path::Path;
 
-use crate::config::Encoding;
+use crate::config::{Config, Encoding};
 use crate::decode::{Decoder, format_time};
 use crate::features::{Features, numeric_index};
-use crate::replay::{Recorded, ReplayError, read_file};
-use crate::report::{FeatureDrift, SplitInfo};
-use crate::train::{History, history_from_payloads, in_event_time_order, replay_features};
+use crate::models::{ModelError, ModelSet};
+use crate::replay::{Candidate, Input, Outputs, Recorded, ReplayError, read_file, replay};
+use crate::report::{FeatureDrift, Report, SplitInfo};
+use crate::train::{History, history_from_payloads, in_event_time_order, replay_features, train};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BacktestError {
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// A finished backtest: the trained models' manifest and the report of the scored part.
+pub struct Backtest {
+    pub models: crate::models::Manifest,
+    pub report: Report,
+}
+
+/// Trains models with `cfg` on the split's past, saves them to `out/model`, scores the rest
+/// through the live path and writes `events.csv`, `report.json` and `report.html` into `out`.
+pub fn run(name: &str, split: Split, cfg: &Config, out: &Path) -> Result<Backtest, BacktestError> {
+    let models: ModelSet = train(&split.training, &cfg.models, &cfg.features, cfg.policy)?;
+    let model_dir = out.join("model");
+    models.save(&model_dir)?;
+    let info = split.info(&models.manifest.lof.encoder.numeric, &cfg.features);
+    let manifest = models.manifest.clone();
+    let mut candidates = vec![Candidate::new(
+        "backtest".into(),
+        model_dir,
+        models,
+        split.encoding,
+        cfg.policy,
+        cfg.top_features,
+    )];
+    let input = Input::Recorded {
+        name: name.to_string(),
+        events: split.events,
+        encoding: split.encoding,
+    };
+    let outputs = Outputs {
+        dir: out.to_path_buf(),
+        split: Some(info),
+    };
+    let report = replay(&input, &mut candidates, &outputs)?;
+    Ok(Backtest {
+        models: manifest,
+        report,
+    })
+}
 
 /// Where to cut.
 #[derive(Debug, Clone, Copy, PartialEq)]

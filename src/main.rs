@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vigil::backtest::{Cut, Split};
+use vigil::backtest::{self, Cut, Split};
 use vigil::config::{Config, ModelConfig};
 use vigil::decode::Decoder;
 use vigil::demo::{DemoOptions, Embedded, run_demo};
@@ -424,38 +424,17 @@ async fn main() -> Result<()> {
                 None => Cut::Share(train_share),
             };
             let split = Split::of_file(&input, cut)?;
-            let model_dir = out.join("model");
-            let set = train(&split.training, &cfg.models, &cfg.features, cfg.policy)?;
-            set.save(&model_dir)?;
-            for note in &set.manifest.training.notes {
+            let (trained_on, until) = (split.training.events.len(), split.until);
+            let done = backtest::run(&input.display().to_string(), split, &cfg, &out)?;
+            for note in &done.models.training.notes {
                 println!("note: {note}");
             }
             println!(
-                "trained {} on {} events before {}",
-                set.version(),
-                split.training.events.len(),
-                vigil::decode::format_time(split.until)
+                "trained {} on {trained_on} events before {}",
+                done.models.version,
+                vigil::decode::format_time(until)
             );
-            let info = split.info(&set.manifest.lof.encoder.numeric, &cfg.features);
-            let mut candidates = vec![Candidate::new(
-                "backtest".into(),
-                model_dir,
-                set,
-                split.encoding,
-                cfg.policy,
-                cfg.top_features,
-            )];
-            let name = input.display().to_string();
-            let source = Input::Recorded {
-                name,
-                events: split.events,
-                encoding: split.encoding,
-            };
-            let outputs = Outputs {
-                dir: out.clone(),
-                split: Some(info),
-            };
-            let report = replay(&source, &mut candidates, &outputs)?;
+            let report = done.report;
             for m in &report.models {
                 println!(
                     "scored {} events ({} invalid): {} alerts ({})",

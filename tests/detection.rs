@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use vigil::backtest::{Cut, Split};
 use vigil::config::{Config, Encoding, RawConfig};
 use vigil::features::{FEATURES, Topic, numeric_index};
-use vigil::replay::{Candidate, Input, Outputs, Recorded, replay};
+use vigil::replay::Recorded;
 use vigil::report::Report;
 use vigil::simulate::{Label, Scenarios, Simulator};
 use vigil::train::{History, bundled_history, train};
@@ -38,28 +38,11 @@ fn simulated(seed: u64) -> Vec<Recorded> {
 
 /// A time-split backtest at the defaults: the report and each scored event's CSV row.
 fn backtest(events: Vec<Recorded>) -> (Report, Vec<BTreeMap<String, String>>) {
-    let cfg = defaults();
     let split = Split::of_events("simulated", events, Encoding::Json, Cut::Share(1.0 / 3.0));
-    let models = train(&split.training, &cfg.models, &cfg.features, cfg.policy).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut candidates = vec![Candidate::new(
-        "defaults".into(),
-        dir.path().join("model"),
-        models,
-        split.encoding,
-        cfg.policy,
-        cfg.top_features,
-    )];
-    let input = Input::Recorded {
-        name: "simulated".into(),
-        events: split.events,
-        encoding: split.encoding,
-    };
-    let out = Outputs {
-        dir: dir.path().to_path_buf(),
-        split: None,
-    };
-    let report = replay(&input, &mut candidates, &out).unwrap();
+    let report = vigil::backtest::run("simulated", split, &defaults(), dir.path())
+        .unwrap()
+        .report;
     let rows = csv::Reader::from_path(dir.path().join("events.csv"))
         .unwrap()
         .deserialize()

@@ -57,7 +57,7 @@ async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
     assert_eq!(v["version"], s.models.manifest.version.as_str());
     let forest = &v["models"][0];
     assert_eq!(forest["name"], "isolation_forest");
-    assert_eq!(forest["parameters"]["trees"], 200);
+    assert_eq!(forest["parameters"]["trees"], 100);
     assert_eq!(forest["parameters"]["seed"], 42);
     assert_eq!(forest["sample_size"], 256);
     assert_eq!(

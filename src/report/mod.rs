@@ -835,7 +835,7 @@ mod tests {
     #[test]
     fn a_backtest_report_renders_every_section_with_real_rows_and_nothing_remote() {
         use crate::backtest::{Cut, Split};
-        use crate::replay::{Candidate, Input, Outputs, Recorded, replay};
+        use crate::replay::Recorded;
         use crate::simulate::Simulator;
 
         let mut sim =
@@ -861,28 +861,10 @@ mod tests {
         let cfg = crate::config::RawConfig::default()
             .validate()
             .unwrap_or_else(|e| panic!("{e}"));
-        let models = crate::train::train(&split.training, &cfg.models, &cfg.features, cfg.policy)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let info = split.info(&models.manifest.lof.encoder.numeric, &cfg.features);
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let mut candidates = vec![Candidate::new(
-            "m".into(),
-            dir.path().join("model"),
-            models,
-            split.encoding,
-            cfg.policy,
-            cfg.top_features,
-        )];
-        let input = Input::Recorded {
-            name: "<simulated>".into(),
-            events: split.events,
-            encoding: split.encoding,
-        };
-        let out = Outputs {
-            dir: dir.path().to_path_buf(),
-            split: Some(info),
-        };
-        let r = replay(&input, &mut candidates, &out).unwrap_or_else(|e| panic!("{e}"));
+        let r = crate::backtest::run("<simulated>", split, &cfg, dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .report;
         let m = &r.models[0];
         let labels = m.labels.as_ref().unwrap_or_else(|| panic!("no labels"));
         assert!(
