@@ -112,6 +112,25 @@ pub struct Recorded {
     pub warm_only: bool,
 }
 
+impl Recorded {
+    /// The next `count` events of a simulator as a file of them would read: partition 0,
+    /// offsets from 0, labelled.
+    pub fn simulated(sim: &mut crate::simulate::Simulator, count: usize) -> Vec<Self> {
+        (0..count)
+            .map(|i| {
+                let e = sim.next_event();
+                Self {
+                    partition: 0,
+                    offset: i as i64,
+                    payload: e.payload,
+                    label: Some(e.label.as_str().to_string()),
+                    warm_only: false,
+                }
+            })
+            .collect()
+    }
+}
+
 /// A model under test: a name for the reports, its engine, and its own per-partition state.
 pub struct Candidate {
     pub name: String,

@@ -22,18 +22,7 @@ fn defaults() -> Config {
 /// 60,000 events of 1,000 accounts (about a month), 2 % of them fraud over the six patterns.
 fn simulated(seed: u64) -> Vec<Recorded> {
     let mut sim = Simulator::with_options(seed, Some(1_000), Scenarios::even(0.02, 0.001));
-    (0..60_000)
-        .map(|i| {
-            let e = sim.next_event();
-            Recorded {
-                partition: 0,
-                offset: i,
-                payload: e.payload,
-                label: Some(e.label.as_str().to_string()),
-                warm_only: false,
-            }
-        })
-        .collect()
+    Recorded::simulated(&mut sim, 60_000)
 }
 
 /// A time-split backtest at the defaults: the report and each scored event's CSV row.

@@ -840,18 +840,7 @@ mod tests {
 
         let mut sim =
             Simulator::with_options(8, Some(300), crate::simulate::Scenarios::even(0.03, 0.002));
-        let events: Vec<Recorded> = (0..9_000)
-            .map(|i| {
-                let e = sim.next_event();
-                Recorded {
-                    partition: 0,
-                    offset: i,
-                    payload: e.payload,
-                    label: Some(e.label.as_str().to_string()),
-                    warm_only: false,
-                }
-            })
-            .collect();
+        let events = Recorded::simulated(&mut sim, 9_000);
         let split = Split::of_events(
             "<simulated>",
             events,
