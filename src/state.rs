@@ -1,7 +1,7 @@
 //! Per-account state: what vigil remembers about each account between its events — its habits
 //! (running log-amount mean and spread of its debits and of its credits, log-duration mean and
-//! spread, usual login attempts, events per hour of day), its latest events' times and amounts (for velocity), the IPs, locations,
-//! devices and merchants it has used with their counts, and the last few amounts and durations of
+//! spread, usual login attempts, events per hour of day), its latest events' times (for
+//! velocity), the IPs, locations, devices and merchants it has used with their counts, and the last few amounts and durations of
 //! the original design's rolling means — kept per Kafka partition so that a partition's accounts
 //! can move as a unit.
 //!
@@ -136,13 +136,6 @@ impl Running {
     }
 }
 
-/// One of an account's latest events, for velocity.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct RecentEvent {
-    pub time: i64,
-    pub amount: f64,
-}
-
 /// Everything vigil keeps about one account.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AccountState {
@@ -166,8 +159,8 @@ pub struct AccountState {
     pub login_attempts: Running,
     /// Events per hour of day (UTC), saturating.
     pub hours: [u16; 24],
-    /// The latest [`RECENT_EVENTS`] events, oldest first.
-    pub recent: VecDeque<RecentEvent>,
+    /// Event times of the latest [`RECENT_EVENTS`] events, oldest first.
+    pub recent: VecDeque<i64>,
     /// The latest [`RECENT_SCORES`] scores, oldest first. Not used by the features; empty
     /// after a state restore until the account's next event.
     pub recent_scores: VecDeque<RecentScore>,
@@ -211,10 +204,7 @@ impl AccountState {
         if self.recent.len() == RECENT_EVENTS {
             self.recent.pop_front();
         }
-        self.recent.push_back(RecentEvent {
-            time: tx.time,
-            amount: tx.amount,
-        });
+        self.recent.push_back(tx.time);
     }
 
     /// The account's running log-amount of transactions of this type.
@@ -234,9 +224,13 @@ impl AccountState {
 
     /// Earlier events within `window_secs` before `time`, and the oldest one's time.
     pub fn events_within(&self, time: i64, window_secs: i64) -> (usize, Option<i64>) {
-        let within = self.recent.iter().filter(|e| e.time > time - window_secs);
+        let within = self
+            .recent
+            .iter()
+            .copied()
+            .filter(|&t| t > time - window_secs);
         within.fold((0, None), |(n, oldest), e| {
-            (n + 1, Some(oldest.map_or(e.time, |o: i64| o.min(e.time))))
+            (n + 1, Some(oldest.map_or(e, |o: i64| o.min(e))))
         })
     }
 
@@ -252,7 +246,7 @@ impl AccountState {
         std::mem::size_of::<Self>()
             + (self.recent_amounts.capacity() + self.recent_durations.capacity()) * 8
             + self.recent_scores.capacity() * std::mem::size_of::<RecentScore>()
-            + self.recent.capacity() * std::mem::size_of::<RecentEvent>()
+            + self.recent.capacity() * std::mem::size_of::<i64>()
             + self.ips.heap_bytes()
             + self.locations.heap_bytes()
             + self.devices.heap_bytes()
