@@ -238,9 +238,11 @@ fn strings(names: &[&str]) -> Vec<String> {
 /// LOF's numeric features by default: the account-relative ones (amount, session length, login
 /// attempts and hour against the account's habit, velocity, never-seen values, history length)
 /// with the population-level amount, share of the balance, session length, login attempts and
-/// time of day. No calendar feature with a period longer than a day: a model trained on a few
-/// weeks has not seen most days of the month, nor any other month.
-pub const LOF_NUMERIC: [&str; 20] = [
+/// gap since the previous event. No calendar feature with a period longer than a day: a model
+/// trained on a few weeks has not seen most days of the month, nor any other month. Nor the
+/// population's time of day (`hour_sin`, `hour_cos`): a day account's 3 am payment lies among
+/// the night owls' events there, and `hour_rarity` says what is unusual about it.
+pub const LOF_NUMERIC: [&str; 18] = [
     "amount_log",
     "amount_to_balance",
     "amount_vs_habit",
@@ -248,9 +250,7 @@ pub const LOF_NUMERIC: [&str; 20] = [
     "duration_vs_habit",
     "LoginAttempts",
     "login_vs_habit",
-    "hour_sin",
-    "hour_cos",
-    "hours_from_usual",
+    "hour_rarity",
     "log_seconds_since_last",
     "events_last_10m",
     "events_last_1h",
@@ -267,23 +267,21 @@ pub const LOF_NUMERIC: [&str; 20] = [
 /// customer, not the transaction, and cannot make one event unusual.
 pub const LOF_CATEGORICAL: [&str; 2] = ["TransactionType", "Channel"];
 
-/// The forest's features by default: only the account-relative signals, each of which is near
-/// its normal value for nearly every legitimate event. A tree splits on one feature (or a few)
-/// at a time, so every feature that merely varies among normal events (amounts, hours, gaps)
-/// takes splits away from the ones that isolate a fraud; LOF, which sees all features at once in
-/// a distance, is given those.
-pub const FOREST_NUMERIC: [&str; 11] = [
-    "amount_to_balance",
+/// The forest's features by default: one account-relative signal per kind of fraud evidence,
+/// each near 0 for nearly every legitimate event and large only in the direction a fraud moves
+/// it. A hyperplane split mixes a few features at once, so a feature that merely varies among
+/// normal events takes weight from those that isolate a fraud, and two features of one signal
+/// count it twice (a new IP and a new city, which every trip shows together; a burst in the last
+/// 10 minutes and in the last hour); LOF, which sees all features at once in a distance, is
+/// given the rest.
+pub const FOREST_NUMERIC: [&str; 7] = [
+    "balance_share",
     "amount_vs_habit",
     "duration_vs_habit",
     "login_vs_habit",
-    "hours_from_usual",
+    "hour_rarity",
     "events_last_10m",
-    "events_last_1h",
     "new_device",
-    "new_ip",
-    "new_location",
-    "new_at_once",
 ];
 
 impl Default for RawConfig {
@@ -375,7 +373,7 @@ impl Default for RawLof {
         Self {
             numeric: strings(&LOF_NUMERIC),
             categorical: strings(&LOF_CATEGORICAL),
-            neighbors: 50,
+            neighbors: 35,
             contamination: 0.05,
             index: LofIndexKind::Auto,
         }
@@ -996,6 +994,39 @@ impl RawTraces {
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own error type
 mod tests {
     use super::*;
+
+    /// README's feature table is `features::FEATURES` with the default models' lists: the
+    /// table cannot drift from the code that computes the features.
+    #[test]
+    fn readme_lists_every_feature_with_its_definition_state_and_default_models() {
+        let readme = include_str!("../README.md");
+        let mut expected = String::new();
+        for f in crate::features::FEATURES {
+            let models: Vec<&str> = [("IF", &FOREST_NUMERIC[..]), ("LOF", &LOF_NUMERIC[..])]
+                .into_iter()
+                .filter(|(_, list)| list.contains(&f.name))
+                .map(|(model, _)| model)
+                .collect();
+            let or_dash = |s: &str| {
+                if s.is_empty() {
+                    "–".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
+            expected.push_str(&format!(
+                "| `{}` | {} | {} | {} |\n",
+                f.name,
+                f.definition,
+                or_dash(f.reads),
+                or_dash(&models.join(" "))
+            ));
+        }
+        assert!(
+            readme.contains(&expected),
+            "README's feature table should read:\n{expected}"
+        );
+    }
 
     fn yaml_error(text: &str) -> String {
         match Config::from_yaml(text) {

@@ -19,7 +19,7 @@ use std::f64::consts::TAU;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use crate::config::FeatureConfig;
-use crate::decode::Transaction;
+use crate::decode::{Transaction, TransactionType};
 use crate::state::{AccountState, Running, hour_angle, hour_of_day};
 
 /// What a feature is about; an alert states each topic once, in the words of its strongest
@@ -52,6 +52,23 @@ impl Baseline {
         (value - self.median) / self.scale
     }
 }
+
+/// e^(-d/2) for d = 0..=12 hours apart: [`Context::hour_rarity`]'s circular kernel.
+const HOUR_KERNEL: [f64; 13] = [
+    1.0,
+    0.6065306597126334,
+    0.36787944117144233,
+    0.22313016014842982,
+    0.1353352832366127,
+    0.0820849986238988,
+    0.049787068367863944,
+    0.0301973834223185,
+    0.01831563888873418,
+    0.011108996538242306,
+    0.006737946999085467,
+    0.004086771438464067,
+    0.0024787521766663585,
+];
 
 /// An event and its account's state before it: what a feature is computed from.
 pub struct Context<'a> {
@@ -91,21 +108,36 @@ impl<'a> Context<'a> {
         format!("{:02}:{:02}", self.time.hour(), self.time.minute())
     }
 
-    /// Hours of day (circularly) from this event's hour to the nearest hour in which the account
-    /// transacted before: 0 in a used hour, up to 12. `None` without history.
-    fn hours_to_a_used_hour(&self) -> Option<usize> {
+    /// How much rarer this hour of day is for the account than an hour picked at random:
+    /// ln((1/24) / p), floored at 0, with p the account's share of earlier events at this hour
+    /// from a circular kernel density (weight e^(-d/2) for an event d hours away: a routine
+    /// shifts by an hour or two, and 3 am is farther from a 7–23 day than 6 am) under a prior of
+    /// a quarter event per hour. A probability rather than a distance to the nearest used hour,
+    /// so one earlier night-time event does not make the night usual, and the evidence grows
+    /// with the history (0 without any).
+    fn hour_rarity(&self) -> f64 {
+        const PRIOR: f64 = 0.25;
         let h = hour_of_day(self.tx.time);
-        (0..=12).find(|&d| {
-            self.state.hours[(h + d) % 24] > 0 || self.state.hours[(h + 24 - d) % 24] > 0
-        })
+        let (mut here, mut events) = (0.0, 0.0);
+        for (k, &count) in self.state.hours.iter().enumerate() {
+            let d = h.abs_diff(k).min(24 - h.abs_diff(k));
+            here += HOUR_KERNEL[d] * f64::from(count);
+            events += f64::from(count);
+        }
+        let kernel_sum =
+            HOUR_KERNEL[0] + 2.0 * HOUR_KERNEL[1..12].iter().sum::<f64>() + HOUR_KERNEL[12];
+        let total = kernel_sum * events;
+        ((total + 24.0 * PRIOR) / (24.0 * (here + PRIOR)))
+            .ln()
+            .max(0.0)
     }
 
-    /// [`Self::hours_to_a_used_hour`], discounted while the history is short: a few events do
-    /// not yet show an account's day (weight n / (n + 10)).
-    fn hours_from_usual(&self) -> f64 {
-        let n = self.state.transactions as f64;
-        self.hours_to_a_used_hour()
-            .map_or(0.0, |d| d as f64 * n / (n + 10.0))
+    /// The account's earlier events within two hours of this event's time of day.
+    fn events_near_this_hour(&self) -> u32 {
+        let h = hour_of_day(self.tx.time);
+        (h + 22..=h + 26)
+            .map(|k| u32::from(self.state.hours[k % 24]))
+            .sum()
     }
 
     fn events_within(&self, secs: i64) -> f64 {
@@ -501,6 +533,31 @@ pub const FEATURES: &[FeatureDef] = &[
         },
     },
     FeatureDef {
+        name: "balance_share",
+        definition: "amount / (amount + balance) for a debit: the share of the funds before it that the payment takes (0 for a credit)",
+        reads: "",
+        topic: Topic::Balance,
+        period_secs: None,
+        value: |c| {
+            let (a, b) = (c.tx.amount.max(0.0), c.tx.balance.max(0.0));
+            if c.tx.transaction_type == TransactionType::Debit && a + b > 0.0 {
+                a / (a + b)
+            } else {
+                0.0
+            }
+        },
+        reason: |c, v, _| {
+            (v >= 0.5).then(|| {
+                format!(
+                    "takes {:.0} % of the funds ({} of {})",
+                    v * 100.0,
+                    money(c.tx.amount),
+                    money(c.tx.amount + c.tx.balance)
+                )
+            })
+        },
+    },
+    FeatureDef {
         name: "amount_to_balance",
         definition: "ln((1 + amount) / (1 + balance)): how much of the funds the transaction moves, on the multiplicative scale amounts live on",
         reads: "",
@@ -531,29 +588,24 @@ pub const FEATURES: &[FeatureDef] = &[
     },
     FeatureDef {
         name: "amount_vs_habit",
-        definition: "spreads between ln(1 + amount) and its mean over the account's earlier transactions of the same type, debit or credit (negative below it; 0 without any)",
-        reads: "running log-amount mean and spread of debits and of credits",
+        definition: "spreads by which ln(1 + amount) lies above its mean over the account's earlier transactions of the same type, debit or credit (0 at or below it, or without any)",
+        reads: "running log-amount mean and spread of debits and of credits, each earlier value counted at most 3 spreads from the mean",
         topic: Topic::Amount,
         period_secs: None,
-        value: |c| c.amount_habit().z(c.log_amount(), 0.5),
+        // One-sided: a payment far *below* the habit is what card testing looks like, and the
+        // burst says that (velocity); as a second reading of the amount it only adds spread
+        // among legitimate small payments.
+        value: |c| c.amount_habit().z(c.log_amount()).max(0.0),
         reason: |c, v, _| {
             let usual = c.amount_habit().mean.exp_m1();
-            if v >= 2.5 {
-                Some(format!(
+            (v >= 2.5).then(|| {
+                format!(
                     "amount {} is {} this account's usual {}",
                     money(c.tx.amount),
                     times(c.tx.amount / usual.max(0.01)),
                     money(usual)
-                ))
-            } else {
-                (v <= -2.5).then(|| {
-                    format!(
-                        "amount {} is far below this account's usual {}",
-                        money(c.tx.amount),
-                        money(usual)
-                    )
-                })
-            }
+                )
+            })
         },
     },
     FeatureDef {
@@ -573,10 +625,10 @@ pub const FEATURES: &[FeatureDef] = &[
     FeatureDef {
         name: "duration_vs_habit",
         definition: "spreads between ln(1 + session seconds) and the account's own mean of it (negative below; 0 without history)",
-        reads: "running log-duration mean and spread",
+        reads: "running log-duration mean and spread, each earlier value counted at most 3 spreads from the mean",
         topic: Topic::Duration,
         period_secs: None,
-        value: |c| c.state.log_duration.z(c.log_duration(), 0.5),
+        value: |c| c.state.log_duration.z(c.log_duration()),
         reason: |c, v, _| {
             let usual = c.state.log_duration.mean.exp_m1();
             let d = f64::from(c.tx.duration);
@@ -637,23 +689,24 @@ pub const FEATURES: &[FeatureDef] = &[
         topic: Topic::Hour,
         period_secs: Some(DAY),
         value: |c| hour_angle(c.tx.time).cos(),
-        // A time of day is a reason only against the account's own day (`hours_from_usual`):
+        // A time of day is a reason only against the account's own day (`hour_rarity`):
         // against all accounts, it says more about who trained the model than about the event.
         reason: no_reason,
     },
     FeatureDef {
-        name: "hours_from_usual",
-        definition: "hours of day (UTC, circular) from this event's hour to the nearest hour the account transacted in before, times n / (n + 10) for n earlier events (0 without history)",
+        name: "hour_rarity",
+        definition: "ln((1/24) / p), floored at 0: how much rarer this hour of day (UTC) is for the account than a random hour, p being the account's share of earlier events at this hour from a circular kernel (weight e^(-d/2) for an event d hours away) with a prior of a quarter event per hour (0 without history)",
         reads: "events per hour of day",
         topic: Topic::Hour,
         period_secs: None,
-        value: |c| c.hours_from_usual(),
+        value: |c| c.hour_rarity(),
         reason: |c, v, _| {
-            let d = c.hours_to_a_used_hour()?;
-            (v >= 1.5 && d >= 2).then(|| {
+            // At least 3× rarer than a random hour, i.e. the account's day visibly excludes it.
+            (v >= 3f64.ln()).then(|| {
                 format!(
-                    "at {}, {d} hours from any hour of day this account used in its {} earlier transactions",
+                    "at {}, a time of day this account seldom uses: {} of its {} earlier transactions within 2 hours of it",
                     c.hhmm(),
+                    c.events_near_this_hour(),
                     c.state.transactions
                 )
             })
@@ -907,6 +960,29 @@ mod tests {
     }
 
     #[test]
+    fn the_hour_kernel_is_e_to_the_minus_half_the_hours_apart() {
+        for (d, w) in HOUR_KERNEL.iter().enumerate() {
+            assert!((w - (-(d as f64) / 2.0).exp()).abs() < 1e-15, "{d}");
+        }
+    }
+
+    #[test]
+    fn balance_share_is_the_part_of_the_funds_a_debit_takes_and_nothing_for_a_credit() {
+        let cfg = FeatureConfig::default();
+        let s = AccountState::default();
+        let mut drain = tx("2023-01-02 08:00:00", 9_000.0, 60, "ip", "d");
+        drain.balance = 1_000.0; // the balance left after it
+        let f = compute(&s, &drain, &cfg);
+        assert!((value(&f, "balance_share") - 0.9).abs() < 1e-12);
+        assert_eq!(
+            reason(&s, &drain, "balance_share").as_deref(),
+            Some("takes 90 % of the funds (9,000.00 of 10,000.00)")
+        );
+        drain.transaction_type = TransactionType::Credit;
+        assert_eq!(value(&compute(&s, &drain, &cfg), "balance_share"), 0.0);
+    }
+
+    #[test]
     fn a_first_event_is_neutral_on_every_account_relative_feature_and_is_not_a_burst() {
         let cfg = FeatureConfig::default();
         let f = compute(
@@ -918,7 +994,7 @@ mod tests {
             "amount_vs_habit",
             "duration_vs_habit",
             "login_vs_habit",
-            "hours_from_usual",
+            "hour_rarity",
             "events_last_10m",
             "events_last_24h",
             "new_device",
@@ -980,8 +1056,21 @@ mod tests {
             value(&f, "amount_vs_habit")
         );
         let night = compute(&by_day, &odd, &cfg);
-        // 03:00 is 11 hours from 14:00, after six events.
-        assert_eq!(value(&night, "hours_from_usual"), 11.0 * 6.0 / 16.0);
+        // 03:00 is 11 hours from six events at 14:00: nearly all of the account's density is
+        // elsewhere, so the hour is as rare as the prior lets six events make it.
+        let kernel: f64 = (0..24_i32)
+            .map(|k| (-f64::from(k.min(24 - k)) / 2.0).exp())
+            .sum();
+        let at_3 = 6.0 * (-11.0_f64 / 2.0).exp();
+        let expected = ((6.0 * kernel + 6.0) / (24.0 * (at_3 + 0.25))).ln();
+        assert!((value(&night, "hour_rarity") - expected).abs() < 1e-12);
+        assert!(value(&night, "hour_rarity") > 1.5);
+        // A usual hour is not rare at all.
+        let afternoon = tx("2023-01-09 15:00:00", 100.0, 60, "1.1.1.1", "D1");
+        assert_eq!(
+            value(&compute(&by_day, &afternoon, &cfg), "hour_rarity"),
+            0.0
+        );
         assert_eq!(
             reason(&s, &odd, "new_at_once").as_deref(),
             Some("new device D9 and new IP 9.9.9.9 at once, all first seen on this account")
@@ -991,9 +1080,9 @@ mod tests {
             Some("4 payments in the last 9 minutes")
         );
         assert_eq!(
-            reason(&by_day, &odd, "hours_from_usual").as_deref(),
+            reason(&by_day, &odd, "hour_rarity").as_deref(),
             Some(
-                "at 03:00, 11 hours from any hour of day this account used in its 6 earlier transactions"
+                "at 03:00, a time of day this account seldom uses: 0 of its 6 earlier transactions within 2 hours of it"
             )
         );
         // The usual device on a usual day says nothing.

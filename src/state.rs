@@ -122,17 +122,39 @@ impl Running {
         self.m2 += delta * (x - self.mean);
     }
 
-    /// How many spreads `x` lies from the mean (clamped to ±10): the spread is shrunk toward
-    /// `prior_sd` as if two earlier events had shown it, so two similar events do not make a
-    /// third one look absurd. 0 without history.
-    pub fn z(&self, x: f64, prior_sd: f64) -> f64 {
+    /// Adds `x` winsorised at [`Self::ROBUST_LIMIT`] spreads from the mean once the habit rests
+    /// on a few events (Huber's idea, online): a one-off extreme — a past fraud, a holiday — counts
+    /// as "large" without widening the habit so far that the next extreme looks ordinary.
+    pub fn add_robust(&mut self, x: f64) {
+        const SETTLED: u32 = 5;
+        if self.n < SETTLED {
+            return self.add(x);
+        }
+        let reach = Self::ROBUST_LIMIT * self.spread();
+        self.add(x.clamp(self.mean - reach, self.mean + reach));
+    }
+
+    /// Spreads from the mean beyond which [`Self::add_robust`] counts a value as at that distance.
+    pub const ROBUST_LIMIT: f64 = 3.0;
+
+    /// The spread a habit is shrunk toward (on the log scale: about ×1.65), as if two earlier
+    /// events had shown it, so two similar events do not make a third one look absurd.
+    pub const PRIOR_SD: f64 = 0.5;
+
+    /// The standard deviation, shrunk toward [`Self::PRIOR_SD`].
+    fn spread(&self) -> f64 {
+        const PRIOR_EVENTS: f64 = 2.0;
+        ((self.m2 + PRIOR_EVENTS * Self::PRIOR_SD * Self::PRIOR_SD)
+            / (f64::from(self.n) + PRIOR_EVENTS))
+            .sqrt()
+    }
+
+    /// How many (shrunk) spreads `x` lies from the mean, clamped to ±10; 0 without history.
+    pub fn z(&self, x: f64) -> f64 {
         if self.n == 0 {
             return 0.0;
         }
-        const PRIOR_EVENTS: f64 = 2.0;
-        let var =
-            (self.m2 + PRIOR_EVENTS * prior_sd * prior_sd) / (f64::from(self.n) + PRIOR_EVENTS);
-        ((x - self.mean) / var.sqrt()).clamp(-10.0, 10.0)
+        ((x - self.mean) / self.spread()).clamp(-10.0, 10.0)
     }
 }
 
@@ -196,8 +218,8 @@ impl AccountState {
         self.devices.observe(&tx.device_id, slots);
         self.merchants.observe(&tx.merchant_id, slots);
         self.amount_habit_mut(tx.transaction_type)
-            .add(tx.amount.ln_1p());
-        self.log_duration.add(f64::from(tx.duration).ln_1p());
+            .add_robust(tx.amount.ln_1p());
+        self.log_duration.add_robust(f64::from(tx.duration).ln_1p());
         self.login_attempts.add(f64::from(tx.login_attempts));
         let hour = hour_of_day(tx.time);
         self.hours[hour] = self.hours[hour].saturating_add(1);
@@ -325,6 +347,25 @@ impl PartitionState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_past_extreme_does_not_widen_the_habit_so_far_that_the_next_one_looks_ordinary() {
+        let (mut robust, mut plain) = (Running::default(), Running::default());
+        for i in 0..30 {
+            let x = 5.0 + 0.3 * f64::from(i % 3) - 0.3;
+            robust.add_robust(x);
+            plain.add(x);
+        }
+        // One payment far above the habit (a past fraud, say), then another like it.
+        robust.add_robust(9.0);
+        plain.add(9.0);
+        // Counted at 3 spreads, the first leaves the spread nearly as it was: the second is as far
+        // out as it gets (10). Counted in full, it would have more than doubled the spread.
+        assert_eq!(robust.z(9.0), 10.0, "{robust:?}");
+        assert!(plain.z(9.0) < 6.0, "{plain:?}");
+        // An ordinary value is still ordinary.
+        assert!(robust.z(5.2).abs() < 1.0);
+    }
 
     #[test]
     fn frequent_values_are_exact_within_capacity_and_ties_go_to_the_first_seen() {

@@ -46,10 +46,10 @@ fn shared_backtest() -> &'static (Report, Vec<BTreeMap<String, String>>) {
 }
 
 /// The floor this suite holds the defaults to, a little under what docs/backtesting.md measured
-/// on such streams (consensus precision 0.64–0.69, recall 0.83–0.88, PR-AUC 0.84–0.88; amount
-/// spikes 0.55–0.73, odd hours 0.43–0.54, the other patterns 0.94–1.0): a change that makes
-/// detection clearly worse
-/// fails here. The goal (precision 0.8 at recall 0.9, every pattern 0.8) is not reached yet.
+/// on such streams (consensus precision 0.80–0.83, recall 0.92–0.94, PR-AUC 0.93–0.95; every
+/// pattern 0.78–1.0): a change that makes detection clearly worse fails here. The goal
+/// (precision 0.8 at recall 0.9, every pattern 0.8) is met on four of the five streams measured;
+/// this one (seed 2026) has precision 0.799 and odd hours 0.78.
 #[test]
 fn a_time_split_of_simulated_traffic_keeps_precision_recall_and_every_pattern_above_the_floor() {
     let (report, _) = shared_backtest();
@@ -58,19 +58,14 @@ fn a_time_split_of_simulated_traffic_keeps_precision_recall_and_every_pattern_ab
     let consensus = &labels.consensus;
     let (precision, recall) = (consensus.precision.unwrap(), consensus.recall.unwrap());
     assert!(
-        precision >= 0.6 && recall >= 0.78,
+        precision >= 0.77 && recall >= 0.9,
         "precision {precision:.3} recall {recall:.3}"
     );
-    assert!(consensus.pr_auc.unwrap() >= 0.8, "{:?}", consensus.pr_auc);
+    assert!(consensus.pr_auc.unwrap() >= 0.9, "{:?}", consensus.pr_auc);
     for kind in Label::FRAUD {
         let k = &labels.by_label[kind.as_str()];
-        let floor = match kind {
-            Label::OddHours => 0.4,
-            Label::AmountSpike => 0.5,
-            _ => 0.9,
-        };
         assert!(
-            k.recall.unwrap() >= floor,
+            k.recall.unwrap() >= 0.75,
             "{}: recall {:?} of {}",
             kind.as_str(),
             k.recall,

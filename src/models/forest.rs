@@ -414,10 +414,13 @@ fn grow(
             .iter()
             .map(|k| {
                 let (dim, lo, hi) = ranges[k];
+                // Slopes in units of each feature's range among these rows, so the split's
+                // orientation does not depend on the units of the features (axis-parallel
+                // splits never did): a feature spanning 0–4 counts as much as one spanning ±10.
                 let n: f64 = StandardNormal.sample(rng);
                 Term {
                     dim,
-                    n,
+                    n: n / (hi - lo),
                     p: lo + rng.r#gen::<f64>() * (hi - lo),
                 }
             })
@@ -685,6 +688,26 @@ mod tests {
     fn training_refuses_values_that_are_not_finite() {
         let rows = vec![vec![1.0, f64::NAN], vec![2.0, 3.0]];
         assert!(train(&rows, &options(5, 2, 0, 2, 1)).is_err());
+    }
+
+    #[test]
+    fn hyperplane_scores_do_not_depend_on_the_units_of_a_feature() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let data = inliers(1000, &mut rng);
+        // A power of two, so the rescaled arithmetic is exact and the scores must be equal bit
+        // for bit: cents instead of hundreds of dollars, say.
+        let rescale = |rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            rows.iter()
+                .map(|r| vec![r[0], r[1] * 1024.0, r[2]])
+                .collect()
+        };
+        let probes = inliers(50, &mut rng);
+        let opts = options(50, 256, 2, data.len(), 9);
+        let plain = train(&data, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let scaled = train(&rescale(&data), &opts).unwrap_or_else(|e| panic!("{e}"));
+        for (x, y) in probes.iter().zip(rescale(&probes)) {
+            assert_eq!(plain.score(x).to_bits(), scaled.score(&y).to_bits());
+        }
     }
 
     #[test]
