@@ -36,7 +36,15 @@ pub fn run(name: &str, split: Split, cfg: &Config, out: &Path) -> Result<Backtes
     let models: ModelSet = train(&split.training, &cfg.models, &cfg.features, cfg.policy)?;
     let model_dir = out.join("model");
     models.save(&model_dir)?;
-    let info = split.info(&models.manifest.lof.encoder.numeric, &cfg.features);
+    // Every numeric feature either model reads, each once, in the forest's order then LOF's.
+    let m = &models.manifest;
+    let mut read: Vec<String> = m.isolation_forest.encoder.numeric.clone();
+    for f in &m.lof.encoder.numeric {
+        if !read.contains(f) {
+            read.push(f.clone());
+        }
+    }
+    let info = split.info(&read, &cfg.features);
     let manifest = models.manifest.clone();
     let mut candidates = vec![Candidate::new(
         "backtest".into(),

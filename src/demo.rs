@@ -4,13 +4,23 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::decode::Decoder;
+use crate::ingest::client_config;
+use crate::models::ModelSet;
 use crate::run::{RunError, Shared, producer, run_stream};
-use crate::simulate::{Simulator, produce};
+use crate::simulate::{Simulator, produce, produce_all};
+use crate::train::{history_from_payloads, train};
+
+/// Events of simulated history the demo writes before it starts scoring: with 2,000 accounts,
+/// about five days, ten events per account.
+pub const HISTORY_EVENTS: usize = 20_000;
 
 /// Partitions of the input topic in the embedded cluster.
 const EMBEDDED_PARTITIONS: i32 = 3;
@@ -36,21 +46,83 @@ impl Embedded {
     }
 }
 
+/// Gives the demo a past, as a bank's stream has one: writes `count` events of `sim`'s traffic
+/// to the input topic and commits the consumer group's offsets at their end, so the stream folds
+/// them into the account state unscored (as after a restart) and scores only what follows; and
+/// returns the models trained on those events — a detector trained on its own bank's past, not
+/// on the bundled dataset's accounts of five events each. A model already in `models.dir` is
+/// used instead (and the history only warms the state).
+pub async fn warm_up(
+    cfg: &Config,
+    brokers: &str,
+    sim: &mut Simulator,
+    count: usize,
+) -> Result<ModelSet, RunError> {
+    let started = Instant::now();
+    let events: Vec<_> = (0..count).map(|_| sim.next_event()).collect();
+    let topic = &cfg.kafka.transactions_topic;
+    if count > 0 {
+        produce_all(&producer(&cfg.kafka, brokers)?, topic, &events).await?;
+        let (kafka, brokers, topic) = (cfg.kafka.clone(), brokers.to_string(), topic.clone());
+        tokio::task::spawn_blocking(move || commit_ends(&kafka, &brokers, &topic))
+            .await
+            .map_err(|e| RunError::Task(e.to_string()))??;
+    }
+    let dir = &cfg.models.dir;
+    if ModelSet::exists(dir) || count == 0 {
+        return crate::run::load_or_train(cfg);
+    }
+    let history = history_from_payloads(
+        "demo: simulated history",
+        events.iter().map(|e| e.payload.as_slice()),
+        &Decoder::Json,
+    );
+    let set = train(&history, &cfg.models, &cfg.features, cfg.policy)?;
+    tracing::info!(
+        events = count,
+        version = set.version(),
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "wrote simulated history to the input topic and trained on it (not saved: models.dir keeps what `vigil run` uses)"
+    );
+    Ok(set)
+}
+
+/// Commits the group's offset of every partition of `topic` at its end.
+fn commit_ends(
+    kafka: &crate::config::KafkaConfig,
+    brokers: &str,
+    topic: &str,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let timeout = Duration::from_secs(10);
+    let consumer: BaseConsumer = client_config(kafka, brokers)
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut ends = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            ends.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+        }
+    }
+    consumer.commit(&ends, CommitMode::Sync)
+}
+
 /// Options of the demo.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub rate: f64,
-    pub anomaly_share: f64,
-    pub malformed_share: f64,
-    pub seed: u64,
     pub duration: Option<Duration>,
 }
 
-/// Runs simulator + stream processor until `shutdown` (or the duration) ends it.
+/// Runs simulator (continuing `sim`) + stream processor until `shutdown` (or the duration)
+/// ends it.
 pub async fn run_demo(
     cfg: &Config,
     brokers: &str,
     shared: Shared,
+    mut sim: Simulator,
     opts: DemoOptions,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
@@ -59,7 +131,6 @@ pub async fn run_demo(
     let sim_stop = shutdown.child_token();
     let stop = sim_stop.clone();
     let simulator = tokio::spawn(async move {
-        let mut sim = Simulator::new(opts.seed, opts.anomaly_share, opts.malformed_share);
         match produce(&sim_producer, &topic, &mut sim, opts.rate, None, &stop).await {
             Ok(n) => tracing::info!(events = n, "simulator stopped"),
             Err(e) => tracing::error!(error = %e, "simulator failed"),

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use vigil::backtest::{self, Cut, Split};
 use vigil::config::{Config, ModelConfig};
 use vigil::decode::Decoder;
-use vigil::demo::{DemoOptions, Embedded, run_demo};
+use vigil::demo::{DemoOptions, Embedded, run_demo, warm_up};
 use vigil::models::ModelSet;
 use vigil::replay::{Candidate, Input, Outputs, read_topic, replay};
 use vigil::run::{Shared, load_or_train, producer, run_stream};
@@ -49,6 +49,11 @@ enum Command {
         malformed_share: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Events of simulated history written first: the state folds them in unscored and,
+        /// unless models.dir holds a model, the models are trained on them (0: no history, the
+        /// model of models.dir or one trained on the bundled dataset).
+        #[arg(long, default_value_t = vigil::demo::HISTORY_EVENTS)]
+        history: usize,
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         seconds: Option<u64>,
@@ -242,6 +247,7 @@ async fn main() -> Result<()> {
             anomaly_share,
             malformed_share,
             seed,
+            history,
             seconds,
         } => {
             let embedded = match &cfg.kafka.brokers {
@@ -258,18 +264,17 @@ async fn main() -> Result<()> {
                 (None, None) => bail!("no brokers"),
             };
             let shutdown = shutdown_on_signal();
-            let shared = Shared::new(load_or_train(&cfg)?)?
+            let mut sim = Simulator::new(seed, anomaly_share, malformed_share);
+            let models = warm_up(&cfg, &brokers, &mut sim, history).await?;
+            let shared = Shared::new(models)?
                 .with_decisions(cfg.policy, cfg.top_features)
                 .with_access(cfg.auth.clone(), cfg.rate_limit);
             start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             let opts = DemoOptions {
                 rate,
-                anomaly_share,
-                malformed_share,
-                seed,
                 duration: seconds.map(Duration::from_secs),
             };
-            run_demo(&cfg, &brokers, shared, opts, shutdown).await?;
+            run_demo(&cfg, &brokers, shared, sim, opts, shutdown).await?;
         }
         Command::Train {
             input,

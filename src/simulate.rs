@@ -753,6 +753,42 @@ impl Simulator {
     }
 }
 
+/// Enqueues one event, its label in the [`LABEL_HEADER`] header.
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    e: &SimEvent,
+) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError> {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: LABEL_HEADER,
+        value: Some(e.label.as_str()),
+    });
+    let record = FutureRecord::to(topic)
+        .key(e.key.as_bytes())
+        .payload(e.payload.as_slice())
+        .headers(headers);
+    enqueue(producer, record).await
+}
+
+/// Produces `events` as fast as the broker takes them, and waits until every one is
+/// acknowledged.
+pub async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    events: &[SimEvent],
+) -> Result<(), rdkafka::error::KafkaError> {
+    let mut pending = Vec::with_capacity(events.len());
+    for e in events {
+        pending.push(send(producer, topic, e).await?);
+    }
+    for d in pending {
+        if let Ok(Err((e, _))) = d.await {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Produces `count` events (forever if `None`) at about `rate` per second.
 pub async fn produce(
     producer: &FutureProducer,
@@ -775,16 +811,7 @@ pub async fn produce(
             if count.is_some_and(|c| sent >= c) {
                 break;
             }
-            let e = sim.next_event();
-            let headers = OwnedHeaders::new().insert(Header {
-                key: LABEL_HEADER,
-                value: Some(e.label.as_str()),
-            });
-            let record = FutureRecord::to(topic)
-                .key(e.key.as_bytes())
-                .payload(e.payload.as_slice())
-                .headers(headers);
-            pending.push(enqueue(producer, record).await?);
+            pending.push(send(producer, topic, &sim.next_event()).await?);
             sent += 1;
         }
         for d in pending.drain(..) {

@@ -64,15 +64,21 @@ async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
         forest["threshold"].as_f64(),
         Some(s.models.forest.threshold)
     );
-    assert_eq!(forest["columns"].as_array().unwrap().len(), 11);
+    assert_eq!(
+        forest["columns"].as_array().unwrap().len(),
+        vigil::config::FOREST_NUMERIC.len()
+    );
     let lof = &v["models"][1];
     assert_eq!(lof["name"], "lof");
-    assert_eq!(lof["k"], 50);
+    assert_eq!(lof["k"], 35);
     // `auto` (the default) resolves as scikit-learn does: brute force above 15 columns.
     assert_eq!(lof["parameters"]["index"], "auto");
     assert_eq!(lof["index"], "brute");
-    // 20 numerics, TransactionType (2) and Channel (3) one-hot.
-    assert_eq!(lof["columns"].as_array().unwrap().len(), 25);
+    // The numerics, TransactionType (2) and Channel (3) one-hot.
+    assert_eq!(
+        lof["columns"].as_array().unwrap().len(),
+        vigil::config::LOF_NUMERIC.len() + 5
+    );
     assert_eq!(v["training"]["rows_valid"], 2512);
 }
 
@@ -392,7 +398,7 @@ async fn each_model_is_described_by_name_and_an_unknown_name_is_a_json_404() {
     assert_eq!(v["threshold"].as_f64(), Some(s.models.forest.threshold));
     let (status, body) = get(&s, "/models/lof").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(body.contains("\"k\":50"));
+    assert!(body.contains("\"k\":35"), "{body}");
     let (status, body) = get(&s, "/models/svm").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("isolation_forest and lof"), "{body}");
