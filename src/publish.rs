@@ -184,19 +184,56 @@ pub fn alert_id(source: &SourceCoordinates, model_version: &str) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Dead-letter headers: the reason and where the event came from, plus the original headers.
+/// Most of an invalid event's bytes its dead letter carries. With [`DEAD_LETTER_MAX_ERROR`] and
+/// [`DEAD_LETTER_MAX_COPIED_HEADERS`] a dead letter stays far below Kafka's default 1 MB message
+/// limit, so the broker can never refuse one for its size — which would stop the partition for
+/// good, since an event's offset is stored only once its dead letter is acknowledged. The full
+/// size and a SHA-256 of the original bytes are in the `original.bytes` / `original.sha256`
+/// headers, so a truncated event can still be matched with its producer's copy.
+pub const DEAD_LETTER_MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Longest text of the `error` header (and of the log line): the reason may quote the value.
+pub const DEAD_LETTER_MAX_ERROR: usize = 1024;
+
+/// Budget in bytes for the original event's headers copied onto its dead letter; the rest are
+/// left out and counted in `original.headers_dropped`.
+pub const DEAD_LETTER_MAX_COPIED_HEADERS: usize = 16 * 1024;
+
+/// The part of an invalid event's bytes that its dead letter carries.
+pub fn dead_letter_payload(payload: &[u8]) -> &[u8] {
+    &payload[..payload.len().min(DEAD_LETTER_MAX_PAYLOAD)]
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, "…" marking the cut.
+pub fn bounded_text(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
+/// Dead-letter headers: the reason and where the event came from, the size (and, when the
+/// payload is cut, the digest) of the original bytes, plus the original headers within
+/// [`DEAD_LETTER_MAX_COPIED_HEADERS`].
 pub fn dead_letter_headers(
     error: &DecodeError,
     source: &SourceCoordinates,
+    payload: &[u8],
     original: Option<&OwnedHeaders>,
 ) -> OwnedHeaders {
     let partition = source.partition.to_string();
     let offset = source.offset.to_string();
     let message = error.to_string();
+    let message = bounded_text(&message, DEAD_LETTER_MAX_ERROR);
+    let size = payload.len().to_string();
     let mut headers = OwnedHeaders::new()
         .insert(Header {
             key: "error",
-            value: Some(message.as_str()),
+            value: Some(message.as_ref()),
         })
         .insert(Header {
             key: "error.code",
@@ -221,12 +258,39 @@ pub fn dead_letter_headers(
         .insert(Header {
             key: "source.offset",
             value: Some(offset.as_str()),
+        })
+        .insert(Header {
+            key: "original.bytes",
+            value: Some(size.as_str()),
         });
+    if payload.len() > DEAD_LETTER_MAX_PAYLOAD {
+        let digest: String = Sha256::digest(payload)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        headers = headers.insert(Header {
+            key: "original.sha256",
+            value: Some(digest.as_str()),
+        });
+    }
     if let Some(original) = original {
+        let (mut budget, mut dropped) = (DEAD_LETTER_MAX_COPIED_HEADERS, 0usize);
         for h in original.iter() {
+            let bytes = h.key.len() + h.value.map_or(0, <[u8]>::len);
+            if bytes > budget {
+                dropped += 1;
+                continue;
+            }
+            budget -= bytes;
             headers = headers.insert(Header {
                 key: h.key,
                 value: h.value,
+            });
+        }
+        if dropped > 0 {
+            headers = headers.insert(Header {
+                key: "original.headers_dropped",
+                value: Some(dropped.to_string().as_str()),
             });
         }
     }
@@ -485,7 +549,7 @@ mod tests {
             key: "trace",
             value: Some("abc"),
         });
-        let h = dead_letter_headers(&e, &s, Some(&original));
+        let h = dead_letter_headers(&e, &s, b"{}", Some(&original));
         let get = |k: &str| {
             h.iter()
                 .find(|x| x.key == k)
@@ -500,5 +564,73 @@ mod tests {
         assert_eq!(get("error.stage").as_deref(), Some("validate"));
         assert_eq!(get("source.offset").as_deref(), Some("7"));
         assert_eq!(get("trace").as_deref(), Some("abc"));
+        assert_eq!(get("original.bytes").as_deref(), Some("2"));
+        assert_eq!(get("original.sha256"), None);
+    }
+
+    /// A dead letter the broker refused for its size would stop the partition for good.
+    #[test]
+    fn a_dead_letter_stays_far_below_the_message_limit_however_large_the_bad_event() {
+        // A 900 KB enumeration value, which the reason quotes, in a 2 MB event with big headers.
+        let value = "X".repeat(900_000);
+        let e = DecodeError::NotAllowed {
+            field: "TransactionType",
+            value: value.clone(),
+            allowed: "Debit, Credit".into(),
+        };
+        let payload = format!(
+            "{{\"TransactionType\":\"{value}\",\"pad\":\"{}\"}}",
+            "y".repeat(1_100_000)
+        );
+        let s = SourceCoordinates {
+            topic: "tx".into(),
+            partition: 0,
+            offset: 1,
+        };
+        let mut original = OwnedHeaders::new();
+        for i in 0..40 {
+            original = original.insert(Header {
+                key: &format!("h{i}"),
+                value: Some(&"z".repeat(1_000)),
+            });
+        }
+        let h = dead_letter_headers(&e, &s, payload.as_bytes(), Some(&original));
+        let header_bytes: usize = h
+            .iter()
+            .map(|x| x.key.len() + x.value.map_or(0, <[u8]>::len))
+            .sum();
+        let body = dead_letter_payload(payload.as_bytes());
+        assert_eq!(body, &payload.as_bytes()[..DEAD_LETTER_MAX_PAYLOAD]);
+        assert!(header_bytes + body.len() < 100 * 1024, "{header_bytes}");
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let error = get("error").unwrap_or_default();
+        assert!(
+            error.len() <= DEAD_LETTER_MAX_ERROR && error.ends_with('…'),
+            "{}",
+            error.len()
+        );
+        assert!(error.starts_with("field `TransactionType`"), "{error}");
+        assert_eq!(get("original.bytes"), Some(payload.len().to_string()));
+        let digest: String = Sha256::digest(payload.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(get("original.sha256"), Some(digest));
+        assert_eq!(get("h0").map(|v| v.len()), Some(1_000));
+        assert!(
+            get("original.headers_dropped").is_some_and(|n| n.parse::<usize>().unwrap_or(0) > 20)
+        );
+    }
+
+    #[test]
+    fn bounded_text_cuts_at_a_character_boundary() {
+        assert_eq!(bounded_text("short", 10), "short");
+        let cut = bounded_text("ééééé", 6);
+        assert!(cut.len() <= 6 && cut.ends_with('…'), "{cut}");
     }
 }

@@ -32,8 +32,9 @@ use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
 use crate::pipeline::{Engine, Outcome, Scored};
 use crate::publish::{
-    AlertEncoder, AlertFeed, EncodeError, OutcomeKind, Pending, PublishError, SourceCoordinates,
-    dead_letter_headers, enqueue,
+    AlertEncoder, AlertFeed, DEAD_LETTER_MAX_ERROR, EncodeError, OutcomeKind, Pending,
+    PublishError, SourceCoordinates, bounded_text, dead_letter_headers, dead_letter_payload,
+    enqueue,
 };
 use crate::train::{HistoryError, bundled_history, train};
 
@@ -332,13 +333,13 @@ impl Worker {
                     offset,
                     code = error.code(),
                     field = error.field().unwrap_or(""),
-                    error = %error,
+                    error = %bounded_text(&error.to_string(), DEAD_LETTER_MAX_ERROR),
                     bytes = payload.len(),
                     "invalid event sent to the dead-letter topic"
                 );
-                let headers = dead_letter_headers(&error, &source, msg.headers());
+                let headers = dead_letter_headers(&error, &source, payload, msg.headers());
                 let mut record = FutureRecord::to(&self.kafka.dead_letter_topic)
-                    .payload(payload)
+                    .payload(dead_letter_payload(payload))
                     .headers(headers);
                 if let Some(key) = msg.key() {
                     record = record.key(key);

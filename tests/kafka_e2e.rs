@@ -455,6 +455,63 @@ async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
     );
 }
 
+/// A dead letter the broker refused for its size used to stop vigil, and every restart stopped
+/// again on the same event: the partition was stuck for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_bad_event_is_dead_lettered_cut_to_size_and_the_partition_goes_on() {
+    let Some((brokers, t, work, _)) = setup("oversized").await else {
+        return;
+    };
+    let good = dataset_events();
+    let mut quoted = serde_json::to_value(&good[0]).unwrap();
+    // The reason quotes this 900 KB value; the whole event is close to the producer's limit.
+    quoted
+        .as_object_mut()
+        .unwrap()
+        .insert("TransactionType".into(), "X".repeat(900_000).into());
+    let quoted = serde_json::to_vec(&quoted).unwrap();
+    // Not JSON at all, 1.04 MB: under the broker's default topic limit (1 MiB + 12 bytes).
+    let mut huge = b"{not json ".to_vec();
+    huge.resize(1_040_000, b'y');
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("message.max.bytes", "1100000")
+        .create()
+        .unwrap();
+    let key = good[1].account_id.clone();
+    produce(&p, &t.transactions, &key, &quoted);
+    produce(&p, &t.transactions, &key, &huge);
+    produce(
+        &p,
+        &t.transactions,
+        &key,
+        &serde_json::to_vec(&good[1]).unwrap(),
+    );
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &[]);
+    let committed = wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120));
+    assert_eq!(committed, 3, "every event, the one after the bad ones too");
+    let dead = read_all(&brokers, &t.dead_letter, 2, Duration::from_secs(30));
+    assert_eq!(dead.len(), 2);
+    for (m, original) in dead.iter().zip([&quoted, &huge]) {
+        let header = |k: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let payload = m.payload().unwrap_or_default();
+        assert_eq!(
+            payload,
+            &original[..vigil::publish::DEAD_LETTER_MAX_PAYLOAD]
+        );
+        assert_eq!(header("original.bytes"), Some(original.len().to_string()));
+        assert_eq!(header("original.sha256").map(|d| d.len()), Some(64));
+        assert!(header("error").unwrap().len() <= vigil::publish::DEAD_LETTER_MAX_ERROR);
+    }
+    assert!(sigterm(&mut vigil).success());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
     let Some((brokers, t, work, models)) = setup("restart").await else {
