@@ -70,6 +70,16 @@ const HOUR_KERNEL: [f64; 13] = [
     0.0024787521766663585,
 ];
 
+/// The kernel's weights over the 24 hours of the day (0 and 12 hours apart once, the rest twice).
+const HOUR_KERNEL_SUM: f64 = {
+    let (mut between, mut d) = (0.0, 1);
+    while d < 12 {
+        between += HOUR_KERNEL[d];
+        d += 1;
+    }
+    HOUR_KERNEL[0] + 2.0 * between + HOUR_KERNEL[12]
+};
+
 /// An event and its account's state before it: what a feature is computed from.
 pub struct Context<'a> {
     pub tx: &'a Transaction,
@@ -124,9 +134,7 @@ impl<'a> Context<'a> {
             here += HOUR_KERNEL[d] * f64::from(count);
             events += f64::from(count);
         }
-        let kernel_sum =
-            HOUR_KERNEL[0] + 2.0 * HOUR_KERNEL[1..12].iter().sum::<f64>() + HOUR_KERNEL[12];
-        let total = kernel_sum * events;
+        let total = HOUR_KERNEL_SUM * events;
         ((total + 24.0 * PRIOR) / (24.0 * (here + PRIOR)))
             .ln()
             .max(0.0)

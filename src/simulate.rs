@@ -801,24 +801,15 @@ pub async fn produce(
     let batch = (rate / 20.0).ceil().max(1.0) as u64;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(batch as f64 / rate.max(0.001)));
     let mut sent = 0u64;
-    let mut pending = Vec::new();
     while count.is_none_or(|c| sent < c) && !stop.is_cancelled() {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        for _ in 0..batch {
-            if count.is_some_and(|c| sent >= c) {
-                break;
-            }
-            pending.push(send(producer, topic, &sim.next_event()).await?);
-            sent += 1;
-        }
-        for d in pending.drain(..) {
-            if let Ok(Err((e, _))) = d.await {
-                return Err(e);
-            }
-        }
+        let n = count.map_or(batch, |c| batch.min(c - sent));
+        let events: Vec<SimEvent> = (0..n).map(|_| sim.next_event()).collect();
+        produce_all(producer, topic, &events).await?;
+        sent += n;
     }
     Ok(sent)
 }
