@@ -54,6 +54,7 @@ fn per_event(c: &mut Criterion) {
                 topic: "bench".into(),
                 partition: 0,
                 offset: i as i64,
+                published_at: None,
             };
             i += 1;
             black_box(engine.process(&mut state, &source, payload, &mut scratch));

@@ -32,6 +32,7 @@ fn bench_path(c: &mut Criterion, name: &str, engine: &Engine, payloads: &[Vec<u8
                 topic: "bench".into(),
                 partition: 0,
                 offset: i as i64,
+                published_at: None,
             };
             i += 1;
             let span = tracing::trace_span!(

@@ -53,6 +53,7 @@ pub fn run(name: &str, split: Split, cfg: &Config, out: &Path) -> Result<Backtes
         split.encoding,
         cfg.policy,
         cfg.top_features,
+        cfg.event_time,
     )];
     let input = Input::Recorded {
         name: name.to_string(),
@@ -201,6 +202,7 @@ mod tests {
         Recorded {
             partition: 3,
             offset: 99,
+            published_at: None,
             payload: payload.as_bytes().to_vec(),
             label: None,
             warm_only: false,

@@ -14,6 +14,7 @@ use figment::providers::{Env, Format, Serialized, Yaml};
 use serde::{Deserialize, Serialize};
 
 use crate::features::{CATEGORICAL_FEATURES, NUMERIC_FEATURES};
+pub use crate::pipeline::EventTimeLimits;
 
 /// Errors found while loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,7 @@ pub enum Encoding {
 pub struct RawPipeline {
     pub workers: usize,
     pub queue_capacity: usize,
+    pub max_event_time_ahead_hours: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -328,6 +330,7 @@ impl Default for RawPipeline {
         Self {
             workers: 2,
             queue_capacity: 1024,
+            max_event_time_ahead_hours: 24.0,
         }
     }
 }
@@ -472,6 +475,7 @@ pub struct Config {
     pub encoding: Encoding,
     pub workers: usize,
     pub queue_capacity: usize,
+    pub event_time: EventTimeLimits,
     pub features: FeatureConfig,
     pub models: ModelConfig,
     pub policy: Policy,
@@ -834,6 +838,13 @@ impl RawConfig {
         if self.pipeline.queue_capacity == 0 {
             return Err(invalid("pipeline.queue_capacity", "must be at least 1"));
         }
+        let ahead = self.pipeline.max_event_time_ahead_hours;
+        if !(ahead.is_finite() && (0.0..=8_760.0).contains(&ahead)) {
+            return Err(invalid(
+                "pipeline.max_event_time_ahead_hours",
+                format!("{ahead} is outside 0..=8760"),
+            ));
+        }
         let f = &self.features;
         if f.window == 0 || f.window > 64 {
             return Err(invalid(
@@ -932,6 +943,9 @@ impl RawConfig {
             encoding: self.encoding,
             workers: self.pipeline.workers,
             queue_capacity: self.pipeline.queue_capacity,
+            event_time: EventTimeLimits {
+                max_ahead_secs: (ahead * 3_600.0) as i64,
+            },
             features: FeatureConfig {
                 window: f.window,
                 state_ttl_secs: (f.state_ttl_days * 86_400.0) as i64,

@@ -175,17 +175,24 @@ pub enum DecodeError {
     },
     #[error("field `{field}` = `{value}` is not a timestamp (YYYY-MM-DD HH:MM:SS or RFC 3339)")]
     BadTimestamp { field: &'static str, value: String },
+    #[error("field `{field}` = `{value}` is implausible: {why}")]
+    ImplausibleTime {
+        field: &'static str,
+        value: String,
+        why: String,
+    },
 }
 
 impl DecodeError {
     /// Every value `code()` returns.
-    pub const CODES: [&'static str; 6] = [
+    pub const CODES: [&'static str; 7] = [
         "malformed",
         "missing_field",
         "empty_field",
         "out_of_range",
         "not_allowed",
         "bad_timestamp",
+        "implausible_time",
     ];
 
     /// Short, stable label for metrics and the dead-letter `error.code` header.
@@ -197,6 +204,7 @@ impl DecodeError {
             Self::OutOfRange { .. } => "out_of_range",
             Self::NotAllowed { .. } => "not_allowed",
             Self::BadTimestamp { .. } => "bad_timestamp",
+            Self::ImplausibleTime { .. } => "implausible_time",
         }
     }
 
@@ -208,7 +216,8 @@ impl DecodeError {
             | Self::Empty { field }
             | Self::OutOfRange { field, .. }
             | Self::NotAllowed { field, .. }
-            | Self::BadTimestamp { field, .. } => Some(field),
+            | Self::BadTimestamp { field, .. }
+            | Self::ImplausibleTime { field, .. } => Some(field),
         }
     }
 
@@ -613,6 +622,11 @@ mod tests {
             DecodeError::BadTimestamp {
                 field: "x",
                 value: String::new(),
+            },
+            DecodeError::ImplausibleTime {
+                field: "x",
+                value: String::new(),
+                why: String::new(),
             },
         ];
         let codes: Vec<_> = errors.iter().map(DecodeError::code).collect();

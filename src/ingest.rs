@@ -89,6 +89,12 @@ impl ConsumerContext for GroupContext {
 }
 
 /// Client properties shared by every client vigil makes, overrides last.
+/// A record's timestamp in seconds since the epoch (producer's create time or the broker's
+/// append time, as the topic is configured), if it has one.
+pub fn published_at(m: &impl Message) -> Option<i64> {
+    m.timestamp().to_millis().map(|ms| ms.div_euclid(1_000))
+}
+
 pub fn client_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
@@ -157,7 +163,12 @@ pub fn restore_partition(
                 if m.offset() >= until {
                     break;
                 }
-                engine.warm(state, m.offset(), m.payload().unwrap_or_default());
+                engine.warm(
+                    state,
+                    m.offset(),
+                    published_at(&m),
+                    m.payload().unwrap_or_default(),
+                );
                 replayed += 1;
                 if m.offset() + 1 >= until {
                     break;

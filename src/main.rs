@@ -237,7 +237,7 @@ async fn main() -> Result<()> {
                 .unwrap_or_default();
             let shutdown = shutdown_on_signal();
             let shared = Shared::new(load_or_train(&cfg)?)?
-                .with_decisions(cfg.policy, cfg.top_features)
+                .with_decisions(&cfg)
                 .with_access(cfg.auth.clone(), cfg.rate_limit);
             start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             run_stream(&cfg, &brokers, shared, shutdown).await?;
@@ -267,7 +267,7 @@ async fn main() -> Result<()> {
             let mut sim = Simulator::new(seed, anomaly_share, malformed_share);
             let models = warm_up(&cfg, &brokers, &mut sim, history).await?;
             let shared = Shared::new(models)?
-                .with_decisions(cfg.policy, cfg.top_features)
+                .with_decisions(&cfg)
                 .with_access(cfg.auth.clone(), cfg.rate_limit);
             start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             let opts = DemoOptions {
@@ -364,6 +364,7 @@ async fn main() -> Result<()> {
                     cfg.encoding,
                     cfg.policy,
                     cfg.top_features,
+                    cfg.event_time,
                 ));
             }
             let source = match input {

@@ -47,6 +47,82 @@ pub struct Scored {
     pub verdicts: [Verdict; 2],
 }
 
+/// Which event times are plausible. One event dated years ahead would otherwise drag its
+/// partition's clock (every idle-account sweep would then forget every account), and one dated
+/// years back would be folded into its account as if it were news.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTimeLimits {
+    /// How far an event may be dated after the moment it was published: the Kafka record's
+    /// timestamp, or the clock when the event has none (a file, `/predict`). Covers clock skew
+    /// and a producer that writes local time for UTC.
+    pub max_ahead_secs: i64,
+}
+
+impl Default for EventTimeLimits {
+    fn default() -> Self {
+        Self {
+            max_ahead_secs: 86_400,
+        }
+    }
+}
+
+impl EventTimeLimits {
+    /// Whether an event at `time`, published at `published` (seconds since the epoch), fits:
+    /// not before 1970, at most `max_ahead_secs` after publication, and — when `latest`, the
+    /// latest event time of its partition (or account), is known — not further behind it than
+    /// the state keeps an account (`ttl_secs`): state that old is gone, so it cannot be scored
+    /// against it.
+    pub fn check(
+        &self,
+        time: i64,
+        published: i64,
+        latest: Option<i64>,
+        ttl_secs: i64,
+    ) -> Result<(), DecodeError> {
+        let implausible = |why: String| {
+            Err(DecodeError::ImplausibleTime {
+                field: "TransactionDate",
+                value: crate::decode::format_time(time),
+                why,
+            })
+        };
+        if time < 0 {
+            return implausible("before 1970".into());
+        }
+        let ahead = time.saturating_sub(published);
+        if ahead > self.max_ahead_secs {
+            return implausible(format!(
+                "{} ahead of the time it was published ({}); at most {} is accepted",
+                span(ahead),
+                crate::decode::format_time(published),
+                span(self.max_ahead_secs),
+            ));
+        }
+        if let Some(latest) = latest {
+            let behind = latest.saturating_sub(time);
+            if behind > ttl_secs {
+                return implausible(format!(
+                    "{} behind the partition's latest event ({}); state is kept for {}",
+                    span(behind),
+                    crate::decode::format_time(latest),
+                    span(ttl_secs),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A duration in the largest whole unit that fits: "3 days", "5 h", "40 s".
+fn span(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 2 * 3_600 => format!("{} h", s / 3_600),
+        s if s >= 2 * 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
 /// Decoder, models and decision policy: everything needed to process an event.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -54,6 +130,7 @@ pub struct Engine {
     pub decoder: Decoder,
     pub policy: Policy,
     pub top_features: usize,
+    pub event_time: EventTimeLimits,
 }
 
 impl Engine {
@@ -68,7 +145,27 @@ impl Engine {
             decoder,
             policy,
             top_features,
+            event_time: EventTimeLimits::default(),
         }
+    }
+
+    /// The same engine with these event-time limits.
+    pub fn with_event_time(mut self, limits: EventTimeLimits) -> Self {
+        self.event_time = limits;
+        self
+    }
+
+    /// Whether `tx` is dated plausibly for the state it would join (`latest`: that state's
+    /// latest event time, if any), as published at `published` (the clock when `None`).
+    pub fn check_time(
+        &self,
+        tx: &Transaction,
+        published: Option<i64>,
+        latest: Option<i64>,
+    ) -> Result<(), DecodeError> {
+        let published = published.unwrap_or_else(|| Utc::now().timestamp());
+        self.event_time
+            .check(tx.time, published, latest, self.features().state_ttl_secs)
     }
 
     /// The state parameters the models were trained with (serving must use the same).
@@ -85,7 +182,12 @@ impl Engine {
         scratch: &mut Scratch,
     ) -> Outcome {
         state.next_offset = Some(source.offset + 1);
-        let decoded = tracing::trace_span!("decode").in_scope(|| self.decoder.decode(payload));
+        let decoded = tracing::trace_span!("decode").in_scope(|| {
+            self.decoder.decode(payload).and_then(|tx| {
+                self.check_time(&tx, source.published_at, state.watermark)
+                    .map(|()| tx)
+            })
+        });
         match decoded {
             Ok(tx) => self.score(state, source, tx, scratch),
             Err(e) => Outcome::Invalid(e),
@@ -249,14 +351,143 @@ impl Engine {
         }
     }
 
-    /// Folds an already-processed event into the state without scoring it (state restore).
-    pub fn warm(&self, state: &mut PartitionState, offset: i64, payload: &[u8]) {
+    /// Folds an already-processed event into the state without scoring it (state restore);
+    /// `published_at` is its record's timestamp. What [`Self::process`] rejects is skipped.
+    pub fn warm(
+        &self,
+        state: &mut PartitionState,
+        offset: i64,
+        published_at: Option<i64>,
+        payload: &[u8],
+    ) {
         state.next_offset = Some(offset + 1);
-        if let Ok(tx) = self.decoder.decode(payload) {
+        let decoded = self.decoder.decode(payload).and_then(|tx| {
+            self.check_time(&tx, published_at, state.watermark)
+                .map(|()| tx)
+        });
+        if let Ok(tx) = decoded {
             let cfg = *self.features();
             state
                 .account_mut(&tx.account_id, tx.time, &cfg)
                 .update(&tx, &cfg);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Encoding, FeatureConfig, ModelConfig};
+    use crate::simulate::{Label, Simulator};
+    use crate::train::{bundled_history, train};
+
+    fn engine() -> Engine {
+        let models = train(
+            &bundled_history().unwrap(),
+            &ModelConfig::default(),
+            &FeatureConfig::default(),
+            Policy::All,
+        )
+        .unwrap();
+        Engine::new(
+            Arc::new(models),
+            Decoder::new(Encoding::Json),
+            Policy::All,
+            3,
+        )
+    }
+
+    fn redated(payload: &[u8], date: &str) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        v["TransactionDate"] = date.into();
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    /// Scores of every event in order, `None` for a rejected one, each published at `published`.
+    fn scores(engine: &Engine, events: &[Vec<u8>], published: i64) -> Vec<Option<[f64; 2]>> {
+        let mut state = PartitionState::default();
+        let mut scratch = Scratch::default();
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let source = SourceCoordinates {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: i as i64,
+                    published_at: Some(published),
+                };
+                match engine.process(&mut state, &source, payload, &mut scratch) {
+                    Outcome::Clean(s, _) | Outcome::Alert(_, s) => {
+                        Some([s.verdicts[0].score, s.verdicts[1].score])
+                    }
+                    Outcome::Invalid(e) => {
+                        assert_eq!(e.code(), "implausible_time", "{e}");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn implausibly_dated_events_are_rejected_and_change_no_other_events_score() {
+        let engine = engine();
+        let mut sim = Simulator::new(11, 0.02, 0.0);
+        // More than one idle-account sweep's worth, so a dragged clock would show.
+        let events: Vec<Vec<u8>> = std::iter::repeat_with(|| sim.next_event())
+            .filter(|e| e.label != Label::Malformed)
+            .take(12_000)
+            .map(|e| e.payload)
+            .collect();
+        let published = crate::decode::parse_time("2024-03-01 00:00:00").unwrap();
+        let mut poisoned = events.clone();
+        for (at, date) in [
+            (0, "9999-12-31 23:59:59"),
+            (3_000, "9999-12-31 23:59:59"),
+            (5_000, "0000-01-01 00:00:00"),
+            (7_000, "2024-03-02 00:00:01"),
+            (9_000, "2022-06-01 00:00:00"),
+        ] {
+            poisoned.insert(at, redated(&events[at], date));
+        }
+        let clean = scores(&engine, &events, published);
+        let mixed = scores(&engine, &poisoned, published);
+        assert_eq!(mixed.iter().filter(|s| s.is_none()).count(), 5);
+        assert!(clean.iter().all(Option::is_some));
+        let kept: Vec<_> = mixed.into_iter().flatten().collect();
+        let clean: Vec<_> = clean.into_iter().flatten().collect();
+        assert!(
+            kept == clean,
+            "a rejected event changed other events' scores"
+        );
+    }
+
+    #[test]
+    fn an_event_a_day_ahead_of_its_publication_is_accepted_and_the_reason_says_the_limit() {
+        let limits = EventTimeLimits::default();
+        let day = 86_400;
+        assert!(
+            limits
+                .check(10 * day + day, 10 * day, None, 400 * day)
+                .is_ok()
+        );
+        let e = limits
+            .check(10 * day + day + 1, 10 * day, None, 400 * day)
+            .unwrap_err();
+        assert_eq!(e.field(), Some("TransactionDate"));
+        assert!(
+            e.to_string().contains(
+                "24 h ahead of the time it was published (1970-01-11 00:00:00); at most 24 h"
+            ),
+            "{e}"
+        );
+        let late = limits.check(0, 500 * day, Some(500 * day), 400 * day);
+        assert!(
+            late.unwrap_err()
+                .to_string()
+                .contains("500 days behind the partition's latest event"),
+        );
+        assert!(limits.check(-1, 0, None, day).is_err());
     }
 }

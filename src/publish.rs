@@ -25,6 +25,10 @@ pub struct SourceCoordinates {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The record's timestamp (seconds since the epoch), if it has one: the moment it was
+    /// published, which bounds how far ahead its event may be dated. Not part of the alert.
+    #[serde(skip)]
+    pub published_at: Option<i64>,
 }
 
 /// The alert record (schema: `schemas/alert.avsc`; JSON has the same field names).
@@ -452,6 +456,7 @@ mod tests {
                 topic: "transactions".into(),
                 partition: 2,
                 offset: 9,
+                published_at: None,
             },
             policy: "all",
             model_version: "v1".into(),
@@ -529,6 +534,7 @@ mod tests {
             topic: "transactions".into(),
             partition: 2,
             offset: 41,
+            published_at: None,
         };
         let a = alert_id(&s, "v1");
         assert_eq!(a, alert_id(&s.clone(), "v1"));
@@ -544,6 +550,7 @@ mod tests {
             topic: "tx".into(),
             partition: 1,
             offset: 7,
+            published_at: None,
         };
         let original = OwnedHeaders::new().insert(Header {
             key: "trace",
@@ -586,6 +593,7 @@ mod tests {
             topic: "tx".into(),
             partition: 0,
             offset: 1,
+            published_at: None,
         };
         let mut original = OwnedHeaders::new();
         for i in 0..40 {

@@ -25,7 +25,7 @@ use crate::config::{Encoding, KafkaConfig, Policy};
 use crate::decode::{Decoder, format_time};
 use crate::ingest::client_config;
 use crate::models::{ModelSet, Scratch};
-use crate::pipeline::{Engine, Outcome};
+use crate::pipeline::{Engine, EventTimeLimits, Outcome};
 use crate::publish::SourceCoordinates;
 use crate::report::{EventRecord, ModelOutcome, Report, ReportBuilder};
 use crate::simulate::{LABEL_FIELD, LABEL_HEADER};
@@ -108,6 +108,8 @@ pub struct Recorded {
     pub offset: i64,
     pub payload: Vec<u8>,
     pub label: Option<String>,
+    /// The record's timestamp (seconds), for a topic; none for a file.
+    pub published_at: Option<i64>,
     /// Folded into the state only (before the range starts); not scored or written.
     pub warm_only: bool,
 }
@@ -124,6 +126,7 @@ impl Recorded {
                     offset: i as i64,
                     payload: e.payload,
                     label: Some(e.label.as_str().to_string()),
+                    published_at: None,
                     warm_only: false,
                 }
             })
@@ -148,11 +151,13 @@ impl Candidate {
         encoding: Encoding,
         policy: Policy,
         top: usize,
+        event_time: EventTimeLimits,
     ) -> Self {
         Self {
             name,
             dir,
-            engine: Engine::new(Arc::new(models), Decoder::new(encoding), policy, top),
+            engine: Engine::new(Arc::new(models), Decoder::new(encoding), policy, top)
+                .with_event_time(event_time),
             states: BTreeMap::new(),
             scratch: Scratch::default(),
         }
@@ -169,13 +174,15 @@ impl Candidate {
     fn run(&mut self, topic: &str, e: &Recorded) -> Option<ModelOutcome> {
         let state = self.states.entry(e.partition).or_default();
         if e.warm_only {
-            self.engine.warm(state, e.offset, &e.payload);
+            self.engine
+                .warm(state, e.offset, e.published_at, &e.payload);
             return None;
         }
         let source = SourceCoordinates {
             topic: topic.to_string(),
             partition: e.partition,
             offset: e.offset,
+            published_at: e.published_at,
         };
         Some(
             match self
@@ -360,6 +367,7 @@ pub fn read_file(path: &Path) -> Result<(Vec<Recorded>, Encoding), ReplayError> 
         offset: i as i64,
         payload,
         label,
+        published_at: None,
         warm_only: false,
     };
     match ext.as_str() {
@@ -494,6 +502,7 @@ fn read_partition(
                     offset: m.offset(),
                     payload: m.payload().unwrap_or_default().to_vec(),
                     label,
+                    published_at: crate::ingest::published_at(&m),
                     warm_only: m.offset() < start,
                 });
             }

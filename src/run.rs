@@ -30,7 +30,7 @@ use crate::ingest::{
 };
 use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
-use crate::pipeline::{Engine, Outcome, Scored};
+use crate::pipeline::{Engine, EventTimeLimits, Outcome, Scored};
 use crate::publish::{
     AlertEncoder, AlertFeed, DEAD_LETTER_MAX_ERROR, EncodeError, OutcomeKind, Pending,
     PublishError, SourceCoordinates, bounded_text, dead_letter_headers, dead_letter_payload,
@@ -103,6 +103,7 @@ pub struct Shared {
     /// The decision settings predictions use (the stream's own, from the configuration).
     pub policy: Policy,
     pub top_features: usize,
+    pub event_time: EventTimeLimits,
     /// Authentication and per-client rate limits of the guarded HTTP routes.
     pub access: Arc<crate::server::Access>,
 }
@@ -128,14 +129,17 @@ impl Shared {
             alerts: Arc::new(AlertFeed::default()),
             policy: Policy::All,
             top_features: 3,
+            event_time: EventTimeLimits::default(),
             access: Arc::new(crate::server::Access::open()),
         })
     }
 
-    /// Uses the configured consensus policy and number of explaining features.
-    pub fn with_decisions(mut self, policy: Policy, top_features: usize) -> Self {
-        self.policy = policy;
-        self.top_features = top_features;
+    /// Uses the configured consensus policy, number of explaining features and event-time
+    /// limits.
+    pub fn with_decisions(mut self, cfg: &Config) -> Self {
+        self.policy = cfg.policy;
+        self.top_features = cfg.top_features;
+        self.event_time = cfg.event_time;
         self
     }
 
@@ -157,6 +161,7 @@ impl Shared {
             self.policy,
             self.top_features,
         )
+        .with_event_time(self.event_time)
     }
 
     /// A copy of an account's live state, if any partition of this instance holds it.
@@ -274,6 +279,7 @@ impl Worker {
             topic: msg.topic().to_string(),
             partition,
             offset,
+            published_at: crate::ingest::published_at(msg),
         };
         let payload = msg.payload().unwrap_or_default();
         let outcome = {
@@ -463,7 +469,8 @@ pub async fn run_stream(
         Decoder::new(cfg.encoding),
         cfg.policy,
         cfg.top_features,
-    );
+    )
+    .with_event_time(cfg.event_time);
     if engine.features() != &cfg.features {
         tracing::warn!(
             model = ?engine.features(),

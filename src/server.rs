@@ -489,6 +489,7 @@ fn score_part(
     as_new_account: bool,
     view: View,
 ) -> PartResult {
+    let engine = s.engine();
     let mut transactions = Vec::with_capacity(items.len());
     let mut invalid = Vec::new();
     for (i, item) in items.iter().enumerate() {
@@ -497,7 +498,8 @@ fn score_part(
                 format: "JSON",
                 detail: e.to_string(),
             })
-            .and_then(validate);
+            .and_then(validate)
+            .and_then(|tx| engine.check_time(&tx, None, None).map(|()| tx));
         match checked {
             Ok(tx) => transactions.push(tx),
             Err(e) => invalid.push(Invalid {
@@ -524,7 +526,7 @@ fn score_part(
         .zip(&transactions)
         .map(|(a, tx)| (a.as_ref().map(|(_, a)| a), tx))
         .collect();
-    let predictions = s.engine().predict_many(&requests);
+    let predictions = engine.predict_many(&requests);
     let mut out = Vec::with_capacity(items.len() * 1024);
     for (i, (tx, p)) in transactions.iter().zip(&predictions).enumerate() {
         if i > 0 {

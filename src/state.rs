@@ -293,8 +293,9 @@ pub struct PartitionState {
     /// The offset the next event must have for this state to be current; anything else (a
     /// rebalance, a seek, a restart) means the state must be rebuilt first.
     pub next_offset: Option<i64>,
-    /// Latest event time seen in this partition, used to sweep idle accounts.
-    pub watermark: i64,
+    /// Latest event time seen in this partition (none yet: `None`), used to sweep idle
+    /// accounts; see [`crate::pipeline::EventTimeLimits`] for why one event cannot drag it far.
+    pub watermark: Option<i64>,
     events_since_sweep: u64,
 }
 
@@ -309,7 +310,7 @@ impl PartitionState {
         time: i64,
         cfg: &FeatureConfig,
     ) -> &mut AccountState {
-        self.watermark = self.watermark.max(time);
+        self.watermark = Some(self.watermark.map_or(time, |w| w.max(time)));
         self.events_since_sweep += 1;
         if self.events_since_sweep >= SWEEP_EVERY {
             self.sweep(cfg);
@@ -331,8 +332,9 @@ impl PartitionState {
     /// Forgets accounts idle for longer than the TTL relative to the partition's latest event.
     pub fn sweep(&mut self, cfg: &FeatureConfig) {
         self.events_since_sweep = 0;
-        let watermark = self.watermark;
-        self.accounts.retain(|_, s| !s.expired_at(watermark, cfg));
+        if let Some(watermark) = self.watermark {
+            self.accounts.retain(|_, s| !s.expired_at(watermark, cfg));
+        }
     }
 
     /// Bytes held by all accounts of this partition, keys included.

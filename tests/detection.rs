@@ -144,6 +144,7 @@ fn a_time_split_of_the_bundled_real_dataset_alerts_on_at_most_one_and_a_half_tim
             offset: i as i64,
             payload: serde_json::to_vec(t).unwrap(),
             label: None,
+            published_at: None,
             warm_only: false,
         })
         .collect();

@@ -183,7 +183,7 @@ fn live_state(s: &Shared, events: &[vigil::decode::Transaction]) {
     let engine = s.engine();
     let mut state = vigil::state::PartitionState::default();
     for (i, tx) in events.iter().enumerate() {
-        engine.warm(&mut state, i as i64, &serde_json::to_vec(tx).unwrap());
+        engine.warm(&mut state, i as i64, None, &serde_json::to_vec(tx).unwrap());
     }
     s.store.insert(0, state);
 }
@@ -296,6 +296,10 @@ async fn every_kind_of_bad_prediction_request_gets_a_4xx_json_error_naming_what_
     bad_amount["TransactionAmount"] = serde_json::json!(-3);
     let mut no_account = tx.clone();
     no_account.as_object_mut().unwrap().remove("AccountID");
+    let mut year_9999 = tx.clone();
+    year_9999["TransactionDate"] = serde_json::json!("9999-12-31 23:59:59");
+    let mut year_0 = tx.clone();
+    year_0["TransactionDate"] = serde_json::json!("0000-01-01 00:00:00");
     let too_many: Vec<_> = std::iter::repeat_n(tx.clone(), vigil::server::MAX_BATCH + 1).collect();
     let cases: Vec<(&str, Body, StatusCode, Option<&str>)> = vec![
         (
@@ -350,6 +354,18 @@ async fn every_kind_of_bad_prediction_request_gets_a_4xx_json_error_naming_what_
         ),
         (
             "/predict",
+            Body::from(serde_json::to_vec(&[&year_9999]).unwrap()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("TransactionDate"),
+        ),
+        (
+            "/predict",
+            Body::from(serde_json::to_vec(&[&year_0]).unwrap()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("TransactionDate"),
+        ),
+        (
+            "/predict",
             Body::from(serde_json::to_vec(&too_many).unwrap()),
             StatusCode::UNPROCESSABLE_ENTITY,
             None,
@@ -383,6 +399,8 @@ async fn every_kind_of_bad_prediction_request_gets_a_4xx_json_error_naming_what_
     .await;
     assert_eq!(v["invalid"][0]["index"], 1);
     assert_eq!(v["invalid"][0]["code"], "out_of_range");
+    let (_, v) = post(&s, "/predict", serde_json::to_vec(&[&year_9999]).unwrap()).await;
+    assert_eq!(v["invalid"][0]["code"], "implausible_time", "{v}");
 
     let (status, body) = get(&s, "/predict").await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
@@ -679,6 +697,7 @@ async fn an_account_shows_its_latest_scores_newest_first() {
             topic: "t".into(),
             partition: 0,
             offset: i as i64,
+            published_at: None,
         };
         let outcome = engine.process(
             &mut state,
