@@ -3,9 +3,9 @@
 #   docker build -t vigil:local .
 
 FROM rust:1.95-bookworm AS build
-# librdkafka is built from source by rdkafka-sys.
+# librdkafka is built from source by rdkafka-sys, with TLS and SASL against the system OpenSSL.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake \
+ && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -21,7 +21,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/vigil vigil \
  && mkdir -p /var/lib/vigil/models /var/log/vigil \

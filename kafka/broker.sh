@@ -7,10 +7,15 @@
 #   kafka/broker.sh status           exit 0 if it answers
 #   kafka/broker.sh topic NAME [P]   create a topic with P partitions (default 3)
 #   kafka/broker.sh bootstrap        print the bootstrap address
+#   kafka/broker.sh sasl-env         print `export` lines for the SASL_SSL listener: its address,
+#                                    the CA certificate, the SCRAM/PLAIN user and its password
 #   kafka/broker.sh kafka-topics ... / kafka-configs ...
 #                                    the Kafka CLI tools (kafka-topics.sh, kafka-configs.sh)
 #
-# Port: VIGIL_TEST_KAFKA_PORT (default 19092; the controller uses the next port).
+# Listeners: PLAINTEXT on VIGIL_TEST_KAFKA_PORT (default 19092), the controller on the next port,
+# SASL_SSL on the one after (SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN; a CA and the broker's
+# certificate for 127.0.0.1/localhost are made with openssl at each start, and the user `vigil`
+# gets a random password, in .run/sasl).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +23,9 @@ dist="$here/.dist"
 run="$here/.run"
 port="${VIGIL_TEST_KAFKA_PORT:-19092}"
 controller_port=$((port + 1))
+sasl_port=$((port + 2))
 bootstrap="127.0.0.1:$port"
+sasl_user=vigil
 java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
   -Dlog4j2.configurationFile="$here/log4j2.properties")
 
@@ -39,6 +46,25 @@ status() {
   kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "$bootstrap" --list >/dev/null 2>&1
 }
 
+# A CA, a broker certificate it signs (SAN 127.0.0.1 and localhost) in a PKCS#12 keystore, and
+# a random password for the SASL user, all in $run/sasl.
+make_credentials() {
+  local d="$run/sasl"
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=vigil test CA" \
+    -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$d/broker.key" -out "$d/broker.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$d/san.ext"
+  openssl x509 -req -in "$d/broker.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 2 -extfile "$d/san.ext" -out "$d/broker.pem" 2>/dev/null
+  openssl rand -hex 16 >"$d/keystore.password"
+  openssl pkcs12 -export -in "$d/broker.pem" -inkey "$d/broker.key" -name broker \
+    -passout "file:$d/keystore.password" -out "$d/broker.p12"
+  openssl rand -hex 16 >"$d/password"
+  chmod 600 "$d"/*
+}
+
 start() {
   fetch
   if [ -f "$run/pid" ] && kill -0 "$(cat "$run/pid")" 2>/dev/null && status; then
@@ -47,15 +73,26 @@ start() {
   fi
   rm -rf "$run"
   mkdir -p "$run/data"
+  make_credentials
+  local password keystore_password
+  password=$(cat "$run/sasl/password")
+  keystore_password=$(cat "$run/sasl/keystore.password")
   cat > "$run/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port,SASL_SSL://127.0.0.1:$sasl_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$sasl_port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$sasl_user="$password";
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$run/sasl/broker.p12
+ssl.keystore.password=$keystore_password
 log.dirs=$run/data
 num.partitions=3
 offsets.topic.replication.factor=1
@@ -67,7 +104,9 @@ auto.create.topics.enable=false
 PROPS
   local cluster_id
   cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid)
-  kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$run/server.properties" >"$run/format.log" 2>&1
+  kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$run/server.properties" \
+    --add-scram "SCRAM-SHA-256=[name=$sasl_user,password=$password]" \
+    --add-scram "SCRAM-SHA-512=[name=$sasl_user,password=$password]" >"$run/format.log" 2>&1
   nohup java "${java_opts[@]}" -cp "$dist/lib/*" kafka.Kafka "$run/server.properties" >"$run/broker.log" 2>&1 &
   echo $! >"$run/pid"
   for _ in $(seq 1 60); do
@@ -109,7 +148,13 @@ case "${1:-}" in
   status) status ;;
   topic) shift; topic "$@" ;;
   bootstrap) echo "$bootstrap" ;;
+  sasl-env)
+    printf 'export VIGIL_TEST_SASL_BROKERS=127.0.0.1:%s\n' "$sasl_port"
+    printf 'export VIGIL_TEST_SASL_CA=%s\n' "$run/sasl/ca.pem"
+    printf 'export VIGIL_TEST_SASL_USER=%s\n' "$sasl_user"
+    printf 'export VIGIL_TEST_SASL_PASSWORD=%s\n' "$(cat "$run/sasl/password")"
+    ;;
   kafka-topics) fetch; shift; kafka_java org.apache.kafka.tools.TopicCommand "$@" ;;
   kafka-configs) fetch; shift; kafka_java kafka.admin.ConfigCommand "$@" ;;
-  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,19p' "$0" >&2; exit 2 ;;
 esac

@@ -597,9 +597,12 @@ impl Config {
             figment = figment.merge(Yaml::file(path));
         }
         figment = figment.merge(env_overrides());
-        let raw: RawConfig = figment
+        let mut raw: RawConfig = figment
             .extract()
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        raw.kafka
+            .client
+            .extend(client_env_overrides(std::env::vars()));
         raw.validate()
     }
 
@@ -633,9 +636,27 @@ fn env_overrides() -> Env {
         .filter(|key| {
             let key = key.as_str().to_ascii_lowercase();
             let first = key.split("__").next().unwrap_or("");
-            SECTIONS.contains(&first)
+            SECTIONS.contains(&first) && !key.starts_with(CLIENT_ENV_PREFIX)
         })
         .split("__")
+}
+
+/// `VIGIL_KAFKA__CLIENT__<NAME>` sets the librdkafka property `<name>` with `_` read as `.`
+/// (`VIGIL_KAFKA__CLIENT__SASL_PASSWORD` is `sasl.password`; no librdkafka property has an
+/// underscore), so that credentials can come from a secret in the environment. A generic
+/// `__` split would nest at each dot of the name.
+const CLIENT_ENV_PREFIX: &str = "kafka__client__";
+
+fn client_env_overrides(
+    vars: impl Iterator<Item = (String, String)>,
+) -> impl Iterator<Item = (String, String)> {
+    vars.filter_map(|(key, value)| {
+        let key = key.to_ascii_lowercase();
+        let name = key
+            .strip_prefix("vigil_")?
+            .strip_prefix(CLIENT_ENV_PREFIX)?;
+        (!name.is_empty()).then(|| (name.replace('_', "."), value))
+    })
 }
 
 fn check_topic(key: &'static str, name: &str) -> Result<String, ConfigError> {
@@ -1008,6 +1029,25 @@ impl RawTraces {
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own error type
 mod tests {
     use super::*;
+
+    #[test]
+    fn librdkafka_properties_come_from_the_environment_with_underscores_read_as_dots() {
+        let vars = [
+            ("VIGIL_KAFKA__CLIENT__SASL_PASSWORD", "s3cret"),
+            ("VIGIL_KAFKA__CLIENT__SECURITY_PROTOCOL", "SASL_SSL"),
+            ("VIGIL_KAFKA__CLIENT__", "ignored"),
+            ("VIGIL_KAFKA__BROKERS", "not a client property"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let got: BTreeMap<String, String> = client_env_overrides(vars.into_iter()).collect();
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                ("sasl.password".to_string(), "s3cret".to_string()),
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+            ])
+        );
+    }
 
     /// README's feature table is `features::FEATURES` with the default models' lists: the
     /// table cannot drift from the code that computes the features.

@@ -96,7 +96,21 @@ pub fn published_at(m: &impl Message) -> Option<i64> {
 }
 
 pub fn client_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
+    client_config_over(kafka, brokers, &[])
+}
+
+/// [`client_config`] on top of `defaults`: a property of `kafka.client` wins over a default.
+/// (Merging through `ClientConfig::config_map` instead would copy its sanitised values, a
+/// password reading "[sanitized for safety]".)
+pub fn client_config_over(
+    kafka: &KafkaConfig,
+    brokers: &str,
+    defaults: &[(&str, &str)],
+) -> ClientConfig {
     let mut c = ClientConfig::new();
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     c.set("bootstrap.servers", brokers)
         .set("client.id", "vigil")
         .set_log_level(RDKafkaLogLevel::Warning);
@@ -113,17 +127,19 @@ pub fn group_consumer(
     brokers: &str,
     context: GroupContext,
 ) -> Result<StreamConsumer<GroupContext>, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("group.id", &kafka.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        // Feeds `vigil_consumer_lag` (GroupContext::stats).
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in client_config(kafka, brokers).config_map() {
-        c.set(k, v);
-    }
+    let mut c = client_config_over(
+        kafka,
+        brokers,
+        &[
+            ("group.id", &kafka.group_id),
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "1000"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+            // Feeds `vigil_consumer_lag` (GroupContext::stats).
+            ("statistics.interval.ms", "5000"),
+        ],
+    );
     // Never overridable: the at-least-once guarantee rests on it.
     c.set("enable.auto.offset.store", "false");
     let consumer: StreamConsumer<GroupContext> = c.create_with_context(context)?;
@@ -185,4 +201,22 @@ pub fn restore_partition(
     }
     state.next_offset = Some(until);
     Ok(replayed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_properties_win_over_defaults_and_secrets_reach_librdkafka_intact() {
+        let cfg = crate::config::Config::from_yaml(
+            "kafka:\n  brokers: b:9092\n  client:\n    sasl.password: s3cret\n    linger.ms: '50'\n",
+        )
+        .unwrap();
+        let c = client_config_over(&cfg.kafka, "b:9092", &[("linger.ms", "5"), ("acks", "all")]);
+        assert_eq!(c.get("sasl.password"), Some("s3cret"));
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+    }
 }

@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
@@ -26,7 +25,7 @@ use tracing::Instrument;
 use crate::config::{Config, KafkaConfig, Policy};
 use crate::decode::Decoder;
 use crate::ingest::{
-    GroupContext, GroupStatus, StateStore, client_config, group_consumer, restore_partition,
+    GroupContext, GroupStatus, StateStore, client_config_over, group_consumer, restore_partition,
 };
 use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
@@ -81,15 +80,17 @@ pub fn load_or_train(cfg: &Config) -> Result<ModelSet, RunError> {
 
 /// The idempotent producer for alerts and dead letters.
 pub fn producer(kafka: &KafkaConfig, brokers: &str) -> Result<FutureProducer, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4");
-    for (k, v) in client_config(kafka, brokers).config_map() {
-        c.set(k, v);
-    }
-    c.create()
+    client_config_over(
+        kafka,
+        brokers,
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+        ],
+    )
+    .create()
 }
 
 /// Shared handles the server and the stream both use.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs, if missing, the tools the test suite runs for real: Java + Maven (Kafka broker),
-# cmake/g++/make/curl (librdkafka), Prometheus + promtool, Alertmanager's amtool, logrotate,
+# cmake/g++/make/curl/pkg-config/libssl-dev (librdkafka with TLS and SASL), Prometheus + promtool, Alertmanager's amtool, logrotate,
 # openssl and Chromium (headless page tests); schemathesis from PyPI. Debian packages; idempotent (does nothing when everything is there).
 set -euo pipefail
 
@@ -12,6 +12,9 @@ have make || need+=(make)
 have java || need+=(default-jre-headless)
 have mvn || need+=(maven)
 have curl || need+=(curl)
+have pkg-config || need+=(pkg-config)
+# librdkafka is built with TLS and SASL against the system OpenSSL.
+dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q "install ok installed" || need+=(libssl-dev)
 have openssl || need+=(openssl)
 have prometheus || need+=(prometheus)
 have promtool || need+=(prometheus)

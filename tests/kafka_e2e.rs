@@ -764,3 +764,68 @@ async fn replaying_or_training_on_a_topic_range_leaves_the_live_group_alone_and_
     assert_eq!(committed_per_partition(&brokers, &t), before);
     assert!(sigterm(&mut live).success());
 }
+
+/// The broker's SASL_SSL listener (`kafka/broker.sh sasl-env`: address, CA, user, password).
+fn sasl_listener() -> Option<[String; 4]> {
+    let vars = [
+        "VIGIL_TEST_SASL_BROKERS",
+        "VIGIL_TEST_SASL_CA",
+        "VIGIL_TEST_SASL_USER",
+        "VIGIL_TEST_SASL_PASSWORD",
+    ];
+    match vars.map(|v| std::env::var(v).ok().filter(|s| !s.is_empty())) {
+        [Some(a), Some(b), Some(c), Some(d)] => Some([a, b, c, d]),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("VIGIL_TEST_SASL_* is not set; run tests/run-all.sh")
+        }
+        _ => {
+            eprintln!("skipped: no SASL_SSL listener (VIGIL_TEST_SASL_* unset)");
+            None
+        }
+    }
+}
+
+/// A bank's Kafka takes TLS and SCRAM: the stream's consumer and producer connect over SASL_SSL
+/// (credentials from `VIGIL_KAFKA__CLIENT__*`, the broker's certificate verified against its
+/// CA), and the outcomes are those of a plaintext run.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_runs_over_sasl_ssl_with_scram_and_a_verified_certificate() {
+    let Some([sasl, ca, user, password]) = sasl_listener() else {
+        return;
+    };
+    let Some((brokers, t, work, models)) = setup("sasl").await else {
+        return;
+    };
+    let events: Vec<Transaction> = dataset_events().into_iter().take(800).collect();
+    let p = producer(&brokers);
+    for tx in &events {
+        produce(
+            &p,
+            &t.transactions,
+            &tx.account_id,
+            &serde_json::to_vec(tx).unwrap(),
+        );
+    }
+    produce(&p, &t.transactions, "BAD", b"{not json");
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    let secure = [
+        ("VIGIL_KAFKA__CLIENT__SECURITY_PROTOCOL", "SASL_SSL"),
+        ("VIGIL_KAFKA__CLIENT__SASL_MECHANISMS", "SCRAM-SHA-512"),
+        ("VIGIL_KAFKA__CLIENT__SASL_USERNAME", user.as_str()),
+        ("VIGIL_KAFKA__CLIENT__SASL_PASSWORD", password.as_str()),
+        ("VIGIL_KAFKA__CLIENT__SSL_CA_LOCATION", ca.as_str()),
+    ];
+    let mut vigil = spawn_vigil(&sasl, &t, &work.path().join("model"), work.path(), &secure);
+    let committed = wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120));
+    assert_eq!(committed as usize, events.len() + 1);
+    let expected = offline_alerts(models, &events);
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    assert_alerts_match_offline(&alerts_by_transaction(&alerts), &expected);
+    assert_eq!(alerts.len(), expected.len());
+    assert_eq!(
+        read_all(&brokers, &t.dead_letter, 1, Duration::from_secs(30)).len(),
+        1
+    );
+    assert!(sigterm(&mut vigil).success());
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests next to the code, then the integration suites against the
-# real things: an Apache Kafka broker that kafka/broker.sh starts on loopback (and stops
-# afterwards), Prometheus/promtool/amtool/logrotate (tests/install-tools.sh installs them when
+# real things: an Apache Kafka broker that kafka/broker.sh starts on loopback with a plaintext
+# and a SASL_SSL listener (and stops afterwards), Prometheus/promtool/amtool/logrotate (tests/install-tools.sh installs them when
 # missing). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +11,7 @@ kafka/broker.sh start
 trap 'kafka/broker.sh stop' EXIT
 VIGIL_TEST_BROKERS="$(kafka/broker.sh bootstrap)"
 export VIGIL_TEST_BROKERS
+# The same broker's SASL_SSL listener: VIGIL_TEST_SASL_{BROKERS,CA,USER,PASSWORD}.
+eval "$(kafka/broker.sh sasl-env)"
 
 cargo test --all-targets "$@"
