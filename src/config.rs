@@ -61,6 +61,7 @@ pub struct RawKafka {
     pub topics: RawTopics,
     pub client: BTreeMap<String, String>,
     pub restore_state: bool,
+    pub broker_timeout_seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -311,6 +312,7 @@ impl Default for RawKafka {
             topics: RawTopics::default(),
             client: BTreeMap::new(),
             restore_state: true,
+            broker_timeout_seconds: 15.0,
         }
     }
 }
@@ -510,6 +512,8 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     pub client: BTreeMap<String, String>,
     pub restore_state: bool,
+    /// `/ready` turns false when no broker has answered for this long.
+    pub broker_timeout: std::time::Duration,
 }
 
 /// Parameters of the per-account state and feature stage.
@@ -850,6 +854,13 @@ impl RawConfig {
                 ));
             }
         }
+        let timeout = k.broker_timeout_seconds;
+        if !(timeout.is_finite() && (3.0..=3_600.0).contains(&timeout)) {
+            return Err(invalid(
+                "kafka.broker_timeout_seconds",
+                format!("{timeout} is outside 3..=3600 (statistics arrive every second)"),
+            ));
+        }
         if self.pipeline.workers == 0 || self.pipeline.workers > 256 {
             return Err(invalid(
                 "pipeline.workers",
@@ -960,6 +971,7 @@ impl RawConfig {
                 dead_letter_topic: dead_letter,
                 client: k.client.clone(),
                 restore_state: k.restore_state,
+                broker_timeout: std::time::Duration::from_secs_f64(k.broker_timeout_seconds),
             },
             encoding: self.encoding,
             workers: self.pipeline.workers,

@@ -8,7 +8,7 @@
 //! therefore exactly those of an uninterrupted run.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -28,16 +28,81 @@ use crate::state::PartitionState;
 pub type StateStore = DashMap<i32, PartitionState>;
 
 /// What the rest of the process needs to know about the consumer group.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GroupStatus {
     pub assigned: AtomicI64,
     pub models_loaded: AtomicBool,
+    /// The group has assigned this member its share (possibly none: a standby).
+    pub joined: AtomicBool,
+    /// Responses received from the brokers so far (librdkafka's statistics), and when that
+    /// count last grew, in milliseconds of [`GroupStatus::clock_ms`].
+    responses: AtomicU64,
+    last_contact_ms: AtomicI64,
+    /// How long the brokers may be silent before the instance is not ready.
+    broker_timeout_ms: AtomicI64,
+}
+
+impl Default for GroupStatus {
+    fn default() -> Self {
+        Self {
+            assigned: AtomicI64::new(0),
+            models_loaded: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
+            responses: AtomicU64::new(0),
+            last_contact_ms: AtomicI64::new(0),
+            broker_timeout_ms: AtomicI64::new(15_000),
+        }
+    }
 }
 
 impl GroupStatus {
-    /// Ready to do useful work: models loaded and at least one partition assigned.
+    /// Ready to do useful work: models loaded, a member of the group (with partitions, or as a
+    /// standby with none when there are more instances than partitions) and a broker that has
+    /// answered within the timeout.
     pub fn ready(&self) -> bool {
-        self.models_loaded.load(Ordering::Relaxed) && self.assigned.load(Ordering::Relaxed) > 0
+        self.models_loaded.load(Ordering::Relaxed)
+            && self.joined.load(Ordering::Relaxed)
+            && self.broker_reachable()
+    }
+
+    /// Whether a broker answered within the timeout.
+    pub fn broker_reachable(&self) -> bool {
+        self.since_broker_contact()
+            .is_some_and(|d| d.as_millis() as i64 <= self.broker_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Time since a broker last answered, if one ever did.
+    pub fn since_broker_contact(&self) -> Option<Duration> {
+        let last = self.last_contact_ms.load(Ordering::Relaxed);
+        (last > 0).then(|| Duration::from_millis((Self::clock_ms() - last).max(0) as u64))
+    }
+
+    pub fn set_broker_timeout(&self, timeout: Duration) {
+        self.broker_timeout_ms
+            .store(timeout.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    /// A broker answered just now (a fetched event, an assignment).
+    pub fn broker_answered(&self) {
+        self.last_contact_ms
+            .store(Self::clock_ms(), Ordering::Relaxed);
+    }
+
+    /// The responses received so far, from statistics: a broker answered if the count grew.
+    fn responses_received(&self, total: u64) {
+        if self.responses.fetch_max(total, Ordering::Relaxed) < total {
+            self.broker_answered();
+        }
+    }
+
+    /// Milliseconds since the first call, never 0: a monotonic clock that fits an atomic.
+    fn clock_ms() -> i64 {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as i64
+            + 1
     }
 }
 
@@ -46,10 +111,115 @@ pub struct GroupContext {
     pub status: Arc<GroupStatus>,
     pub store: Arc<StateStore>,
     pub metrics: Metrics,
+    pub logs: Arc<LogThrottle>,
 }
 
+/// At most one log line per kind of message every [`LogThrottle::EVERY`], with the count of
+/// those held back: an unreachable broker makes librdkafka report the same failure several
+/// times a second for each connection (700 lines in 15 s). Written here rather than taken from
+/// a rate-limiting crate because the count of what was held back is part of the line.
+#[derive(Debug, Default)]
+pub struct LogThrottle {
+    kinds: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+impl LogThrottle {
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    /// Whether to log a line of `kind` now: `Some(n)` with the `n` lines of its kind held back
+    /// since the last one logged, or `None` to hold this one back. Kinds are librdkafka's
+    /// facilities and error codes, a small fixed set.
+    pub fn admit(&self, kind: &str) -> Option<u64> {
+        self.admit_at(kind, std::time::Instant::now())
+    }
+
+    fn admit_at(&self, kind: &str, now: std::time::Instant) -> Option<u64> {
+        let mut kinds = self
+            .kinds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match kinds.get_mut(kind) {
+            Some((at, held)) if now.duration_since(*at) < Self::EVERY => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                *at = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                kinds.insert(kind.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+
+    /// A librdkafka log line, if its facility was not logged in the last [`Self::EVERY`].
+    pub fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        let Some(held_back) = self.admit(facility) else {
+            return;
+        };
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility, held_back, "{message}");
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility, held_back, "{message}");
+            }
+            _ => tracing::info!(target: "librdkafka", facility, held_back, "{message}"),
+        }
+    }
+
+    /// A librdkafka client error, if its code was not logged in the last [`Self::EVERY`].
+    pub fn error(&self, error: KafkaError, reason: &str) {
+        let kind = format!("error {:?}", error.rdkafka_error_code());
+        if let Some(held_back) = self.admit(&kind) {
+            tracing::error!(target: "librdkafka", %error, held_back, "{reason}");
+        }
+    }
+}
+
+/// The context of vigil's producers: librdkafka's lines and errors through a [`LogThrottle`].
+#[derive(Debug, Clone, Default)]
+pub struct ThrottledLogs(pub Arc<LogThrottle>);
+
+impl ClientContext for ThrottledLogs {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.0.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.error(error, reason);
+    }
+}
+
+/// The producer of alerts, dead letters and simulated events.
+pub type KafkaProducer = rdkafka::producer::FutureProducer<ThrottledLogs>;
+
 impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.logs.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.logs.error(error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
+        // Fetches and heartbeats get answers many times a second from a live broker, so a count
+        // that stops growing means no broker is answering, even over an open connection (a
+        // frozen broker keeps its sockets).
+        self.status.responses_received(
+            statistics
+                .brokers
+                .values()
+                .filter(|b| b.nodeid >= 0)
+                .map(|b| b.rx)
+                .sum(),
+        );
         for topic in statistics.topics.values() {
             for (partition, p) in &topic.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
@@ -69,6 +239,8 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(tpl) => {
                 let n = tpl.count() as i64;
                 self.status.assigned.store(n, Ordering::Relaxed);
+                self.status.joined.store(true, Ordering::Relaxed);
+                self.status.broker_answered();
                 self.metrics.partitions_assigned.set(n);
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 tracing::info!(partitions = ?parts, "partitions assigned");
@@ -88,16 +260,20 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// Client properties shared by every client vigil makes, overrides last.
 /// A record's timestamp in seconds since the epoch (producer's create time or the broker's
 /// append time, as the topic is configured), if it has one.
 pub fn published_at(m: &impl Message) -> Option<i64> {
     m.timestamp().to_millis().map(|ms| ms.div_euclid(1_000))
 }
 
+/// Client properties shared by every client vigil makes, overrides last.
 pub fn client_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
     client_config_over(kafka, brokers, &[])
 }
+
+/// Defaults of every client: reconnect within a second of a broker's return (librdkafka backs
+/// off up to 10 s, which kept the stream idle that long after an outage).
+const CLIENT_DEFAULTS: [(&str, &str); 1] = [("reconnect.backoff.max.ms", "1000")];
 
 /// [`client_config`] on top of `defaults`: a property of `kafka.client` wins over a default.
 /// (Merging through `ClientConfig::config_map` instead would copy its sanitised values, a
@@ -108,7 +284,7 @@ pub fn client_config_over(
     defaults: &[(&str, &str)],
 ) -> ClientConfig {
     let mut c = ClientConfig::new();
-    for (k, v) in defaults {
+    for (k, v) in CLIENT_DEFAULTS.iter().chain(defaults) {
         c.set(*k, *v);
     }
     c.set("bootstrap.servers", brokers)
@@ -136,8 +312,8 @@ pub fn group_consumer(
             ("auto.commit.interval.ms", "1000"),
             ("auto.offset.reset", "earliest"),
             ("enable.partition.eof", "false"),
-            // Feeds `vigil_consumer_lag` (GroupContext::stats).
-            ("statistics.interval.ms", "5000"),
+            // Feeds `vigil_consumer_lag` and readiness (GroupContext::stats), to the second.
+            ("statistics.interval.ms", "1000"),
         ],
     );
     // Never overridable: the at-least-once guarantee rests on it.
@@ -206,6 +382,19 @@ pub fn restore_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_log_line_is_held_back_for_ten_seconds_and_the_next_says_how_many() {
+        let logs = LogThrottle::default();
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(logs.admit_at("FAIL", at(0)), Some(0));
+        assert_eq!(logs.admit_at("FAIL", at(1)), None);
+        assert_eq!(logs.admit_at("FAIL", at(9)), None);
+        assert_eq!(logs.admit_at("CONNECT", at(9)), Some(0), "kinds are apart");
+        assert_eq!(logs.admit_at("FAIL", at(10)), Some(2));
+        assert_eq!(logs.admit_at("FAIL", at(11)), None);
+    }
 
     #[test]
     fn client_properties_win_over_defaults_and_secrets_reach_librdkafka_intact() {

@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the stream processor (and the HTTP server) until SIGTERM or Ctrl-C.
+    /// Run the stream processor (and the HTTP server) on `kafka.brokers` until SIGTERM or Ctrl-C.
     Run,
     /// Simulator + stream processor + server; an embedded cluster unless brokers are configured.
     Demo {
@@ -225,16 +225,14 @@ async fn main() -> Result<()> {
     };
     match command {
         Command::Run => {
-            let embedded = match &cfg.kafka.brokers {
-                Some(_) => None,
-                None => Some(Embedded::start(&cfg)?),
+            // An image started without its broker address would otherwise run, and report
+            // ready, on an in-process cluster nothing publishes to.
+            let Some(brokers) = cfg.kafka.brokers.clone() else {
+                bail!(
+                    "`vigil run` needs a Kafka cluster: set kafka.brokers (or \
+                     VIGIL_KAFKA__BROKERS=host:9092); `vigil demo` runs on an embedded one"
+                );
             };
-            let brokers = cfg
-                .kafka
-                .brokers
-                .clone()
-                .or_else(|| embedded.as_ref().map(Embedded::bootstrap_servers))
-                .unwrap_or_default();
             let shutdown = shutdown_on_signal();
             let shared = Shared::new(load_or_train(&cfg)?)?
                 .with_decisions(&cfg)

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::Encoding;
 use crate::decode::{DecodeError, TRANSACTION_AVSC, Transaction, transaction_avro_value};
+use crate::ingest::KafkaProducer;
 use crate::models::{Contribution, Verdict};
 
 /// Where an event came from.
@@ -304,7 +305,7 @@ pub fn dead_letter_headers(
 /// Enqueues a record, waiting while the producer's local queue is full (back-pressure, never
 /// drop). Returns the future of the broker's acknowledgement.
 pub async fn enqueue(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     mut record: FutureRecord<'_, [u8], [u8]>,
 ) -> Result<DeliveryFuture, KafkaError> {
     loop {

@@ -16,7 +16,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,8 @@ use tracing::Instrument;
 use crate::config::{Config, KafkaConfig, Policy};
 use crate::decode::Decoder;
 use crate::ingest::{
-    GroupContext, GroupStatus, StateStore, client_config_over, group_consumer, restore_partition,
+    GroupContext, GroupStatus, KafkaProducer, LogThrottle, StateStore, ThrottledLogs,
+    client_config_over, group_consumer, restore_partition,
 };
 use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
@@ -79,7 +80,7 @@ pub fn load_or_train(cfg: &Config) -> Result<ModelSet, RunError> {
 }
 
 /// The idempotent producer for alerts and dead letters.
-pub fn producer(kafka: &KafkaConfig, brokers: &str) -> Result<FutureProducer, KafkaError> {
+pub fn producer(kafka: &KafkaConfig, brokers: &str) -> Result<KafkaProducer, KafkaError> {
     client_config_over(
         kafka,
         brokers,
@@ -90,7 +91,7 @@ pub fn producer(kafka: &KafkaConfig, brokers: &str) -> Result<FutureProducer, Ka
             ("compression.type", "lz4"),
         ],
     )
-    .create()
+    .create_with_context(ThrottledLogs::default())
 }
 
 /// Shared handles the server and the stream both use.
@@ -178,7 +179,7 @@ struct Worker {
     alerts: AlertEncoder,
     kafka: KafkaConfig,
     brokers: String,
-    producer: FutureProducer,
+    producer: KafkaProducer,
     shared: Shared,
 }
 
@@ -479,10 +480,13 @@ pub async fn run_stream(
             "features config differs from the model's; serving uses the model's"
         );
     }
+    shared.status.set_broker_timeout(cfg.kafka.broker_timeout);
+    let logs = Arc::new(LogThrottle::default());
     let context = GroupContext {
         status: shared.status.clone(),
         store: shared.store.clone(),
         metrics: shared.metrics.clone(),
+        logs: logs.clone(),
     };
     let consumer = Arc::new(group_consumer(&cfg.kafka, brokers, context)?);
     let producer = producer(&cfg.kafka, brokers)?;
@@ -530,6 +534,7 @@ pub async fn run_stream(
         };
         match msg {
             Ok(m) => {
+                shared.status.broker_answered();
                 shared.metrics.events_consumed.inc();
                 let route = m.partition().unsigned_abs() as usize % routes.len();
                 let owned = m.detach();
@@ -537,7 +542,12 @@ pub async fn run_stream(
                     break;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "consumer error"),
+            Err(e) => {
+                let kind = format!("consumer {:?}", e.rdkafka_error_code());
+                if let Some(held_back) = logs.admit(&kind) {
+                    tracing::warn!(error = %e, held_back, "consumer error");
+                }
+            }
         }
     }
 

@@ -1,5 +1,5 @@
-//! The side HTTP server (axum): `GET /health`, `GET /ready` (503 until models are loaded and
-//! partitions assigned), `GET /models` and `GET /models/{name}` (versions, parameters,
+//! The side HTTP server (axum): `GET /health`, `GET /ready` (503 unless models are loaded, the
+//! consumer group has given this instance its share and a broker answers), `GET /models` and `GET /models/{name}` (versions, parameters,
 //! thresholds, features), `POST /predict` (both models and the consensus) and
 //! `POST /models/{name}/predict` (one model) for a list of transactions scored against their
 //! accounts' live state read-only, `GET /accounts/{id}` and `GET /metrics` (Prometheus text).
@@ -256,10 +256,16 @@ async fn ready(State(s): State<Shared>) -> Response {
         .models_loaded
         .load(std::sync::atomic::Ordering::Relaxed);
     let partitions = s.status.assigned.load(std::sync::atomic::Ordering::Relaxed);
+    let joined = s.status.joined.load(std::sync::atomic::Ordering::Relaxed);
     let body = json!({
         "ready": s.status.ready(),
         "models_loaded": models,
+        "group_joined": joined,
         "partitions_assigned": partitions,
+        // More instances than partitions: this one waits to take over.
+        "standby": joined && partitions == 0,
+        "broker_reachable": s.status.broker_reachable(),
+        "seconds_since_broker_answered": s.status.since_broker_contact().map(|d| d.as_secs_f64()),
     });
     let code = if s.status.ready() {
         StatusCode::OK

@@ -35,9 +35,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Normal};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 use crate::decode::{Channel, Occupation, Transaction, TransactionType, format_time};
+use crate::ingest::KafkaProducer;
 use crate::publish::enqueue;
 
 /// The Kafka header, and the JSON field in files, that carries an event's label.
@@ -755,7 +756,7 @@ impl Simulator {
 
 /// Enqueues one event, its label in the [`LABEL_HEADER`] header.
 async fn send(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     topic: &str,
     e: &SimEvent,
 ) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError> {
@@ -773,7 +774,7 @@ async fn send(
 /// Produces `events` as fast as the broker takes them, and waits until every one is
 /// acknowledged.
 pub async fn produce_all(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     topic: &str,
     events: &[SimEvent],
 ) -> Result<(), rdkafka::error::KafkaError> {
@@ -791,7 +792,7 @@ pub async fn produce_all(
 
 /// Produces `count` events (forever if `None`) at about `rate` per second.
 pub async fn produce(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     topic: &str,
     sim: &mut Simulator,
     rate: f64,

@@ -101,3 +101,50 @@ async fn a_refused_outcome_stops_vigil_without_committing_its_offset_and_a_resta
     assert_eq!(committed(&brokers, "g", "tx"), Offset::Offset(31));
     assert_eq!(second.metrics.dead_letters.get(), 1);
 }
+
+/// Waits up to `limit` for `ready()` to be `want`; returns how long it took.
+async fn until_ready_is(s: &vigil::run::Shared, want: bool, limit: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    while s.status.ready() != want {
+        assert!(
+            start.elapsed() < limit,
+            "ready() did not become {want} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_turns_false_while_the_broker_is_down_and_true_as_soon_as_it_is_back() {
+    let mock = MockCluster::new(1).unwrap();
+    for t in ["tx", "alerts", "dlq"] {
+        mock.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = mock.bootstrap_servers();
+    let cfg = Config::from_yaml(&format!(
+        "kafka: {{brokers: '{brokers}', group_id: g, broker_timeout_seconds: 3, topics: {{transactions: tx, alerts: alerts, dead_letter: dlq}}}}\n"
+    ))
+    .unwrap();
+    let s = shared();
+    let stop = CancellationToken::new();
+    let run = {
+        let (s, stop, brokers) = (s.clone(), stop.clone(), brokers.clone());
+        tokio::spawn(async move { run_stream(&cfg, &brokers, s, stop).await })
+    };
+    until_ready_is(&s, true, Duration::from_secs(30)).await;
+
+    mock.broker_down(1).unwrap();
+    let down = until_ready_is(&s, false, Duration::from_secs(10)).await;
+    assert!(!s.status.broker_reachable());
+    mock.broker_up(1).unwrap();
+    let back = until_ready_is(&s, true, Duration::from_secs(5)).await;
+    assert!(
+        down >= Duration::from_secs(2),
+        "not ready only after the timeout, not at the first hiccup ({down:?})"
+    );
+    eprintln!("not ready {down:?} after the broker went down, ready {back:?} after it was back");
+
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}

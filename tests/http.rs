@@ -5,6 +5,7 @@ mod common;
 use common::shared;
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -31,15 +32,36 @@ async fn health_is_always_ok() {
 }
 
 #[tokio::test]
-async fn ready_is_503_until_partitions_are_assigned() {
+async fn ready_needs_the_models_a_place_in_the_group_and_a_broker_that_answers() {
     let s = shared();
     let (status, body) = get(&s, "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["models_loaded"], true);
+    assert_eq!(v["group_joined"], false);
+    assert_eq!(v["broker_reachable"], false);
+    assert_eq!(v["seconds_since_broker_answered"], serde_json::Value::Null);
+
+    // In the group with no partition (more instances than partitions): a ready standby.
+    s.status.joined.store(true, Ordering::Relaxed);
+    s.status.broker_answered();
+    let (status, body) = get(&s, "/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["standby"], true);
     assert_eq!(v["partitions_assigned"], 0);
 
     s.status.assigned.store(3, Ordering::Relaxed);
+    let (_, body) = get(&s, "/ready").await;
+    assert!(body.contains(r#""standby":false"#), "{body}");
+
+    // Silent brokers for longer than the timeout, then one answers again.
+    s.status.set_broker_timeout(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(120));
+    let (status, body) = get(&s, "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains(r#""broker_reachable":false"#), "{body}");
+    s.status.broker_answered();
     let (status, _) = get(&s, "/ready").await;
     assert_eq!(status, StatusCode::OK);
 
