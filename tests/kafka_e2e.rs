@@ -829,3 +829,98 @@ async fn the_stream_runs_over_sasl_ssl_with_scram_and_a_verified_certificate() {
     );
     assert!(sigterm(&mut vigil).success());
 }
+
+/// Two instances share the partitions and one is killed (SIGKILL, no drain, no commit)
+/// mid-stream. The survivor takes its partitions once the group's session times out, rebuilds
+/// their state and goes on: the alerted transactions are exactly an offline run's with the
+/// same scores (features after the takeover equal an uninterrupted run's), and a re-delivered
+/// alert keeps its `alert_id` (at-least-once: duplicates, never a loss).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_none() {
+    let Some((brokers, t, work, models)) = setup("sigkill").await else {
+        return;
+    };
+    let events = dataset_events();
+    let expected = offline_alerts(models, &events);
+    let half = events.len() / 2;
+    let p = producer(&brokers);
+    for tx in &events[..half] {
+        produce(
+            &p,
+            &t.transactions,
+            &tx.account_id,
+            &serde_json::to_vec(tx).unwrap(),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    // A short session so that the survivor takes over in seconds, not the default 45 s.
+    let session = [
+        ("VIGIL_KAFKA__CLIENT__SESSION_TIMEOUT_MS", "6000"),
+        ("VIGIL_KAFKA__CLIENT__HEARTBEAT_INTERVAL_MS", "1000"),
+    ];
+    let model = work.path().join("model");
+    let (dir_a, dir_b) = (work.path().join("a"), work.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let mut victim = spawn_vigil(&brokers, &t, &model, &dir_a, &session);
+    let mut survivor = spawn_vigil(&brokers, &t, &model, &dir_b, &session);
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", &t.group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed_and_end(&reader, &t).0 == 0 {
+        assert!(Instant::now() < deadline, "nothing committed in 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rest = events[half..].to_vec();
+    let b = brokers.clone();
+    let topic = t.transactions.clone();
+    let feeder = std::thread::spawn(move || {
+        let p = producer(&b);
+        for (i, tx) in rest.iter().enumerate() {
+            produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
+            if i % 50 == 0 {
+                p.flush(Duration::from_secs(10)).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    victim.0.kill().unwrap();
+    victim.0.wait().unwrap();
+    let (committed_at_kill, _) = committed_and_end(&reader, &t);
+    feeder.join().unwrap();
+    assert!(
+        (committed_at_kill as usize) < events.len(),
+        "killed mid-stream: {committed_at_kill} of {} committed",
+        events.len()
+    );
+
+    let committed = wait_all_committed(&brokers, &t, &mut survivor, Duration::from_secs(120));
+    assert_eq!(committed as usize, events.len());
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    let live = alerts_by_transaction(&alerts);
+    assert_alerts_match_offline(&live, &expected);
+    for (id, copies) in &live {
+        let ids: BTreeSet<&str> = copies
+            .iter()
+            .map(|a| a["alert_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "a re-delivered alert for {id} keeps its alert_id"
+        );
+    }
+    eprintln!(
+        "{} alerts published for {} alerted transactions ({} duplicates after the kill)",
+        alerts.len(),
+        live.len(),
+        alerts.len() - live.len()
+    );
+    assert!(sigterm(&mut survivor).success());
+}
