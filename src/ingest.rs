@@ -40,6 +40,11 @@ pub struct GroupStatus {
     last_contact_ms: AtomicI64,
     /// How long the brokers may be silent before the instance is not ready.
     broker_timeout_ms: AtomicI64,
+    /// The partitions this instance owns, each with the number of the assignment that gave it:
+    /// an event fetched under an earlier one belongs to a partition revoked since (its new
+    /// owner processes it), so it is dropped, not processed twice.
+    owned: std::sync::Mutex<std::collections::HashMap<i32, u64>>,
+    assignments: AtomicU64,
 }
 
 impl Default for GroupStatus {
@@ -51,6 +56,8 @@ impl Default for GroupStatus {
             responses: AtomicU64::new(0),
             last_contact_ms: AtomicI64::new(0),
             broker_timeout_ms: AtomicI64::new(15_000),
+            owned: Default::default(),
+            assignments: AtomicU64::new(0),
         }
     }
 }
@@ -93,6 +100,36 @@ impl GroupStatus {
         if self.responses.fetch_max(total, Ordering::Relaxed) < total {
             self.broker_answered();
         }
+    }
+
+    /// Partitions added to this instance's assignment (all of it under the eager protocol,
+    /// the increment under cooperative-sticky).
+    pub fn assign(&self, partitions: &[i32]) {
+        let n = self.assignments.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut owned = self.owned();
+        owned.extend(partitions.iter().map(|&p| (p, n)));
+        self.assigned.store(owned.len() as i64, Ordering::Relaxed);
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    /// Partitions taken from this instance.
+    pub fn revoke(&self, partitions: &[i32]) {
+        let mut owned = self.owned();
+        for p in partitions {
+            owned.remove(p);
+        }
+        self.assigned.store(owned.len() as i64, Ordering::Relaxed);
+    }
+
+    /// The assignment under which this instance owns `partition`, if it does.
+    pub fn assignment_of(&self, partition: i32) -> Option<u64> {
+        self.owned().get(&partition).copied()
+    }
+
+    fn owned(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i32, u64>> {
+        self.owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Milliseconds since the first call, never 0: a monotonic clock that fits an atomic.
@@ -237,23 +274,29 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let n = tpl.count() as i64;
-                self.status.assigned.store(n, Ordering::Relaxed);
-                self.status.joined.store(true, Ordering::Relaxed);
-                self.status.broker_answered();
-                self.metrics.partitions_assigned.set(n);
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.status.assign(&parts);
+                self.status.broker_answered();
+                self.metrics
+                    .partitions_assigned
+                    .set(self.status.assigned.load(Ordering::Relaxed));
                 tracing::info!(partitions = ?parts, "partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
-                for e in tpl.elements() {
-                    self.store.remove(&e.partition());
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.status.revoke(&parts);
+                for p in &parts {
+                    self.store.remove(p);
+                    // Its new owner reports its lag.
+                    let _ = self
+                        .metrics
+                        .consumer_lag
+                        .remove_label_values(&[&p.to_string()]);
                 }
-                // Another instance owns these partitions now and reports their lag.
-                self.metrics.consumer_lag.reset();
-                self.status.assigned.store(0, Ordering::Relaxed);
-                self.metrics.partitions_assigned.set(0);
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                self.metrics
+                    .partitions_assigned
+                    .set(self.status.assigned.load(Ordering::Relaxed));
+                tracing::info!(partitions = ?parts, "partitions revoked");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -312,6 +355,9 @@ pub fn group_consumer(
             ("auto.commit.interval.ms", "1000"),
             ("auto.offset.reset", "earliest"),
             ("enable.partition.eof", "false"),
+            // A rebalance moves only the partitions that change owner; the others keep their
+            // state and go on (the eager protocol revokes and restores every partition).
+            ("partition.assignment.strategy", "cooperative-sticky"),
             // Feeds `vigil_consumer_lag` and readiness (GroupContext::stats), to the second.
             ("statistics.interval.ms", "1000"),
         ],

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub partitions_assigned: IntGauge,
     /// Events replayed to rebuild state after an assignment.
     pub state_restored_events: IntCounter,
+    /// Events fetched before their partition was revoked, left to its new owner.
+    pub revoked_events_dropped: IntCounter,
     /// Latest offset whose outcome is stored, per partition.
     pub stored_offset: IntGaugeVec,
     /// Publish failures after the producer gave up retrying.
@@ -138,6 +140,10 @@ impl Metrics {
             state_restored_events: register!(IntCounter::new(
                 "state_restored_events_total",
                 "Events replayed from the input topic to rebuild account state"
+            )?),
+            revoked_events_dropped: register!(IntCounter::new(
+                "revoked_events_dropped_total",
+                "Events fetched before their partition was revoked, left to its new owner"
             )?),
             stored_offset: register!(IntGaugeVec::new(
                 Opts::new(

@@ -375,12 +375,17 @@ impl Worker {
 
     async fn run(
         self,
-        mut events: mpsc::Receiver<OwnedMessage>,
+        mut events: mpsc::Receiver<(OwnedMessage, u64)>,
         acks: mpsc::Sender<Pending>,
         shutdown: CancellationToken,
     ) -> Result<(), RunError> {
         let mut scratch = Scratch::default();
-        while let Some(msg) = events.recv().await {
+        while let Some((msg, assignment)) = events.recv().await {
+            if self.shared.status.assignment_of(msg.partition()) != Some(assignment) {
+                // Queued before its partition was revoked: the new owner processes it.
+                self.shared.metrics.revoked_events_dropped.inc();
+                continue;
+            }
             let pending = match self.handle(&msg, &mut scratch).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -536,9 +541,12 @@ pub async fn run_stream(
             Ok(m) => {
                 shared.status.broker_answered();
                 shared.metrics.events_consumed.inc();
+                let Some(assignment) = shared.status.assignment_of(m.partition()) else {
+                    continue;
+                };
                 let route = m.partition().unsigned_abs() as usize % routes.len();
                 let owned = m.detach();
-                if routes[route].send(owned).await.is_err() {
+                if routes[route].send((owned, assignment)).await.is_err() {
                     break;
                 }
             }

@@ -924,3 +924,99 @@ async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_n
     );
     assert!(sigterm(&mut survivor).success());
 }
+
+/// The JSON log lines of a vigil spawned by [`spawn_vigil`] in `dir`.
+fn log_lines(dir: &Path, t: &Topics) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(format!("vigil-{}.log", t.group)))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A second instance joining moves only the partitions it takes (cooperative-sticky): the first
+/// keeps the rest with their state — it rebuilds none of them — and reports the right count;
+/// the alerts still equal offline scoring.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebalance_moves_only_the_partitions_that_change_owner_and_keeps_the_others_state() {
+    let Some((brokers, t, work, models)) = setup("cooperative").await else {
+        return;
+    };
+    let events = dataset_events();
+    let expected = offline_alerts(models, &events);
+    let half = events.len() / 2;
+    let p = producer(&brokers);
+    let send = |p: &BaseProducer, txs: &[Transaction]| {
+        for tx in txs {
+            produce(
+                p,
+                &t.transactions,
+                &tx.account_id,
+                &serde_json::to_vec(tx).unwrap(),
+            );
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    };
+    send(&p, &events[..half]);
+    let model = work.path().join("model");
+    let (dir_a, dir_b) = (work.path().join("a"), work.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let mut first = spawn_vigil(&brokers, &t, &model, &dir_a, &[]);
+    let committed = wait_all_committed(&brokers, &t, &mut first, Duration::from_secs(120));
+    assert_eq!(committed as usize, half);
+
+    let mut second = spawn_vigil(&brokers, &t, &model, &dir_b, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log_lines(&dir_b, &t)
+        .iter()
+        .any(|l| l["message"] == "partitions assigned")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the second instance got no partition"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    send(&p, &events[half..]);
+    wait_all_committed(&brokers, &t, &mut first, Duration::from_secs(120));
+
+    let rebuilt = |dir: &Path| -> Vec<i64> {
+        log_lines(dir, &t)
+            .iter()
+            .filter(|l| l["message"] == "account state rebuilt from the input topic")
+            .filter(|l| l["events"].as_u64() > Some(0))
+            .map(|l| l["partition"].as_i64().unwrap())
+            .collect()
+    };
+    let (by_first, by_second) = (rebuilt(&dir_a), rebuilt(&dir_b));
+    assert!(
+        by_first.is_empty(),
+        "the first instance rebuilt partitions it kept: {by_first:?}"
+    );
+    assert!(
+        !by_second.is_empty(),
+        "the second rebuilt what it took over"
+    );
+    let addr = log_lines(&dir_a, &t)
+        .iter()
+        .find(|l| l["message"] == "HTTP server listening")
+        .and_then(|l| l["addr"].as_str().map(String::from))
+        .unwrap();
+    let ready: serde_json::Value = reqwest::get(format!("http://{addr}/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["partitions_assigned"].as_i64(),
+        Some(PARTITIONS as i64 - by_second.len() as i64),
+        "{ready}"
+    );
+
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    assert_alerts_match_offline(&alerts_by_transaction(&alerts), &expected);
+    assert!(sigterm(&mut second).success());
+    assert!(sigterm(&mut first).success());
+}
