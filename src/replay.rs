@@ -470,15 +470,17 @@ fn range(
 }
 
 /// Reads `[low, end)` of one partition; events before `start` are marked warm-only.
-fn read_partition(
+/// Calls `f` with each event of one partition from `low` to `end`, those before `start` marked
+/// warm-only, one at a time: nothing is held but the event in hand.
+fn each_in_partition(
     consumer: &BaseConsumer,
     topic: &str,
     partition: i32,
     (low, start, end): (i64, i64, i64),
-) -> Result<Vec<Recorded>, ReplayError> {
-    let mut out = Vec::new();
+    f: &mut dyn FnMut(Recorded) -> Result<(), ReplayError>,
+) -> Result<(), ReplayError> {
     if end <= start {
-        return Ok(out);
+        return Ok(());
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
@@ -497,14 +499,14 @@ fn read_partition(
                         .and_then(|x| x.value)
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                 });
-                out.push(Recorded {
+                f(Recorded {
                     partition,
                     offset: m.offset(),
                     payload: m.payload().unwrap_or_default().to_vec(),
                     label,
                     published_at: crate::ingest::published_at(&m),
                     warm_only: m.offset() < start,
-                });
+                })?;
             }
             Some(Err(KafkaError::PartitionEOF(_))) => break,
             Some(Err(e)) => return Err(e.into()),
@@ -516,12 +518,91 @@ fn read_partition(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Reads `[from, to)` of the chosen partitions (all if empty) of `kafka.transactions_topic`,
-/// partition by partition, with earlier events of each partition marked warm-only. Returns the
-/// events and how many are in range. Assign-only: no group is joined, nothing is committed.
+/// `[from, to)` of the chosen partitions (all if empty) of `kafka.transactions_topic`, read
+/// partition by partition with the earlier events of each partition marked warm-only.
+/// Assign-only: no group is joined, nothing is committed.
+pub struct TopicRange {
+    consumer: BaseConsumer,
+    topic: String,
+    /// Per partition: (low watermark, first offset in range, end).
+    ranges: Vec<(i32, (i64, i64, i64))>,
+}
+
+impl TopicRange {
+    pub fn open(
+        kafka: &KafkaConfig,
+        brokers: &str,
+        partitions: &[i32],
+        from: Bound,
+        to: Bound,
+    ) -> Result<Self, ReplayError> {
+        let consumer: BaseConsumer = client_config(kafka, brokers)
+            .set(
+                "group.id",
+                format!("{}-replay-{}", kafka.group_id, std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let t = &kafka.transactions_topic;
+        let metadata = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+        let all: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .find(|x| x.name() == t)
+            .map(|x| x.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        if all.is_empty() {
+            return Err(ReplayError::NoTopic(t.clone()));
+        }
+        let mut chosen = if partitions.is_empty() {
+            all.clone()
+        } else {
+            partitions.to_vec()
+        };
+        chosen.sort_unstable();
+        chosen.dedup();
+        let mut ranges = Vec::new();
+        for p in chosen {
+            if !all.contains(&p) {
+                return Err(ReplayError::NoPartition(t.clone(), p));
+            }
+            ranges.push((p, range(&consumer, t, p, from, to)?));
+        }
+        Ok(Self {
+            consumer,
+            topic: t.clone(),
+            ranges,
+        })
+    }
+
+    /// Events in range (the warm-only ones before it not counted).
+    pub fn in_range(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|(_, (_, s, e))| (e - s).max(0) as u64)
+            .sum()
+    }
+
+    /// Calls `f` with each event, partition by partition, in offset order.
+    pub fn for_each(
+        &self,
+        mut f: impl FnMut(Recorded) -> Result<(), ReplayError>,
+    ) -> Result<(), ReplayError> {
+        for &(p, r) in &self.ranges {
+            each_in_partition(&self.consumer, &self.topic, p, r, &mut f)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every event of a [`TopicRange`] in memory, and how many are in range (for training, which
+/// needs them all).
 pub fn read_topic(
     kafka: &KafkaConfig,
     brokers: &str,
@@ -529,50 +610,13 @@ pub fn read_topic(
     from: Bound,
     to: Bound,
 ) -> Result<(Vec<Recorded>, u64), ReplayError> {
-    let consumer: BaseConsumer = client_config(kafka, brokers)
-        .set(
-            "group.id",
-            format!("{}-replay-{}", kafka.group_id, std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    let t = &kafka.transactions_topic;
-    let metadata = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
-    let all: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .find(|x| x.name() == t)
-        .map(|x| x.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    if all.is_empty() {
-        return Err(ReplayError::NoTopic(t.clone()));
-    }
-    let mut chosen = if partitions.is_empty() {
-        all.clone()
-    } else {
-        partitions.to_vec()
-    };
-    chosen.sort_unstable();
-    chosen.dedup();
-    let mut ranges = Vec::new();
-    for p in chosen {
-        if !all.contains(&p) {
-            return Err(ReplayError::NoPartition(t.clone(), p));
-        }
-        ranges.push((p, range(&consumer, t, p, from, to)?));
-    }
-    let total: u64 = ranges
-        .iter()
-        .map(|(_, (_, s, e))| (e - s).max(0) as u64)
-        .sum();
+    let range = TopicRange::open(kafka, brokers, partitions, from, to)?;
     let mut events = Vec::new();
-    for (p, r) in ranges {
-        events.extend(read_partition(&consumer, t, p, r)?);
-    }
-    Ok((events, total))
+    range.for_each(|e| {
+        events.push(e);
+        Ok(())
+    })?;
+    Ok((events, range.in_range()))
 }
 
 /// Replays `input` through every candidate, writes the outputs and returns the report.
@@ -602,26 +646,24 @@ pub fn replay(
     let mut report = ReportBuilder::new(source, candidates);
     let mut progress = Progress::new();
     let mut n = 0u64;
-    let mut handle = |events: Vec<Recorded>,
+    let mut handle = |e: &Recorded,
                       total: Option<u64>,
                       candidates: &mut [Candidate],
                       report: &mut ReportBuilder|
      -> Result<(), ReplayError> {
-        for e in &events {
-            let outcomes: Vec<Option<ModelOutcome>> =
-                candidates.iter_mut().map(|c| c.run(&topic, e)).collect();
-            if e.warm_only {
-                continue;
-            }
-            let outcomes: Vec<ModelOutcome> = outcomes.into_iter().flatten().collect();
-            let record = EventRecord::new(e);
-            record
-                .write_csv(&mut csv, candidates, &outcomes)
-                .map_err(csv_err)?;
-            report.add(&record, &outcomes);
-            n += 1;
-            progress.tick(n, total);
+        let outcomes: Vec<Option<ModelOutcome>> =
+            candidates.iter_mut().map(|c| c.run(&topic, e)).collect();
+        if e.warm_only {
+            return Ok(());
         }
+        let outcomes: Vec<ModelOutcome> = outcomes.into_iter().flatten().collect();
+        let record = EventRecord::new(e);
+        record
+            .write_csv(&mut csv, candidates, &outcomes)
+            .map_err(csv_err)?;
+        report.add(&record, &outcomes);
+        n += 1;
+        progress.tick(n, total);
         Ok(())
     };
     match input {
@@ -631,7 +673,9 @@ pub fn replay(
                 c.engine.decoder = Decoder::new(encoding);
             }
             let total = Some(events.len() as u64);
-            handle(events, total, candidates, &mut report)?;
+            for e in &events {
+                handle(e, total, candidates, &mut report)?;
+            }
         }
         Input::Recorded {
             events, encoding, ..
@@ -640,7 +684,9 @@ pub fn replay(
                 c.engine.decoder = Decoder::new(*encoding);
             }
             let total = Some(events.iter().filter(|e| !e.warm_only).count() as u64);
-            handle(events.clone(), total, candidates, &mut report)?;
+            for e in events {
+                handle(e, total, candidates, &mut report)?;
+            }
         }
         Input::Topic {
             kafka,
@@ -649,8 +695,10 @@ pub fn replay(
             from,
             to,
         } => {
-            let (events, total) = read_topic(kafka, brokers, partitions, *from, *to)?;
-            handle(events, Some(total), candidates, &mut report)?;
+            // Streamed: memory holds the state and the report, never the range.
+            let range = TopicRange::open(kafka, brokers, partitions, *from, *to)?;
+            let total = Some(range.in_range());
+            range.for_each(|e| handle(&e, total, candidates, &mut report))?;
         }
     }
     progress.finish(n);

@@ -506,8 +506,11 @@ struct Acc {
     accounts: BTreeMap<String, u64>,
     features: BTreeMap<String, u64>,
     labelled: Vec<Labelled>,
+    /// The strongest alerts so far, strongest first, at most [`STRONGEST_ALERTS`].
     alerts: Vec<AlertSample>,
 }
+
+const STRONGEST_ALERTS: usize = 20;
 
 /// One labelled valid event as one model saw it. `consensus` is the policy's margin, which its
 /// decision thresholds at 0.
@@ -520,7 +523,9 @@ struct Labelled {
     lof_flag: bool,
     alert: bool,
     positive: bool,
-    label: String,
+    /// Index into [`ReportBuilder::label_names`]: a replay keeps one of these per labelled
+    /// event (exact PR curves need every score), so it holds no string.
+    label: u16,
 }
 
 /// Accumulates a replay into a [`Report`].
@@ -528,8 +533,10 @@ pub struct ReportBuilder {
     input: String,
     events: u64,
     accs: Vec<Acc>,
-    alerts: Vec<Vec<bool>>,
-    keys: Vec<(i32, i64, String, Option<String>)>,
+    /// Champion against each challenger, counted as events arrive (a replay of any length
+    /// keeps no per-event record): both, champion only, challenger only, first disagreements.
+    vs: Vec<(u64, u64, u64, Vec<Disagreement>)>,
+    label_names: Vec<String>,
 }
 
 impl ReportBuilder {
@@ -580,13 +587,24 @@ impl ReportBuilder {
             input,
             events: 0,
             accs,
-            alerts: Vec::new(),
-            keys: Vec::new(),
+            vs: vec![(0, 0, 0, Vec::new()); candidates.len().saturating_sub(1)],
+            label_names: Vec::new(),
         }
     }
 
     pub fn add(&mut self, record: &EventRecord, outcomes: &[ModelOutcome]) {
         self.events += 1;
+        let label = record.label.as_deref().and_then(|l| {
+            let positive = positive(l)?;
+            let index = match self.label_names.iter().position(|n| n == l) {
+                Some(i) => i,
+                None => {
+                    self.label_names.push(l.to_string());
+                    self.label_names.len() - 1
+                }
+            };
+            Some((u16::try_from(index).unwrap_or(u16::MAX), positive))
+        });
         let mut alerts = Vec::with_capacity(outcomes.len());
         let mut tx_id = String::new();
         for (acc, o) in self.accs.iter_mut().zip(outcomes) {
@@ -623,20 +641,24 @@ impl ReportBuilder {
                 for f in &o.top_features {
                     *acc.features.entry((*f).to_string()).or_default() += 1;
                 }
-                acc.alerts.push(AlertSample {
-                    transaction_id: o.transaction_id.clone(),
-                    account_id: o.account_id.clone(),
-                    event_time: crate::decode::format_time(o.time),
-                    label: record.label.clone(),
-                    margin: o.margin,
-                    reason: o.reason.clone(),
-                });
+                // After the earlier ones of equal margin, as a stable sort would put it.
+                let at = acc.alerts.partition_point(|a| a.margin >= o.margin);
+                if at < STRONGEST_ALERTS {
+                    acc.alerts.insert(
+                        at,
+                        AlertSample {
+                            transaction_id: o.transaction_id.clone(),
+                            account_id: o.account_id.clone(),
+                            event_time: crate::decode::format_time(o.time),
+                            label: record.label.clone(),
+                            margin: o.margin,
+                            reason: o.reason.clone(),
+                        },
+                    );
+                    acc.alerts.truncate(STRONGEST_ALERTS);
+                }
             }
-            if let Some((label, pos)) = record
-                .label
-                .as_ref()
-                .and_then(|l| positive(l).map(|p| (l, p)))
-            {
+            if let Some((label, pos)) = label {
                 acc.labelled.push(Labelled {
                     forest: o.forest,
                     lof: o.lof,
@@ -646,13 +668,29 @@ impl ReportBuilder {
                     lof_flag: o.lof_flag,
                     alert: o.alert,
                     positive: pos,
-                    label: label.clone(),
+                    label,
                 });
             }
         }
-        self.alerts.push(alerts);
-        self.keys
-            .push((record.partition, record.offset, tx_id, record.label.clone()));
+        for (j, (both, a_only, b_only, examples)) in self.vs.iter_mut().enumerate() {
+            let (a, b) = (alerts[0], alerts[j + 1]);
+            match (a, b) {
+                (true, true) => *both += 1,
+                (true, false) => *a_only += 1,
+                (false, true) => *b_only += 1,
+                _ => {}
+            }
+            if a != b && examples.len() < 25 {
+                examples.push(Disagreement {
+                    partition: record.partition,
+                    offset: record.offset,
+                    transaction_id: tx_id.clone(),
+                    label: record.label.clone(),
+                    champion_alert: a,
+                    challenger_alert: b,
+                });
+            }
+        }
     }
 
     pub fn build(&self) -> Report {
@@ -671,10 +709,7 @@ impl ReportBuilder {
                 r.alerts_by_day = acc.by_day.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 r.top_accounts = top(&acc.accounts, 10);
                 r.feature_drivers = top(&acc.features, 20);
-                let mut strongest = acc.alerts.clone();
-                strongest.sort_by(|a, b| b.margin.total_cmp(&a.margin));
-                strongest.truncate(20);
-                r.strongest_alerts = strongest;
+                r.strongest_alerts = acc.alerts.clone();
                 if !acc.labelled.is_empty() {
                     let rows = |score: fn(&Labelled) -> (f64, bool)| {
                         acc.labelled
@@ -687,7 +722,12 @@ impl ReportBuilder {
                     };
                     let mut by_label: BTreeMap<String, KindRecall> = BTreeMap::new();
                     for x in acc.labelled.iter().filter(|x| x.positive) {
-                        let k = by_label.entry(x.label.clone()).or_insert(KindRecall {
+                        let name = self
+                            .label_names
+                            .get(usize::from(x.label))
+                            .cloned()
+                            .unwrap_or_default();
+                        let k = by_label.entry(name).or_insert(KindRecall {
                             events: 0,
                             forest_flagged: 0,
                             lof_flagged: 0,
@@ -723,26 +763,7 @@ impl ReportBuilder {
             .collect();
         let mut comparisons = Vec::new();
         for j in 1..models.len() {
-            let (mut both, mut a_only, mut b_only, mut examples) = (0, 0, 0, Vec::new());
-            for (alerts, key) in self.alerts.iter().zip(&self.keys) {
-                let (a, b) = (alerts[0], alerts[j]);
-                match (a, b) {
-                    (true, true) => both += 1,
-                    (true, false) => a_only += 1,
-                    (false, true) => b_only += 1,
-                    _ => {}
-                }
-                if a != b && examples.len() < 25 {
-                    examples.push(Disagreement {
-                        partition: key.0,
-                        offset: key.1,
-                        transaction_id: key.2.clone(),
-                        label: key.3.clone(),
-                        champion_alert: a,
-                        challenger_alert: b,
-                    });
-                }
-            }
+            let (both, a_only, b_only, examples) = self.vs[j - 1].clone();
             let score = |m: &ModelReport| {
                 m.labels.as_ref().map(|l| {
                     (
