@@ -1,6 +1,8 @@
-//! Ingest: the Kafka side of reading — the group consumer (offsets stored by vigil, committed by
-//! librdkafka), rebalance tracking for readiness, and rebuilding a partition's account state from
-//! the input topic itself when the partition is (re)assigned.
+//! Ingest: the Kafka side of reading — the client settings every client shares (`kafka.client`
+//! over vigil's defaults), the group consumer (cooperative-sticky; offsets stored by vigil,
+//! committed by librdkafka), what readiness needs to know ([`GroupStatus`]: the partitions
+//! owned, whether a broker answers), librdkafka's log lines throttled ([`LogThrottle`]), and
+//! rebuilding a partition's account state from the input topic itself when it is assigned.
 //!
 //! State restore: when the first event vigil sees from a partition is not the one its state
 //! expects (a restart, a rebalance, a seek), the partition's earlier events are replayed through
@@ -95,9 +97,10 @@ impl GroupStatus {
             .store(Self::clock_ms(), Ordering::Relaxed);
     }
 
-    /// The responses received so far, from statistics: a broker answered if the count grew.
+    /// The responses received so far, from statistics: a broker answered if the count moved
+    /// (it falls when a broker leaves the cluster's metadata).
     fn responses_received(&self, total: u64) {
-        if self.responses.fetch_max(total, Ordering::Relaxed) < total {
+        if self.responses.swap(total, Ordering::Relaxed) != total {
             self.broker_answered();
         }
     }

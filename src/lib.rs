@@ -7,14 +7,16 @@
 //!                   └─ invalid ──────────────────────────────────────────────────▶ publish ─▶ dead letters
 //! ```
 //!
-//! - [`ingest`]: the group consumer, rebalance tracking, state restore from the input topic.
+//! - [`ingest`]: Kafka client settings, the group consumer (cooperative-sticky), what readiness
+//!   needs (partitions owned, a broker answering), throttled librdkafka logs, state restore.
 //! - [`decode`]: JSON / Avro bytes to a validated [`decode::Transaction`], or a reason why not.
 //! - [`state`]: bounded per-account memory, kept per partition.
 //! - [`features`]: transaction + earlier state → feature vector (shared by stream and training).
 //! - [`models`]: isolation forest and LOF detectors, encoders, thresholds, artifacts.
 //! - [`consensus`]: the alert policy over the models' verdicts.
 //! - [`publish`]: alert and dead-letter records, delivery, at-least-once offset storing.
-//! - [`pipeline`]: the synchronous per-event path tying decode → consensus together.
+//! - [`pipeline`]: the synchronous per-event path tying decode → consensus together, with the
+//!   event-time limits that keep one mis-dated event from moving a partition's clock.
 //! - [`run`]: the async wiring (workers, ackers, shutdown); [`server`]: the side HTTP server.
 //! - [`train`]: history → models; [`simulate`]: labelled synthetic traffic; [`demo`]: the embedded default.
 //! - [`replay`]: backtests over a topic range or a file through the same per-event path;

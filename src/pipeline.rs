@@ -1,6 +1,7 @@
-//! The per-event path, synchronous and free of I/O: bytes → decode → account state → features →
-//! both models → consensus → outcome. The stream workers, offline scoring and the tests all call
-//! [`Engine::process`], so "the same events through the same code" is literally true.
+//! The per-event path, synchronous and free of I/O: bytes → decode → a plausible event time →
+//! account state → features → both models → consensus → outcome. The stream workers, offline
+//! scoring and the tests all call [`Engine::process`], so "the same events through the same
+//! code" is literally true.
 
 use std::sync::Arc;
 
@@ -69,7 +70,7 @@ impl Default for EventTimeLimits {
 impl EventTimeLimits {
     /// Whether an event at `time`, published at `published` (seconds since the epoch), fits:
     /// not before 1970, at most `max_ahead_secs` after publication, and — when `latest`, the
-    /// latest event time of its partition (or account), is known — not further behind it than
+    /// latest event time of its partition, is known — not further behind it than
     /// the state keeps an account (`ttl_secs`): state that old is gone, so it cannot be scored
     /// against it.
     pub fn check(

@@ -384,6 +384,65 @@ fn assert_alerts_match_offline(
     }
 }
 
+/// Produces `events` keyed by account and waits for the broker's acknowledgements.
+fn produce_events(brokers: &str, topic: &str, events: &[Transaction]) {
+    let p = producer(brokers);
+    for tx in events {
+        produce(&p, topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Produces `events` in small batches from another thread, as traffic arriving mid-run.
+fn feed_while_running(
+    brokers: &str,
+    topic: &str,
+    events: Vec<Transaction>,
+) -> std::thread::JoinHandle<()> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    std::thread::spawn(move || {
+        let p = producer(&brokers);
+        for (i, tx) in events.iter().enumerate() {
+            produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
+            if i % 50 == 0 {
+                p.flush(Duration::from_secs(10)).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    })
+}
+
+/// A reader of the group's committed offsets, once the group has committed something.
+fn after_first_commit(brokers: &str, t: &Topics) -> BaseConsumer {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &t.group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed_and_end(&reader, t).0 == 0 {
+        assert!(Instant::now() < deadline, "nothing committed in 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    reader
+}
+
+/// Every copy of a transaction's alert has the same `alert_id`, so consumers can deduplicate.
+fn assert_redeliveries_keep_their_alert_id(live: &BTreeMap<String, Vec<serde_json::Value>>) {
+    for (id, copies) in live {
+        let ids: BTreeSet<&str> = copies
+            .iter()
+            .map(|a| a["alert_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "a re-delivered alert for {id} keeps its alert_id"
+        );
+    }
+}
+
 /// Broker, fresh topics, a work directory and the saved model every test starts from.
 async fn setup(name: &str) -> Option<(String, Topics, tempfile::TempDir, ModelSet)> {
     let brokers = common::test_brokers()?;
@@ -536,41 +595,10 @@ async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
 
     // The first half is waiting when vigil starts; the second arrives while it runs.
     let half = events.len() / 2;
-    let p = producer(&brokers);
-    for tx in &events[..half] {
-        produce(
-            &p,
-            &t.transactions,
-            &tx.account_id,
-            &serde_json::to_vec(tx).unwrap(),
-        );
-    }
-    p.flush(Duration::from_secs(30)).unwrap();
+    produce_events(&brokers, &t.transactions, &events[..half]);
     let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &[]);
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", &t.group)
-        .create()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while committed_and_end(&reader, &t).0 == 0 {
-        assert!(Instant::now() < deadline, "vigil committed nothing in 60 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let rest = events[half..].to_vec();
-    let b = brokers.clone();
-    let topic = t.transactions.clone();
-    let feeder = std::thread::spawn(move || {
-        let p = producer(&b);
-        for (i, tx) in rest.iter().enumerate() {
-            produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
-            if i % 50 == 0 {
-                p.flush(Duration::from_secs(10)).unwrap();
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        p.flush(Duration::from_secs(30)).unwrap();
-    });
+    let reader = after_first_commit(&brokers, &t);
+    let feeder = feed_while_running(&brokers, &t.transactions, events[half..].to_vec());
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         sigterm(&mut vigil).success(),
@@ -591,17 +619,7 @@ async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
     let live = alerts_by_transaction(&alerts);
     // Restored state makes the second run's features equal to an uninterrupted run's.
     assert_alerts_match_offline(&live, &expected);
-    for (id, copies) in &live {
-        let ids: BTreeSet<&str> = copies
-            .iter()
-            .map(|a| a["alert_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            ids.len(),
-            1,
-            "a re-delivered alert for {id} keeps its alert_id"
-        );
-    }
+    assert_redeliveries_keep_their_alert_id(&live);
     assert!(sigterm(&mut again).success());
 }
 
@@ -843,16 +861,7 @@ async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_n
     let events = dataset_events();
     let expected = offline_alerts(models, &events);
     let half = events.len() / 2;
-    let p = producer(&brokers);
-    for tx in &events[..half] {
-        produce(
-            &p,
-            &t.transactions,
-            &tx.account_id,
-            &serde_json::to_vec(tx).unwrap(),
-        );
-    }
-    p.flush(Duration::from_secs(30)).unwrap();
+    produce_events(&brokers, &t.transactions, &events[..half]);
 
     // A short session so that the survivor takes over in seconds, not the default 45 s.
     let session = [
@@ -865,30 +874,8 @@ async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_n
     std::fs::create_dir_all(&dir_b).unwrap();
     let mut victim = spawn_vigil(&brokers, &t, &model, &dir_a, &session);
     let mut survivor = spawn_vigil(&brokers, &t, &model, &dir_b, &session);
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", &t.group)
-        .create()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while committed_and_end(&reader, &t).0 == 0 {
-        assert!(Instant::now() < deadline, "nothing committed in 60 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let rest = events[half..].to_vec();
-    let b = brokers.clone();
-    let topic = t.transactions.clone();
-    let feeder = std::thread::spawn(move || {
-        let p = producer(&b);
-        for (i, tx) in rest.iter().enumerate() {
-            produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
-            if i % 50 == 0 {
-                p.flush(Duration::from_secs(10)).unwrap();
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        p.flush(Duration::from_secs(30)).unwrap();
-    });
+    let reader = after_first_commit(&brokers, &t);
+    let feeder = feed_while_running(&brokers, &t.transactions, events[half..].to_vec());
     std::thread::sleep(Duration::from_millis(500));
     victim.0.kill().unwrap();
     victim.0.wait().unwrap();
@@ -905,17 +892,7 @@ async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_n
     let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
     let live = alerts_by_transaction(&alerts);
     assert_alerts_match_offline(&live, &expected);
-    for (id, copies) in &live {
-        let ids: BTreeSet<&str> = copies
-            .iter()
-            .map(|a| a["alert_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            ids.len(),
-            1,
-            "a re-delivered alert for {id} keeps its alert_id"
-        );
-    }
+    assert_redeliveries_keep_their_alert_id(&live);
     eprintln!(
         "{} alerts published for {} alerted transactions ({} duplicates after the kill)",
         alerts.len(),
@@ -945,19 +922,7 @@ async fn a_rebalance_moves_only_the_partitions_that_change_owner_and_keeps_the_o
     let events = dataset_events();
     let expected = offline_alerts(models, &events);
     let half = events.len() / 2;
-    let p = producer(&brokers);
-    let send = |p: &BaseProducer, txs: &[Transaction]| {
-        for tx in txs {
-            produce(
-                p,
-                &t.transactions,
-                &tx.account_id,
-                &serde_json::to_vec(tx).unwrap(),
-            );
-        }
-        p.flush(Duration::from_secs(30)).unwrap();
-    };
-    send(&p, &events[..half]);
+    produce_events(&brokers, &t.transactions, &events[..half]);
     let model = work.path().join("model");
     let (dir_a, dir_b) = (work.path().join("a"), work.path().join("b"));
     std::fs::create_dir_all(&dir_a).unwrap();
@@ -978,7 +943,7 @@ async fn a_rebalance_moves_only_the_partitions_that_change_owner_and_keeps_the_o
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    send(&p, &events[half..]);
+    produce_events(&brokers, &t.transactions, &events[half..]);
     wait_all_committed(&brokers, &t, &mut first, Duration::from_secs(120));
 
     let rebuilt = |dir: &Path| -> Vec<i64> {
