@@ -40,7 +40,7 @@ pub struct Metrics {
     pub revoked_events_dropped: IntCounter,
     /// Latest offset whose outcome is stored, per partition.
     pub stored_offset: IntGaugeVec,
-    /// Publish failures after the producer gave up retrying.
+    /// Refused deliveries of an outcome (each is sent again until the broker takes it).
     pub publish_failures: IntCounter,
     /// 1 when models are loaded; the gauge's label carries the version.
     pub model_info: IntGaugeVec,
@@ -154,7 +154,7 @@ impl Metrics {
             )?),
             publish_failures: register!(IntCounter::new(
                 "publish_failures_total",
-                "Outcomes the producer could not deliver"
+                "Deliveries of an outcome the broker refused (each is sent again)"
             )?),
             model_info: register!(IntGaugeVec::new(
                 Opts::new("model_info", "Loaded model version (value 1)"),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -417,25 +417,58 @@ pub enum PublishError {
 }
 
 impl Pending {
-    /// Waits for the broker's acknowledgement (immediate for a clean event).
-    pub async fn acknowledged(mut self) -> Result<Self, PublishError> {
+    /// Waits for the broker to take the outcome (at once for a clean event). A delivery the producer gave up on (an outage
+    /// longer than its own retries, a topic that is gone, a revoked ACL) is sent again after a
+    /// pause that doubles from 1 s to 30 s, until the broker takes it or `retry.shutdown` is
+    /// cancelled. Nothing after it on its partition is stored meanwhile, so it is neither lost
+    /// nor a reason to exit — and a restart would meet the same refusal: a crash loop.
+    pub async fn acknowledged(mut self, retry: Retry<'_>) -> Result<Self, PublishError> {
         let (partition, offset) = (self.partition, self.offset);
-        if let Some(delivery) = self.delivery.take() {
+        let mut pause = Duration::from_secs(1);
+        while let Some(delivery) = self.delivery.take() {
             let span = tracing::trace_span!(parent: &self.span, "acknowledge");
             match tracing::Instrument::instrument(delivery, span).await {
                 Ok(Ok(_)) => {}
-                Ok(Err((source, _))) => {
-                    return Err(PublishError::Delivery {
-                        partition,
-                        offset,
-                        source,
-                    });
+                Ok(Err((source, refused))) => {
+                    (retry.on_failure)(&source, pause);
+                    tokio::select! {
+                        () = retry.shutdown.cancelled() => {
+                            return Err(PublishError::Delivery { partition, offset, source });
+                        }
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                    let headers = refused.headers().cloned();
+                    let mut record = FutureRecord::to(refused.topic())
+                        .payload(refused.payload().unwrap_or_default());
+                    if let Some(key) = refused.key() {
+                        record = record.key(key);
+                    }
+                    if let Some(headers) = headers {
+                        record = record.headers(headers);
+                    }
+                    self.delivery =
+                        Some(enqueue(retry.producer, record).await.map_err(|source| {
+                            PublishError::Delivery {
+                                partition,
+                                offset,
+                                source,
+                            }
+                        })?);
                 }
                 Err(_) => return Err(PublishError::Canceled { partition, offset }),
             }
         }
         Ok(self)
     }
+}
+
+/// How [`Pending::acknowledged`] sends a refused outcome again.
+pub struct Retry<'a> {
+    pub producer: &'a KafkaProducer,
+    /// Called with each refusal and the pause before the next attempt.
+    pub on_failure: &'a (dyn Fn(&KafkaError, Duration) + Sync),
+    pub shutdown: &'a tokio_util::sync::CancellationToken,
 }
 
 #[cfg(test)]

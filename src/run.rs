@@ -33,7 +33,7 @@ use crate::models::{ModelError, ModelSet, Scratch};
 use crate::pipeline::{Engine, EventTimeLimits, Outcome, Scored};
 use crate::publish::{
     AlertEncoder, AlertFeed, DEAD_LETTER_MAX_ERROR, EncodeError, OutcomeKind, Pending,
-    PublishError, SourceCoordinates, bounded_text, dead_letter_headers, dead_letter_payload,
+    PublishError, Retry, SourceCoordinates, bounded_text, dead_letter_headers, dead_letter_payload,
     enqueue,
 };
 use crate::train::{HistoryError, bundled_history, train};
@@ -404,20 +404,34 @@ impl Worker {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn acknowledge(
     mut pending: mpsc::Receiver<Pending>,
     consumer: Arc<StreamConsumer<GroupContext>>,
+    producer: KafkaProducer,
     topic: String,
     metrics: Metrics,
     feed: Arc<AlertFeed>,
+    logs: Arc<LogThrottle>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let on_failure = |e: &KafkaError, pause: Duration| {
+        metrics.publish_failures.inc();
+        if let Some(held_back) = logs.admit("outcome refused") {
+            tracing::error!(error = %e, retry_in_s = pause.as_secs(), held_back,
+                "outcome not acknowledged; sending it again, storing no offset past it");
+        }
+    };
     while let Some(p) = pending.recv().await {
-        let p = match p.acknowledged().await {
+        let retry = Retry {
+            producer: &producer,
+            on_failure: &on_failure,
+            shutdown: &shutdown,
+        };
+        let p = match p.acknowledged(retry).await {
             Ok(p) => p,
             Err(e) => {
-                metrics.publish_failures.inc();
-                tracing::error!(error = %e, "outcome not acknowledged; stopping without storing its offset");
+                tracing::error!(error = %e, "stopped before the outcome was acknowledged; its offset is not stored");
                 shutdown.cancel();
                 return Err(e.into());
             }
@@ -524,9 +538,11 @@ pub async fn run_stream(
         ackers.spawn(acknowledge(
             acks_rx,
             consumer.clone(),
+            producer.clone(),
             cfg.kafka.transactions_topic.clone(),
             shared.metrics.clone(),
             shared.alerts.clone(),
+            logs.clone(),
             shutdown.clone(),
         ));
     }
