@@ -309,6 +309,19 @@ fn decode_avro(schema: &Schema, bytes: &[u8]) -> Result<RawTransaction, DecodeEr
             datum.len() - reader.position() as usize
         )));
     }
+    // apache-avro reads a string whose bytes run out as null, so a cut datum can decode to a
+    // record with a field silently lost. The record must encode back to exactly these bytes
+    // (Avro's binary encoding of a value is unique for this schema: no arrays or maps).
+    let again =
+        apache_avro::to_avro_datum(schema, value.clone()).map_err(|e| malformed(e.to_string()))?;
+    if again != datum {
+        return Err(malformed(format!(
+            "the datum does not match the schema (cut short or written with another schema: \
+             {} bytes, a record of this schema with these values takes {})",
+            datum.len(),
+            again.len()
+        )));
+    }
     raw_from_avro(value).map_err(malformed)
 }
 
@@ -807,8 +820,15 @@ mod tests {
             unreachable!()
         };
         let plain = encode_avro(schema, &tx).unwrap_or_else(|e| panic!("{e}"));
-        let e = decoder.decode(&plain[..plain.len() / 2]).err();
-        assert_eq!(e.map(|e| e.code()), Some("malformed"));
+        for cut in 0..plain.len() {
+            let e = decoder.decode(&plain[..cut]).err();
+            assert_eq!(
+                e.map(|e| e.code()),
+                Some("malformed"),
+                "a datum cut to {cut} of {} bytes",
+                plain.len()
+            );
+        }
         let mut padded = plain.clone();
         padded.push(7);
         assert_eq!(

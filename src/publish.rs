@@ -16,7 +16,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::Encoding;
-use crate::decode::{DecodeError, TRANSACTION_AVSC, Transaction, transaction_avro_value};
+use crate::decode::{DecodeError, Transaction, transaction_avro_value};
 use crate::ingest::KafkaProducer;
 use crate::models::{Contribution, Verdict};
 
@@ -53,8 +53,8 @@ pub struct Alert {
     pub transaction: Transaction,
 }
 
-/// The Avro schema of an alert, as shipped in `schemas/alert.avsc` (it refers to the
-/// transaction schema by name).
+/// The Avro schema of an alert, as shipped in `schemas/alert.avsc`: self-contained (the
+/// transaction record inside it is `schemas/transaction.avsc`'s, which a unit test checks).
 pub const ALERT_AVSC: &str = include_str!("../schemas/alert.avsc");
 
 /// An alert that could not be encoded (a bug, not bad input: alerts are vigil's own data).
@@ -70,10 +70,7 @@ pub enum EncodeError {
 #[derive(Debug, Clone)]
 pub enum AlertEncoder {
     Json,
-    Avro {
-        transaction: Box<apache_avro::Schema>,
-        alert: Box<apache_avro::Schema>,
-    },
+    Avro(Box<apache_avro::Schema>),
 }
 
 impl AlertEncoder {
@@ -81,15 +78,11 @@ impl AlertEncoder {
         match encoding {
             Encoding::Json => Self::Json,
             Encoding::Avro => {
-                // Both shipped schemas are checked by a unit test, so parsing cannot fail here.
-                let mut schemas = apache_avro::Schema::parse_list([TRANSACTION_AVSC, ALERT_AVSC])
-                    .unwrap_or_else(|e| unreachable!("shipped schemas: {e}"));
-                let alert = schemas.pop().unwrap_or_else(|| unreachable!());
-                let transaction = schemas.pop().unwrap_or_else(|| unreachable!());
-                Self::Avro {
-                    transaction: Box::new(transaction),
-                    alert: Box::new(alert),
-                }
+                // The shipped schema is checked by a unit test, so parsing cannot fail here.
+                Self::Avro(Box::new(
+                    apache_avro::Schema::parse_str(ALERT_AVSC)
+                        .unwrap_or_else(|e| unreachable!("shipped schema: {e}")),
+                ))
             }
         }
     }
@@ -98,14 +91,7 @@ impl AlertEncoder {
     pub fn encode(&self, alert: &Alert) -> Result<Vec<u8>, EncodeError> {
         Ok(match self {
             Self::Json => serde_json::to_vec(alert)?,
-            Self::Avro {
-                transaction,
-                alert: schema,
-            } => apache_avro::to_avro_datum_schemata(
-                schema,
-                vec![transaction.as_ref(), schema.as_ref()],
-                alert_avro_value(alert),
-            )?,
+            Self::Avro(schema) => apache_avro::to_avro_datum(schema, alert_avro_value(alert))?,
         })
     }
 }
@@ -514,26 +500,13 @@ mod tests {
             }],
             transaction: tx.clone(),
         };
-        let AlertEncoder::Avro {
-            transaction,
-            alert: schema,
-        } = AlertEncoder::new(Encoding::Avro)
-        else {
-            unreachable!()
-        };
-        let bytes = AlertEncoder::Avro {
-            transaction: transaction.clone(),
-            alert: schema.clone(),
-        }
-        .encode(&alert)
-        .unwrap_or_else(|e| panic!("{e}"));
-        let value = apache_avro::from_avro_datum_schemata(
-            &schema,
-            vec![transaction.as_ref(), schema.as_ref()],
-            &mut bytes.as_slice(),
-            None,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let encoder = AlertEncoder::new(Encoding::Avro);
+        let bytes = encoder.encode(&alert).unwrap_or_else(|e| panic!("{e}"));
+        // Read with the shipped file alone, as a consumer with only alert.avsc would.
+        let schema = apache_avro::Schema::parse_str(include_str!("../schemas/alert.avsc"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let value = apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let apache_avro::types::Value::Record(fields) = value else {
             panic!("not a record")
         };
@@ -553,13 +526,17 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_alert_schema_parses_with_the_transaction_schema() {
-        let schemas = apache_avro::Schema::parse_list([
-            crate::decode::TRANSACTION_AVSC,
-            include_str!("../schemas/alert.avsc"),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(schemas.len(), 2);
+    fn the_alert_schema_stands_alone_and_carries_the_transaction_schema_unchanged() {
+        let alert = apache_avro::Schema::parse_str(ALERT_AVSC).unwrap_or_else(|e| panic!("{e}"));
+        let apache_avro::Schema::Record(record) = &alert else {
+            panic!("not a record: {alert:?}")
+        };
+        let inner = record
+            .fields
+            .iter()
+            .find(|f| f.name == "transaction")
+            .map(|f| f.schema.clone());
+        assert_eq!(inner, Some(crate::decode::transaction_schema()));
     }
 
     #[test]

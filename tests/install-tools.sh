@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, if missing, the tools the test suite runs for real: Java + Maven (Kafka broker),
 # cmake/g++/make/curl/pkg-config/libssl-dev (librdkafka with TLS and SASL), Prometheus + promtool, Alertmanager's amtool, logrotate,
-# openssl and Chromium (headless page tests); schemathesis from PyPI. Debian packages; idempotent (does nothing when everything is there).
+# openssl and Chromium (headless page tests); schemathesis and fastavro from PyPI. Debian packages; idempotent (does nothing when everything is there).
 set -euo pipefail
 
 need=()
@@ -26,6 +26,11 @@ have chromedriver || need+=(chromium-driver)
 if ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
   echo "install-tools: installing schemathesis from PyPI" >&2
   python3 -m pip install -q --disable-pip-version-check 'schemathesis==4.32.5'
+fi
+# fastavro (PyPI): a second Avro implementation that checks the shipped schemas.
+if ! python3 -c 'import fastavro' >/dev/null 2>&1; then
+  echo "install-tools: installing fastavro from PyPI" >&2
+  python3 -m pip install -q --disable-pip-version-check 'fastavro==1.12.1'
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

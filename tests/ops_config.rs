@@ -1097,3 +1097,89 @@ fn create_topics_script_creates_the_topics_on_a_real_broker_and_is_idempotent() 
         assert_eq!(topic.partitions().len() as i32, partitions, "{full}");
     }
 }
+
+/// A second, independent Avro implementation (Python's fastavro) parses each shipped schema on
+/// its own and reads what vigil writes: a transaction datum and a real alert in Avro.
+#[test]
+fn fastavro_parses_each_shipped_schema_alone_and_reads_vigils_transactions_and_alerts() {
+    use std::sync::Arc;
+    use vigil::decode::{Decoder, encode_avro, transaction_schema};
+    use vigil::pipeline::{Engine, Outcome};
+
+    let engine = Engine::new(
+        Arc::new(common::trained_models()),
+        Decoder::Json,
+        vigil::config::Policy::All,
+        3,
+    );
+    let events = vigil::train::in_event_time_order(vigil::train::bundled_history().unwrap().events);
+    let mut state = vigil::state::PartitionState::default();
+    let mut scratch = Default::default();
+    let alert = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, tx)| {
+            let source = vigil::publish::SourceCoordinates {
+                topic: "t".into(),
+                partition: 0,
+                offset: i as i64,
+                published_at: None,
+            };
+            match engine.process(
+                &mut state,
+                &source,
+                &serde_json::to_vec(tx).unwrap(),
+                &mut scratch,
+            ) {
+                Outcome::Alert(a, _) => Some(a),
+                _ => None,
+            }
+        })
+        .expect("the bundled dataset has alerts");
+    let dir = tempfile::tempdir().unwrap();
+    let alert_bytes = vigil::publish::AlertEncoder::new(vigil::config::Encoding::Avro)
+        .encode(&alert)
+        .unwrap();
+    std::fs::write(dir.path().join("alert.bin"), &alert_bytes).unwrap();
+    let tx_bytes = encode_avro(&transaction_schema(), &events[0]).unwrap();
+    std::fs::write(dir.path().join("transaction.bin"), &tx_bytes).unwrap();
+    let script = r#"
+import io, json, sys
+import fastavro
+schemas, data = sys.argv[1], sys.argv[2]
+out = {}
+for name in ("transaction", "alert"):
+    schema = fastavro.parse_schema(json.load(open(f"{schemas}/{name}.avsc")))
+    raw = open(f"{data}/{name}.bin", "rb").read()
+    buf = io.BytesIO(raw)
+    value = fastavro.schemaless_reader(buf, schema)
+    assert buf.tell() == len(raw), f"{name}: {len(raw) - buf.tell()} bytes left over"
+    out[name] = value
+print(json.dumps(out, default=str))
+"#;
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .arg(repo().join("schemas"))
+        .arg(dir.path())
+        .output()
+        .expect("python3 runs (tests/install-tools.sh installs fastavro)");
+    assert!(
+        output.status.success(),
+        "fastavro: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read: Json = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        read["transaction"]["TransactionID"],
+        events[0].transaction_id.as_str()
+    );
+    assert_eq!(read["alert"]["alert_id"], alert.alert_id.as_str());
+    assert_eq!(
+        read["alert"]["transaction"]["AccountID"],
+        alert.account_id.as_str()
+    );
+    assert_eq!(
+        read["alert"]["models"][1]["score"].as_f64(),
+        Some(alert.models[1].score)
+    );
+}
