@@ -837,6 +837,67 @@ mod tests {
         );
     }
 
+    /// Without a schema registry vigil reads every datum with its own schema; a datum written
+    /// with a schema that has one more field (first, in the middle, last) must be refused, not
+    /// read with its bytes shifted into the wrong fields.
+    #[test]
+    fn a_datum_of_an_evolved_schema_is_malformed_never_misread() {
+        use apache_avro::types::Value;
+        let tx = Decoder::Json
+            .decode(GOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let decoder = Decoder::new(Encoding::Avro);
+        let base: serde_json::Value =
+            serde_json::from_str(TRANSACTION_AVSC).unwrap_or_else(|e| panic!("{e}"));
+        let Value::Record(values) = transaction_avro_value(&tx) else {
+            unreachable!()
+        };
+        let n = values.len();
+        let duration = values
+            .iter()
+            .position(|(k, _)| k == "TransactionDuration")
+            .unwrap_or_else(|| unreachable!());
+        for (at, extra) in [
+            (
+                duration,
+                serde_json::json!({"name": "Extra", "type": "double"}),
+            ),
+            (0, serde_json::json!({"name": "Extra", "type": "double"})),
+            (
+                n / 2,
+                serde_json::json!({"name": "Extra", "type": "double"}),
+            ),
+            (
+                n / 2,
+                serde_json::json!({"name": "Extra", "type": "string"}),
+            ),
+            (n, serde_json::json!({"name": "Extra", "type": "long"})),
+        ] {
+            let mut evolved = base.clone();
+            let fields = evolved["fields"]
+                .as_array_mut()
+                .unwrap_or_else(|| unreachable!());
+            fields.insert(at, extra.clone());
+            let schema = Schema::parse_str(&evolved.to_string()).unwrap_or_else(|e| panic!("{e}"));
+            let value = match extra["type"].as_str() {
+                Some("double") if at == duration => Value::Double(0.0),
+                Some("double") => Value::Double(1234.5),
+                Some("string") => Value::String("added later".into()),
+                _ => Value::Long(77),
+            };
+            let mut record = values.clone();
+            record.insert(at, ("Extra".into(), value));
+            let bytes = apache_avro::to_avro_datum(&schema, Value::Record(record))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let got = decoder.decode(&bytes);
+            assert_eq!(
+                got.as_ref().err().map(DecodeError::code),
+                Some("malformed"),
+                "a {extra} field at {at} was read as {got:?}"
+            );
+        }
+    }
+
     #[test]
     fn avro_values_are_validated_like_json() {
         let mut tx = Decoder::Json
