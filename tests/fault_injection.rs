@@ -10,6 +10,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
@@ -43,18 +44,25 @@ async fn committed_becomes(brokers: &str, want: Offset, limit: Duration) -> Offs
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refused_outcome_is_sent_again_until_the_broker_takes_it_and_nothing_past_it_is_committed()
- {
+/// A one-broker mock cluster with the three topics, and vigil's configuration for it (`extra`:
+/// more `kafka` keys, YAML flow style, e.g. `broker_timeout_seconds: 3, `).
+fn mock_cluster(extra: &str) -> (MockCluster<'static, DefaultProducerContext>, String, Config) {
     let mock = MockCluster::new(1).unwrap();
     for t in ["tx", "alerts", "dlq"] {
         mock.create_topic(t, 1, 1).unwrap();
     }
     let brokers = mock.bootstrap_servers();
     let cfg = Config::from_yaml(&format!(
-        "kafka: {{brokers: '{brokers}', group_id: g, topics: {{transactions: tx, alerts: alerts, dead_letter: dlq}}}}\n"
+        "kafka: {{brokers: '{brokers}', group_id: g, {extra}topics: {{transactions: tx, alerts: alerts, dead_letter: dlq}}}}\n"
     ))
     .unwrap();
+    (mock, brokers, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_outcome_is_sent_again_until_the_broker_takes_it_and_nothing_past_it_is_committed()
+ {
+    let (mock, brokers, cfg) = mock_cluster("");
 
     // Offset 0 is malformed (its outcome must be published), then 30 valid events.
     let p: BaseProducer = ClientConfig::new()
@@ -122,15 +130,7 @@ async fn until_ready_is(s: &vigil::run::Shared, want: bool, limit: Duration) -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_turns_false_while_the_broker_is_down_and_true_as_soon_as_it_is_back() {
-    let mock = MockCluster::new(1).unwrap();
-    for t in ["tx", "alerts", "dlq"] {
-        mock.create_topic(t, 1, 1).unwrap();
-    }
-    let brokers = mock.bootstrap_servers();
-    let cfg = Config::from_yaml(&format!(
-        "kafka: {{brokers: '{brokers}', group_id: g, broker_timeout_seconds: 3, topics: {{transactions: tx, alerts: alerts, dead_letter: dlq}}}}\n"
-    ))
-    .unwrap();
+    let (mock, brokers, cfg) = mock_cluster("broker_timeout_seconds: 3, ");
     let s = shared();
     let stop = CancellationToken::new();
     let run = {
