@@ -32,7 +32,6 @@ pub type StateStore = DashMap<i32, PartitionState>;
 /// What the rest of the process needs to know about the consumer group.
 #[derive(Debug)]
 pub struct GroupStatus {
-    pub assigned: AtomicI64,
     pub models_loaded: AtomicBool,
     /// The group has assigned this member its share (possibly none: a standby).
     pub joined: AtomicBool,
@@ -52,7 +51,6 @@ pub struct GroupStatus {
 impl Default for GroupStatus {
     fn default() -> Self {
         Self {
-            assigned: AtomicI64::new(0),
             models_loaded: AtomicBool::new(false),
             joined: AtomicBool::new(false),
             responses: AtomicU64::new(0),
@@ -109,9 +107,7 @@ impl GroupStatus {
     /// the increment under cooperative-sticky).
     pub fn assign(&self, partitions: &[i32]) {
         let n = self.assignments.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut owned = self.owned();
-        owned.extend(partitions.iter().map(|&p| (p, n)));
-        self.assigned.store(owned.len() as i64, Ordering::Relaxed);
+        self.owned().extend(partitions.iter().map(|&p| (p, n)));
         self.joined.store(true, Ordering::Relaxed);
     }
 
@@ -121,7 +117,11 @@ impl GroupStatus {
         for p in partitions {
             owned.remove(p);
         }
-        self.assigned.store(owned.len() as i64, Ordering::Relaxed);
+    }
+
+    /// How many partitions this instance owns.
+    pub fn assigned(&self) -> i64 {
+        self.owned().len() as i64
     }
 
     /// The assignment under which this instance owns `partition`, if it does.
@@ -280,9 +280,7 @@ impl ConsumerContext for GroupContext {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 self.status.assign(&parts);
                 self.status.broker_answered();
-                self.metrics
-                    .partitions_assigned
-                    .set(self.status.assigned.load(Ordering::Relaxed));
+                self.metrics.partitions_assigned.set(self.status.assigned());
                 tracing::info!(partitions = ?parts, "partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
@@ -296,9 +294,7 @@ impl ConsumerContext for GroupContext {
                         .consumer_lag
                         .remove_label_values(&[&p.to_string()]);
                 }
-                self.metrics
-                    .partitions_assigned
-                    .set(self.status.assigned.load(Ordering::Relaxed));
+                self.metrics.partitions_assigned.set(self.status.assigned());
                 tracing::info!(partitions = ?parts, "partitions revoked");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),

@@ -255,7 +255,7 @@ async fn ready(State(s): State<Shared>) -> Response {
         .status
         .models_loaded
         .load(std::sync::atomic::Ordering::Relaxed);
-    let partitions = s.status.assigned.load(std::sync::atomic::Ordering::Relaxed);
+    let partitions = s.status.assigned();
     let joined = s.status.joined.load(std::sync::atomic::Ordering::Relaxed);
     let body = json!({
         "ready": s.status.ready(),

@@ -51,7 +51,7 @@ async fn ready_needs_the_models_a_place_in_the_group_and_a_broker_that_answers()
     assert_eq!(v["standby"], true);
     assert_eq!(v["partitions_assigned"], 0);
 
-    s.status.assigned.store(3, Ordering::Relaxed);
+    s.status.assign(&[0, 1, 2]);
     let (_, body) = get(&s, "/ready").await;
     assert!(body.contains(r#""standby":false"#), "{body}");
 
