@@ -61,6 +61,7 @@ pub struct RawKafka {
     pub topics: RawTopics,
     pub client: BTreeMap<String, String>,
     pub restore_state: bool,
+    pub changelog: bool,
     pub broker_timeout_seconds: f64,
 }
 
@@ -70,6 +71,7 @@ pub struct RawTopics {
     pub transactions: String,
     pub alerts: String,
     pub dead_letter: String,
+    pub changelog: String,
 }
 
 /// Wire encoding of transaction events on the input topic.
@@ -312,6 +314,7 @@ impl Default for RawKafka {
             topics: RawTopics::default(),
             client: BTreeMap::new(),
             restore_state: true,
+            changelog: true,
             broker_timeout_seconds: 15.0,
         }
     }
@@ -323,6 +326,7 @@ impl Default for RawTopics {
             transactions: "transactions".to_string(),
             alerts: "alerts".to_string(),
             dead_letter: "transactions.dead-letter".to_string(),
+            changelog: String::new(),
         }
     }
 }
@@ -512,6 +516,9 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     pub client: BTreeMap<String, String>,
     pub restore_state: bool,
+    /// The compacted topic of per-account state (`None`: state is rebuilt from the input topic
+    /// alone, or not at all without `restore_state`).
+    pub changelog_topic: Option<String>,
     /// `/ready` turns false when no broker has answered for this long.
     pub broker_timeout: std::time::Duration,
 }
@@ -840,10 +847,20 @@ impl RawConfig {
         let transactions = check_topic("kafka.topics.transactions", &k.topics.transactions)?;
         let alerts = check_topic("kafka.topics.alerts", &k.topics.alerts)?;
         let dead_letter = check_topic("kafka.topics.dead_letter", &k.topics.dead_letter)?;
-        if transactions == alerts || transactions == dead_letter || alerts == dead_letter {
+        let changelog = match k.topics.changelog.trim() {
+            "" => format!("{}-state-changelog", k.group_id.trim()),
+            name => name.to_string(),
+        };
+        let changelog = check_topic("kafka.topics.changelog", &changelog)?;
+        let names = [&transactions, &alerts, &dead_letter, &changelog];
+        if names
+            .iter()
+            .enumerate()
+            .any(|(i, a)| names[..i].contains(a))
+        {
             return Err(invalid(
                 "kafka.topics",
-                "transactions, alerts and dead_letter must be three different topics",
+                "transactions, alerts, dead_letter and changelog must be different topics",
             ));
         }
         for reserved in ["enable.auto.offset.store", "group.id", "bootstrap.servers"] {
@@ -971,6 +988,7 @@ impl RawConfig {
                 dead_letter_topic: dead_letter,
                 client: k.client.clone(),
                 restore_state: k.restore_state,
+                changelog_topic: (k.restore_state && k.changelog).then_some(changelog),
                 broker_timeout: std::time::Duration::from_secs_f64(k.broker_timeout_seconds),
             },
             encoding: self.encoding,

@@ -31,13 +31,16 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Starts the cluster and creates vigil's three topics.
+    /// Starts the cluster and creates vigil's topics.
     pub fn start(cfg: &Config) -> Result<Self, RunError> {
         let cluster = MockCluster::new(1)?;
         let k = &cfg.kafka;
         cluster.create_topic(&k.transactions_topic, EMBEDDED_PARTITIONS, 1)?;
         cluster.create_topic(&k.alerts_topic, 1, 1)?;
         cluster.create_topic(&k.dead_letter_topic, 1, 1)?;
+        if let Some(changelog) = &k.changelog_topic {
+            cluster.create_topic(changelog, EMBEDDED_PARTITIONS, 1)?;
+        }
         Ok(Self { cluster })
     }
 

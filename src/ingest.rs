@@ -46,6 +46,8 @@ pub struct GroupStatus {
     /// owner processes it), so it is dropped, not processed twice.
     owned: std::sync::Mutex<std::collections::HashMap<i32, u64>>,
     assignments: AtomicU64,
+    /// Partitions whose state is being restored now.
+    restoring: AtomicI64,
 }
 
 impl Default for GroupStatus {
@@ -58,18 +60,31 @@ impl Default for GroupStatus {
             broker_timeout_ms: AtomicI64::new(15_000),
             owned: Default::default(),
             assignments: AtomicU64::new(0),
+            restoring: AtomicI64::new(0),
         }
     }
 }
 
 impl GroupStatus {
     /// Ready to do useful work: models loaded, a member of the group (with partitions, or as a
-    /// standby with none when there are more instances than partitions) and a broker that has
-    /// answered within the timeout.
+    /// standby with none when there are more instances than partitions), no partition's state
+    /// being restored, and a broker that has answered within the timeout.
     pub fn ready(&self) -> bool {
         self.models_loaded.load(Ordering::Relaxed)
             && self.joined.load(Ordering::Relaxed)
+            && self.restoring() == 0
             && self.broker_reachable()
+    }
+
+    /// How many partitions' states are being restored now.
+    pub fn restoring(&self) -> i64 {
+        self.restoring.load(Ordering::Relaxed)
+    }
+
+    /// Counts a restore as running until the returned guard is dropped.
+    pub fn restore_started(&self) -> RestoreGuard<'_> {
+        self.restoring.fetch_add(1, Ordering::Relaxed);
+        RestoreGuard(self)
     }
 
     /// Whether a broker answered within the timeout.
@@ -129,6 +144,19 @@ impl GroupStatus {
         self.owned().get(&partition).copied()
     }
 
+    /// Runs `f` if this instance still owns `partition` under `assignment`, holding off a
+    /// revocation until it returns: what `f` writes for the partition (its changelog records)
+    /// is queued before the partition is given up, never after.
+    pub fn while_owned<T>(
+        &self,
+        partition: i32,
+        assignment: u64,
+        f: impl FnOnce() -> T,
+    ) -> Option<T> {
+        let owned = self.owned();
+        (owned.get(&partition) == Some(&assignment)).then(f)
+    }
+
     fn owned(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i32, u64>> {
         self.owned
             .lock()
@@ -146,12 +174,23 @@ impl GroupStatus {
     }
 }
 
+/// Counts one running restore ([`GroupStatus::restore_started`]).
+pub struct RestoreGuard<'a>(&'a GroupStatus);
+
+impl Drop for RestoreGuard<'_> {
+    fn drop(&mut self) {
+        self.0.restoring.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Consumer context: logs rebalances, tracks the assignment, drops revoked partitions' state.
 pub struct GroupContext {
     pub status: Arc<GroupStatus>,
     pub store: Arc<StateStore>,
     pub metrics: Metrics,
     pub logs: Arc<LogThrottle>,
+    /// The producer of outcomes and changelog records, flushed before partitions are given up.
+    pub producer: KafkaProducer,
 }
 
 /// At most one log line per kind of message every [`LogThrottle::EVERY`], with the count of
@@ -274,6 +313,20 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            // No changelog record of these partitions is queued after this (while_owned), and
+            // those already queued reach the broker before the new owner reads the changelog.
+            self.status.revoke(&parts);
+            if let Err(e) =
+                rdkafka::producer::Producer::flush(&self.producer, Duration::from_secs(10))
+            {
+                tracing::warn!(error = %e, partitions = ?parts, "producer not flushed before giving partitions up");
+            }
+        }
+    }
+
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -285,7 +338,6 @@ impl ConsumerContext for GroupContext {
             }
             Rebalance::Revoke(tpl) => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                self.status.revoke(&parts);
                 for p in &parts {
                     self.store.remove(p);
                     // Its new owner reports its lag.
@@ -368,13 +420,15 @@ pub fn group_consumer(
     Ok(consumer)
 }
 
-/// Replays `partition` from its beginning up to (not including) `until` into `state`, without
-/// scoring. Blocking: run it on a blocking thread. Returns the number of events replayed.
-pub fn restore_partition(
+/// Folds the events of `partition` from `from` (its low watermark when `None`, over an empty
+/// state) up to, not including, `until` into `state`, without scoring or publishing them.
+/// Blocking: run it on a blocking thread. Returns the number of events read.
+pub fn fold_input(
     kafka: &KafkaConfig,
     brokers: &str,
     engine: &Engine,
     partition: i32,
+    from: Option<i64>,
     until: i64,
     state: &mut PartitionState,
 ) -> Result<u64, KafkaError> {
@@ -385,38 +439,39 @@ pub fn restore_partition(
         .set("enable.partition.eof", "true")
         .create()?;
     let (low, _) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-    *state = PartitionState::default();
-    if low >= until {
-        state.next_offset = Some(until);
-        return Ok(0);
+    if from.is_none() {
+        *state = PartitionState::default();
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
-    consumer.assign(&tpl)?;
+    let start = from.map_or(low, |f| f.max(low));
     let mut replayed = 0;
-    loop {
-        match consumer.poll(Duration::from_secs(10)) {
-            Some(Ok(m)) => {
-                if m.offset() >= until {
-                    break;
+    if start < until {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        consumer.assign(&tpl)?;
+        loop {
+            match consumer.poll(Duration::from_secs(10)) {
+                Some(Ok(m)) => {
+                    if m.offset() >= until {
+                        break;
+                    }
+                    engine.warm(
+                        state,
+                        m.offset(),
+                        published_at(&m),
+                        m.payload().unwrap_or_default(),
+                    );
+                    replayed += 1;
+                    if m.offset() + 1 >= until {
+                        break;
+                    }
                 }
-                engine.warm(
-                    state,
-                    m.offset(),
-                    published_at(&m),
-                    m.payload().unwrap_or_default(),
-                );
-                replayed += 1;
-                if m.offset() + 1 >= until {
-                    break;
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(KafkaError::Global(
+                        rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                    ));
                 }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(e),
-            None => {
-                return Err(KafkaError::Global(
-                    rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-                ));
             }
         }
     }

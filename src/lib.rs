@@ -25,6 +25,7 @@
 //! - [`config`], [`metrics`] (every metric name), [`telemetry`] (logs).
 
 pub mod backtest;
+pub mod changelog;
 pub mod config;
 pub mod consensus;
 pub mod decode;

@@ -34,8 +34,19 @@ pub struct Metrics {
     pub state_bytes: IntGauge,
     /// Partitions currently assigned to this instance.
     pub partitions_assigned: IntGauge,
-    /// Events replayed to rebuild state after an assignment.
+    /// Events replayed from the input topic to rebuild state after an assignment.
     pub state_restored_events: IntCounter,
+    /// Changelog records read to restore state after an assignment.
+    pub state_restored_records: IntCounter,
+    /// Time to restore one partition's state, by source (`changelog`, `input`).
+    pub state_restore_seconds: HistogramVec,
+    /// Partitions whose state is being restored now (`/ready` is false meanwhile).
+    pub state_restoring: IntGauge,
+    /// Changelog records acknowledged by the broker.
+    pub changelog_records: IntCounter,
+    /// Events delivered again below what the changelog covers: their outcomes were already
+    /// published, so they are skipped.
+    pub events_already_processed: IntCounter,
     /// Events fetched before their partition was revoked, left to its new owner.
     pub revoked_events_dropped: IntCounter,
     /// Latest offset whose outcome is stored, per partition.
@@ -141,6 +152,30 @@ impl Metrics {
                 "state_restored_events_total",
                 "Events replayed from the input topic to rebuild account state"
             )?),
+            state_restored_records: register!(IntCounter::new(
+                "state_restored_records_total",
+                "Changelog records read to restore account state"
+            )?),
+            state_restore_seconds: register!(HistogramVec::new(
+                HistogramOpts::new(
+                    "state_restore_seconds",
+                    "Time to restore one partition's account state"
+                )
+                .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
+                &["source"]
+            )?),
+            state_restoring: register!(IntGauge::new(
+                "state_restoring_partitions",
+                "Partitions whose account state is being restored now"
+            )?),
+            changelog_records: register!(IntCounter::new(
+                "changelog_records_total",
+                "State changelog records acknowledged by the broker"
+            )?),
+            events_already_processed: register!(IntCounter::new(
+                "events_already_processed_total",
+                "Events delivered again that the changelog shows were processed; skipped"
+            )?),
             revoked_events_dropped: register!(IntCounter::new(
                 "revoked_events_dropped_total",
                 "Events fetched before their partition was revoked, left to its new owner"
@@ -198,6 +233,9 @@ impl Metrics {
         ))?;
         for code in crate::decode::DecodeError::CODES {
             self.events_invalid.with_label_values(&[code]);
+        }
+        for source in ["changelog", "input"] {
+            self.state_restore_seconds.with_label_values(&[source]);
         }
         for model in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
             self.model_flags.with_label_values(&[model]);

@@ -325,13 +325,17 @@ impl OutcomeKind {
     }
 }
 
-/// An event whose outcome is on its way to the broker; its offset may be stored once
-/// `delivery` (if any) is acknowledged and every earlier event of the partition was.
+/// An event whose outcome is on its way to the broker; its offset may be stored once its
+/// `deliveries` are acknowledged and every earlier event of the partition's were. Its `changes`
+/// to the state changelog are sent once its outcome is acknowledged (see [`crate::changelog`]).
 pub struct Pending {
     pub partition: i32,
     pub offset: i64,
+    /// The assignment under which the event was processed ([`crate::ingest::GroupStatus`]).
+    pub assignment: u64,
     pub kind: OutcomeKind,
-    pub delivery: Option<DeliveryFuture>,
+    pub deliveries: Vec<DeliveryFuture>,
+    pub changes: Vec<crate::changelog::StateChange>,
     pub consumed_at: Instant,
     /// The event's trace span (disabled unless traces are exported); it ends with this value.
     pub span: tracing::Span,
@@ -403,7 +407,7 @@ pub enum PublishError {
 }
 
 impl Pending {
-    /// Waits for the broker to take the outcome (at once for a clean event). A delivery the producer gave up on (an outage
+    /// Waits for the broker to take every delivery (at once when there is none). A delivery the producer gave up on (an outage
     /// longer than its own retries, a topic that is gone, a revoked ACL) is sent again after a
     /// pause that doubles from 1 s to 30 s, until the broker takes it or `retry.shutdown` is
     /// cancelled. Nothing after it on its partition is stored meanwhile, so it is neither lost
@@ -411,7 +415,7 @@ impl Pending {
     pub async fn acknowledged(mut self, retry: Retry<'_>) -> Result<Self, PublishError> {
         let (partition, offset) = (self.partition, self.offset);
         let mut pause = Duration::from_secs(1);
-        while let Some(delivery) = self.delivery.take() {
+        while let Some(delivery) = self.deliveries.pop() {
             let span = tracing::trace_span!(parent: &self.span, "acknowledge");
             match tracing::Instrument::instrument(delivery, span).await {
                 Ok(Ok(_)) => {}
@@ -425,16 +429,22 @@ impl Pending {
                     }
                     pause = (pause * 2).min(Duration::from_secs(30));
                     let headers = refused.headers().cloned();
-                    let mut record = FutureRecord::to(refused.topic())
-                        .payload(refused.payload().unwrap_or_default());
+                    let mut record = FutureRecord::to(refused.topic());
+                    if let Some(payload) = refused.payload() {
+                        record = record.payload(payload);
+                    }
+                    if refused.partition() >= 0 {
+                        // Where it was bound (a changelog record's partition is its input's).
+                        record = record.partition(refused.partition());
+                    }
                     if let Some(key) = refused.key() {
                         record = record.key(key);
                     }
                     if let Some(headers) = headers {
                         record = record.headers(headers);
                     }
-                    self.delivery =
-                        Some(enqueue(retry.producer, record).await.map_err(|source| {
+                    self.deliveries
+                        .push(enqueue(retry.producer, record).await.map_err(|source| {
                             PublishError::Delivery {
                                 partition,
                                 offset,

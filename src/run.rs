@@ -7,6 +7,7 @@
 //! Shutdown (SIGTERM, Ctrl-C, or a fatal publish error) stops consuming, drains the queues,
 //! waits for every outcome's acknowledgement, flushes the producer and commits before returning.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureRecord, Producer};
 use tokio::sync::mpsc;
@@ -22,11 +23,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::changelog::StateChange;
 use crate::config::{Config, KafkaConfig, Policy};
 use crate::decode::Decoder;
 use crate::ingest::{
     GroupContext, GroupStatus, KafkaProducer, LogThrottle, StateStore, ThrottledLogs,
-    client_config_over, group_consumer, restore_partition,
+    client_config_over, fold_input, group_consumer,
 };
 use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
@@ -36,6 +38,7 @@ use crate::publish::{
     PublishError, Retry, SourceCoordinates, bounded_text, dead_letter_headers, dead_letter_payload,
     enqueue,
 };
+use crate::state::PartitionState;
 use crate::train::{HistoryError, bundled_history, train};
 
 /// Errors that stop the stream processor.
@@ -174,6 +177,52 @@ impl Shared {
     }
 }
 
+/// The state of `partition` just before `offset`. Blocking.
+fn restore(
+    kafka: &KafkaConfig,
+    brokers: &str,
+    engine: &Engine,
+    changelog: Option<&str>,
+    partition: i32,
+    offset: i64,
+) -> Result<(PartitionState, Restore), KafkaError> {
+    if let Some(topic) = changelog {
+        match crate::changelog::restore(kafka, brokers, topic, partition) {
+            Ok(Some(r)) => {
+                let mut state = r.state;
+                let folded = if r.covered < offset {
+                    // Committed events without records of their own (dead letters).
+                    fold_input(
+                        kafka,
+                        brokers,
+                        engine,
+                        partition,
+                        Some(r.covered),
+                        offset,
+                        &mut state,
+                    )?
+                } else {
+                    0
+                };
+                return Ok((
+                    state,
+                    Restore::Changelog {
+                        records: r.records,
+                        covered: r.covered,
+                        folded,
+                    },
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(partition, error = %e,
+                "changelog unreadable; rebuilding the state from the input topic"),
+        }
+    }
+    let mut state = PartitionState::default();
+    let events = fold_input(kafka, brokers, engine, partition, None, offset, &mut state)?;
+    Ok((state, Restore::Input { events }))
+}
+
 struct Worker {
     engine: Engine,
     alerts: AlertEncoder,
@@ -181,57 +230,146 @@ struct Worker {
     brokers: String,
     producer: KafkaProducer,
     shared: Shared,
+    /// The changelog topic, when state is written there.
+    changelog: Option<String>,
+    /// Per partition, the offset below which re-delivered events are already done (the
+    /// changelog covers them), right after a restore from the changelog.
+    done_below: HashMap<i32, i64>,
+    /// Partitions restored from the input topic whose whole state must be written to the
+    /// changelog with their next event, so that the next restore can come from it.
+    snapshot_due: HashSet<i32>,
+}
+
+/// Where a partition's state came from when it was not current.
+enum Restore {
+    Changelog {
+        records: u64,
+        covered: i64,
+        folded: u64,
+    },
+    Input {
+        events: u64,
+    },
+}
+
+/// What to do with an event after its partition's state was made current.
+enum Ready {
+    Process,
+    AlreadyDone,
 }
 
 impl Worker {
-    /// Makes sure the partition's state is the state just before `offset`.
-    async fn ensure_state(&self, partition: i32, offset: i64) {
+    /// Makes sure the partition's state is the state just before `offset`: from the changelog
+    /// (and the input events after what it covers), else by replaying the input topic.
+    async fn ensure_state(&mut self, partition: i32, offset: i64) -> Ready {
+        if let Some(&below) = self.done_below.get(&partition) {
+            if offset < below {
+                return Ready::AlreadyDone;
+            }
+            self.done_below.remove(&partition);
+        }
         let current = self
             .shared
             .store
             .get(&partition)
             .is_some_and(|s| s.next_offset == Some(offset));
         if current || !self.kafka.restore_state {
-            return;
+            return Ready::Process;
         }
-        let (kafka, brokers, engine) = (
+        let (kafka, brokers, engine, changelog) = (
             self.kafka.clone(),
             self.brokers.clone(),
             self.engine.clone(),
+            self.changelog.clone(),
         );
+        let status = self.shared.status.clone();
+        let metrics = self.shared.metrics.clone();
         let started = Instant::now();
         let restored = tokio::task::spawn_blocking(move || {
-            let mut state = crate::state::PartitionState::default();
-            let n = restore_partition(&kafka, &brokers, &engine, partition, offset, &mut state);
-            (state, n)
+            let _restoring = status.restore_started();
+            metrics.state_restoring.set(status.restoring());
+            let result = restore(
+                &kafka,
+                &brokers,
+                &engine,
+                changelog.as_deref(),
+                partition,
+                offset,
+            );
+            metrics.state_restoring.set(status.restoring() - 1);
+            result
         })
         .await;
-        match restored {
-            Ok((state, Ok(n))) => {
-                self.shared.metrics.state_restored_events.inc_by(n);
+        let seconds = started.elapsed().as_secs_f64();
+        let m = &self.shared.metrics;
+        let (state, ready) = match restored {
+            Ok(Ok((
+                state,
+                Restore::Changelog {
+                    records,
+                    covered,
+                    folded,
+                },
+            ))) => {
+                m.state_restored_records.inc_by(records);
+                m.state_restored_events.inc_by(folded);
+                m.state_restore_seconds
+                    .with_label_values(&["changelog"])
+                    .observe(seconds);
                 tracing::info!(
                     partition,
                     up_to_offset = offset,
-                    events = n,
+                    covered,
+                    records,
+                    events = folded,
                     accounts = state.accounts.len(),
-                    ms = started.elapsed().as_millis() as u64,
+                    ms = (seconds * 1e3) as u64,
+                    "account state restored from the changelog"
+                );
+                let ready = if offset < covered {
+                    tracing::info!(
+                        partition,
+                        from = offset,
+                        to = covered,
+                        "events below the changelog's position were processed before; skipping them"
+                    );
+                    self.done_below.insert(partition, covered);
+                    Ready::AlreadyDone
+                } else {
+                    Ready::Process
+                };
+                (state, ready)
+            }
+            Ok(Ok((state, Restore::Input { events }))) => {
+                m.state_restored_events.inc_by(events);
+                m.state_restore_seconds
+                    .with_label_values(&["input"])
+                    .observe(seconds);
+                tracing::info!(
+                    partition,
+                    up_to_offset = offset,
+                    events,
+                    accounts = state.accounts.len(),
+                    ms = (seconds * 1e3) as u64,
                     "account state rebuilt from the input topic"
                 );
-                self.shared.store.insert(partition, state);
+                if self.changelog.is_some() {
+                    self.snapshot_due.insert(partition);
+                }
+                (state, Ready::Process)
             }
-            Ok((_, Err(e))) => {
-                tracing::warn!(
-                    partition,
-                    error = %e,
-                    "could not rebuild account state; continuing with empty state for this partition"
-                );
-                self.shared.store.insert(partition, Default::default());
+            Ok(Err(e)) => {
+                tracing::warn!(partition, error = %e,
+                    "could not rebuild account state; continuing with empty state for this partition");
+                (Default::default(), Ready::Process)
             }
             Err(e) => {
                 tracing::warn!(partition, error = %e, "state restore task failed; continuing with empty state");
-                self.shared.store.insert(partition, Default::default());
+                (Default::default(), Ready::Process)
             }
-        }
+        };
+        self.shared.store.insert(partition, state);
+        ready
     }
 
     fn record(&self, scored: &Scored) {
@@ -248,7 +386,12 @@ impl Worker {
     }
 
     /// Processes one message and enqueues its outcome.
-    async fn handle(&self, msg: &OwnedMessage, scratch: &mut Scratch) -> Result<Pending, RunError> {
+    async fn handle(
+        &mut self,
+        msg: &OwnedMessage,
+        assignment: u64,
+        scratch: &mut Scratch,
+    ) -> Result<Pending, RunError> {
         let consumed_at = Instant::now();
         let (partition, offset) = (msg.partition(), msg.offset());
         let span = tracing::trace_span!(
@@ -261,7 +404,7 @@ impl Worker {
             outcome = tracing::field::Empty,
         );
         let mut pending = self
-            .handle_in(msg, scratch, consumed_at)
+            .handle_in(msg, assignment, scratch, consumed_at)
             .instrument(span.clone())
             .await?;
         span.record("outcome", pending.kind.as_str());
@@ -270,13 +413,28 @@ impl Worker {
     }
 
     async fn handle_in(
-        &self,
+        &mut self,
         msg: &OwnedMessage,
+        assignment: u64,
         scratch: &mut Scratch,
         consumed_at: Instant,
     ) -> Result<Pending, RunError> {
         let (partition, offset) = (msg.partition(), msg.offset());
-        self.ensure_state(partition, offset).await;
+        let mut pending = Pending {
+            partition,
+            offset,
+            assignment,
+            kind: OutcomeKind::Clean,
+            deliveries: Vec::new(),
+            changes: Vec::new(),
+            consumed_at,
+            span: tracing::Span::none(),
+            alert: None,
+        };
+        if let Ready::AlreadyDone = self.ensure_state(partition, offset).await {
+            self.shared.metrics.events_already_processed.inc();
+            return Ok(pending);
+        }
         let source = SourceCoordinates {
             topic: msg.topic().to_string(),
             partition,
@@ -286,15 +444,33 @@ impl Worker {
         let payload = msg.payload().unwrap_or_default();
         let outcome = {
             let mut state = self.shared.store.entry(partition).or_default();
+            if self.changelog.is_some() {
+                if self.snapshot_due.remove(&partition) {
+                    pending.changes = StateChange::snapshot(&state, offset - 1);
+                }
+                state.track_forgotten();
+            }
             let started = Instant::now();
             let outcome = self.engine.process(&mut state, &source, payload, scratch);
             self.shared
                 .metrics
                 .processing_seconds
                 .observe(started.elapsed().as_secs_f64());
+            if self.changelog.is_some() {
+                let account = match &outcome {
+                    Outcome::Clean(_, tx) => Some(tx.account_id.as_str()),
+                    Outcome::Alert(alert, _) => Some(alert.account_id.as_str()),
+                    Outcome::Invalid(_) => None,
+                };
+                for id in state.take_forgotten() {
+                    pending.changes.push(StateChange::forgotten(&id, offset));
+                }
+                if let Some(a) = account.and_then(|id| Some((id, state.accounts.get(id)?))) {
+                    pending.changes.push(StateChange::account(a.0, a.1, offset));
+                }
+            }
             outcome
         };
-        let mut feed = None;
         let (kind, delivery) = match outcome {
             Outcome::Clean(scored, _) => {
                 self.record(&scored);
@@ -314,7 +490,7 @@ impl Worker {
                     "alert"
                 );
                 let body = self.alerts.encode(&alert)?;
-                feed = serde_json::to_value(&*alert).ok().map(Arc::new);
+                pending.alert = serde_json::to_value(&*alert).ok().map(Arc::new);
                 let record = FutureRecord::to(&self.kafka.alerts_topic)
                     .key(alert.account_id.as_bytes())
                     .payload(body.as_slice());
@@ -362,19 +538,13 @@ impl Worker {
                 )
             }
         };
-        Ok(Pending {
-            partition,
-            offset,
-            kind,
-            delivery,
-            consumed_at,
-            span: tracing::Span::none(),
-            alert: feed,
-        })
+        pending.kind = kind;
+        pending.deliveries.extend(delivery);
+        Ok(pending)
     }
 
     async fn run(
-        self,
+        mut self,
         mut events: mpsc::Receiver<(OwnedMessage, u64)>,
         acks: mpsc::Sender<Pending>,
         shutdown: CancellationToken,
@@ -386,7 +556,7 @@ impl Worker {
                 self.shared.metrics.revoked_events_dropped.inc();
                 continue;
             }
-            let pending = match self.handle(&msg, &mut scratch).await {
+            let pending = match self.handle(&msg, assignment, &mut scratch).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, partition = msg.partition(), offset = msg.offset(),
@@ -404,38 +574,107 @@ impl Worker {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn acknowledge(
-    mut pending: mpsc::Receiver<Pending>,
-    consumer: Arc<StreamConsumer<GroupContext>>,
+/// What both acknowledging stages share.
+#[derive(Clone)]
+struct Acks {
     producer: KafkaProducer,
-    topic: String,
     metrics: Metrics,
-    feed: Arc<AlertFeed>,
     logs: Arc<LogThrottle>,
     shutdown: CancellationToken,
-) -> Result<(), RunError> {
-    let on_failure = |e: &KafkaError, pause: Duration| {
-        metrics.publish_failures.inc();
-        if let Some(held_back) = logs.admit("outcome refused") {
-            tracing::error!(error = %e, retry_in_s = pause.as_secs(), held_back,
-                "outcome not acknowledged; sending it again, storing no offset past it");
-        }
-    };
-    while let Some(p) = pending.recv().await {
-        let retry = Retry {
-            producer: &producer,
-            on_failure: &on_failure,
-            shutdown: &shutdown,
-        };
-        let p = match p.acknowledged(retry).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "stopped before the outcome was acknowledged; its offset is not stored");
-                shutdown.cancel();
-                return Err(e.into());
+}
+
+impl Acks {
+    /// Waits until the broker has every delivery of `p`, sending refused ones again.
+    async fn acknowledged(&self, p: Pending) -> Result<Pending, RunError> {
+        let on_failure = |e: &KafkaError, pause: Duration| {
+            self.metrics.publish_failures.inc();
+            if let Some(held_back) = self.logs.admit("outcome refused") {
+                tracing::error!(error = %e, retry_in_s = pause.as_secs(), held_back,
+                    "outcome not acknowledged; sending it again, storing no offset past it");
             }
         };
+        let retry = Retry {
+            producer: &self.producer,
+            on_failure: &on_failure,
+            shutdown: &self.shutdown,
+        };
+        p.acknowledged(retry).await.map_err(|e| {
+            tracing::error!(error = %e, "stopped before the outcome was acknowledged; its offset is not stored");
+            self.shutdown.cancel();
+            e.into()
+        })
+    }
+}
+
+/// The first stage of acknowledging: waits for each event's outcome, then queues its state
+/// changes on the changelog — only now, so that a changelog record always means its event's
+/// outcome, and every earlier one, is durable (see [`crate::changelog`]) — while the partition
+/// is still this instance's.
+async fn send_changes(
+    mut pending: mpsc::Receiver<Pending>,
+    next: mpsc::Sender<Pending>,
+    acks: Acks,
+    changelog: Option<String>,
+    status: Arc<GroupStatus>,
+) -> Result<(), RunError> {
+    while let Some(p) = pending.recv().await {
+        let mut p = acks.acknowledged(p).await?;
+        if let Some(topic) = changelog.as_deref().filter(|_| !p.changes.is_empty()) {
+            let changes = std::mem::take(&mut p.changes);
+            let mut sent = 0;
+            let owned = loop {
+                let queued = status.while_owned(p.partition, p.assignment, || {
+                    while let Some(change) = changes.get(sent) {
+                        match change.send(&acks.producer, topic, p.partition) {
+                            Ok(delivery) => p.deliveries.push(delivery),
+                            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                                return Ok(false);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                        sent += 1;
+                    }
+                    Ok(true)
+                });
+                match queued {
+                    None => break false,
+                    Some(Ok(true)) => break true,
+                    // Out of the lock: a revocation may go ahead while the queue drains.
+                    Some(Ok(false)) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, partition = p.partition, offset = p.offset,
+                            "cannot queue a changelog record; stopping without storing its offset");
+                        acks.shutdown.cancel();
+                        return Err(e.into());
+                    }
+                }
+            };
+            if !owned {
+                // Revoked meanwhile: its new owner re-does this event from the committed offset.
+                acks.metrics.revoked_events_dropped.inc();
+                continue;
+            }
+        }
+        if next.send(p).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The second stage: waits for the changelog records, then stores the offset (in order).
+async fn acknowledge(
+    mut pending: mpsc::Receiver<Pending>,
+    acks: Acks,
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    topic: String,
+    feed: Arc<AlertFeed>,
+) -> Result<(), RunError> {
+    let metrics = acks.metrics.clone();
+    while let Some(p) = pending.recv().await {
+        let records = p.deliveries.len() as u64;
+        let p = acks.acknowledged(p).await?;
+        metrics.changelog_records.inc_by(records);
         if let Some(alert) = &p.alert {
             feed.publish(alert.clone());
         }
@@ -501,18 +740,31 @@ pub async fn run_stream(
     }
     shared.status.set_broker_timeout(cfg.kafka.broker_timeout);
     let logs = Arc::new(LogThrottle::default());
+    let changelog = match &cfg.kafka.changelog_topic {
+        Some(topic) => match crate::changelog::ensure_topic(&cfg.kafka, brokers, topic).await {
+            Ok(()) => Some(topic.clone()),
+            Err(e) => {
+                tracing::error!(topic, error = %e,
+                    "state changelog unusable; restoring state from the input topic instead");
+                None
+            }
+        },
+        None => None,
+    };
+    let producer = producer(&cfg.kafka, brokers)?;
     let context = GroupContext {
         status: shared.status.clone(),
         store: shared.store.clone(),
         metrics: shared.metrics.clone(),
         logs: logs.clone(),
+        producer: producer.clone(),
     };
     let consumer = Arc::new(group_consumer(&cfg.kafka, brokers, context)?);
-    let producer = producer(&cfg.kafka, brokers)?;
     tracing::info!(
         brokers,
         topic = %cfg.kafka.transactions_topic,
         group = %cfg.kafka.group_id,
+        changelog = changelog.as_deref().unwrap_or("none"),
         workers = cfg.workers,
         model = shared.models.version(),
         policy = cfg.policy.as_str(),
@@ -522,9 +774,16 @@ pub async fn run_stream(
     let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
     let mut ackers: JoinSet<Result<(), RunError>> = JoinSet::new();
     let mut routes = Vec::with_capacity(cfg.workers);
+    let acks = Acks {
+        producer: producer.clone(),
+        metrics: shared.metrics.clone(),
+        logs: logs.clone(),
+        shutdown: shutdown.clone(),
+    };
     for _ in 0..cfg.workers {
         let (events_tx, events_rx) = mpsc::channel(cfg.queue_capacity);
         let (acks_tx, acks_rx) = mpsc::channel(cfg.queue_capacity);
+        let (sent_tx, sent_rx) = mpsc::channel(cfg.queue_capacity);
         routes.push(events_tx);
         let worker = Worker {
             engine: engine.clone(),
@@ -533,17 +792,24 @@ pub async fn run_stream(
             brokers: brokers.to_string(),
             producer: producer.clone(),
             shared: shared.clone(),
+            changelog: changelog.clone(),
+            done_below: HashMap::new(),
+            snapshot_due: HashSet::new(),
         };
         tasks.spawn(worker.run(events_rx, acks_tx, shutdown.clone()));
-        ackers.spawn(acknowledge(
+        ackers.spawn(send_changes(
             acks_rx,
+            sent_tx,
+            acks.clone(),
+            changelog.clone(),
+            shared.status.clone(),
+        ));
+        ackers.spawn(acknowledge(
+            sent_rx,
+            acks.clone(),
             consumer.clone(),
-            producer.clone(),
             cfg.kafka.transactions_topic.clone(),
-            shared.metrics.clone(),
             shared.alerts.clone(),
-            logs.clone(),
-            shutdown.clone(),
         ));
     }
     let reporter = tokio::spawn(report_state(shared.clone(), shutdown.clone()));

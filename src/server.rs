@@ -265,6 +265,7 @@ async fn ready(State(s): State<Shared>) -> Response {
         // More instances than partitions: this one waits to take over.
         "standby": joined && partitions == 0,
         "broker_reachable": s.status.broker_reachable(),
+        "partitions_restoring": s.status.restoring(),
         "seconds_since_broker_answered": s.status.since_broker_contact().map(|d| d.as_secs_f64()),
     });
     let code = if s.status.ready() {

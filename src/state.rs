@@ -12,26 +12,24 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::FeatureConfig;
 use crate::decode::{Transaction, TransactionType};
 
 /// One slot of a [`FrequentValues`] sketch.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Slot {
     pub value: Box<str>,
     pub count: u32,
     /// Order of first arrival into the sketch; breaks count ties toward the older value.
-    #[serde(skip)]
     arrival: u32,
 }
 
 /// Space-Saving heavy-hitter sketch with a fixed number of slots.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FrequentValues {
     slots: Vec<Slot>,
-    #[serde(skip)]
     arrivals: u32,
 }
 
@@ -93,7 +91,7 @@ impl FrequentValues {
 pub const RECENT_SCORES: usize = 5;
 
 /// One scored event of an account. `f32` scores: this is for people, not for the models.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RecentScore {
     pub time: i64,
     pub forest: f32,
@@ -105,12 +103,11 @@ pub struct RecentScore {
 pub const RECENT_EVENTS: usize = 16;
 
 /// Running mean and spread (Welford) of a value over an account's events.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Running {
     pub n: u32,
     pub mean: f64,
     /// Sum of squared deviations from the mean.
-    #[serde(skip)]
     pub m2: f64,
 }
 
@@ -158,8 +155,9 @@ impl Running {
     }
 }
 
-/// Everything vigil keeps about one account.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+/// Everything vigil keeps about one account. Serialised whole (every field: a restored state
+/// must score exactly as the one it was written from) by [`AccountState::to_bytes`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AccountState {
     /// The previous `window - 1` amounts, oldest first.
     pub recent_amounts: VecDeque<f64>,
@@ -263,6 +261,34 @@ impl AccountState {
         self.recent_scores.push_back(score);
     }
 
+    /// The state as bytes for the changelog topic: a format byte, then postcard (a compact,
+    /// stable serde format). A change of fields is a new [`STATE_FORMAT`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![STATE_FORMAT];
+        // Serialising plain numbers, strings and sequences into a Vec cannot fail.
+        if let Ok(body) = postcard::to_allocvec(self) {
+            out.extend(body);
+        }
+        out
+    }
+
+    /// The state [`Self::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateFormatError> {
+        match bytes.split_first() {
+            Some((&STATE_FORMAT, body)) => {
+                let (state, rest) = postcard::take_from_bytes::<Self>(body)
+                    .map_err(|e| StateFormatError::Body(e.to_string()))?;
+                if rest.is_empty() {
+                    Ok(state)
+                } else {
+                    Err(StateFormatError::Trailing(rest.len()))
+                }
+            }
+            Some((&other, _)) => Err(StateFormatError::Version(other)),
+            None => Err(StateFormatError::Empty),
+        }
+    }
+
     /// Heap and inline bytes held by this state, not counting the map entry's key.
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<Self>()
@@ -274,6 +300,22 @@ impl AccountState {
             + self.devices.heap_bytes()
             + self.merchants.heap_bytes()
     }
+}
+
+/// The format byte of [`AccountState::to_bytes`].
+pub const STATE_FORMAT: u8 = 1;
+
+/// Bytes that are not an account state this version wrote.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFormatError {
+    #[error("empty state record")]
+    Empty,
+    #[error("state format {0} is not {STATE_FORMAT}, the one this version reads")]
+    Version(u8),
+    #[error("state record does not decode: {0}")]
+    Body(String),
+    #[error("{0} bytes after the state record")]
+    Trailing(usize),
 }
 
 /// The hour of day of `time` as an angle on the 24-hour circle.
@@ -297,6 +339,9 @@ pub struct PartitionState {
     /// accounts; see [`crate::pipeline::EventTimeLimits`] for why one event cannot drag it far.
     pub watermark: Option<i64>,
     events_since_sweep: u64,
+    /// Accounts the sweeps forgot since the last [`Self::take_forgotten`], when tracked (the
+    /// changelog writes a tombstone for each).
+    forgotten: Option<Vec<Box<str>>>,
 }
 
 /// How many events pass between sweeps for idle accounts.
@@ -333,7 +378,39 @@ impl PartitionState {
     pub fn sweep(&mut self, cfg: &FeatureConfig) {
         self.events_since_sweep = 0;
         if let Some(watermark) = self.watermark {
-            self.accounts.retain(|_, s| !s.expired_at(watermark, cfg));
+            let forgotten = &mut self.forgotten;
+            self.accounts.retain(|id, s| {
+                let keep = !s.expired_at(watermark, cfg);
+                if !keep && let Some(list) = forgotten.as_mut() {
+                    list.push(id.clone());
+                }
+                keep
+            });
+        }
+    }
+
+    /// From now on, remember which accounts the sweeps forget, for [`Self::take_forgotten`].
+    pub fn track_forgotten(&mut self) {
+        self.forgotten.get_or_insert_with(Vec::new);
+    }
+
+    /// The accounts forgotten since the last call (none unless tracked).
+    pub fn take_forgotten(&mut self) -> Vec<Box<str>> {
+        self.forgotten
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// A partition's state from its accounts' states: the watermark is the latest event time
+    /// among them (the state's clock only ever moved with an account's event).
+    pub fn from_accounts(accounts: HashMap<Box<str>, AccountState>, next_offset: i64) -> Self {
+        let watermark = accounts.values().filter_map(|a| a.last_time).max();
+        Self {
+            accounts,
+            next_offset: Some(next_offset),
+            watermark,
+            ..Self::default()
         }
     }
 
@@ -389,6 +466,82 @@ mod tests {
         }
         assert_eq!(f.slots().len(), 4);
         assert_eq!(f.most_frequent(), Some("home"));
+    }
+
+    #[test]
+    fn an_account_state_survives_its_bytes_exactly_and_foreign_bytes_are_refused() {
+        let cfg = FeatureConfig::default();
+        let mut a = AccountState::default();
+        for (i, t) in [1_000i64, 1_060, 90_000].into_iter().enumerate() {
+            let tx = Transaction {
+                transaction_id: format!("TX{i}"),
+                account_id: "AC1".into(),
+                amount: 12.5 * (i + 1) as f64,
+                time: t,
+                transaction_type: if i == 1 {
+                    TransactionType::Credit
+                } else {
+                    TransactionType::Debit
+                },
+                location: "Austin".into(),
+                device_id: "D1".into(),
+                ip_address: format!("10.0.0.{i}"),
+                merchant_id: "M1".into(),
+                channel: crate::decode::Channel::Online,
+                customer_age: 40,
+                occupation: crate::decode::Occupation::Engineer,
+                duration: 30 + i as u32,
+                login_attempts: 1,
+                balance: 1000.0,
+                previous_date: None,
+            };
+            a.update(&tx, &cfg);
+        }
+        a.record_score(RecentScore {
+            time: 90_000,
+            forest: 0.61,
+            lof: 1.7,
+            alert: true,
+        });
+        let bytes = a.to_bytes();
+        assert_eq!(AccountState::from_bytes(&bytes).unwrap(), a);
+        assert!(matches!(
+            AccountState::from_bytes(&bytes[..bytes.len() - 1]),
+            Err(StateFormatError::Body(_))
+        ));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            AccountState::from_bytes(&longer),
+            Err(StateFormatError::Trailing(1))
+        ));
+        let mut other = bytes;
+        other[0] = STATE_FORMAT + 1;
+        assert!(matches!(
+            AccountState::from_bytes(&other),
+            Err(StateFormatError::Version(_))
+        ));
+        assert!(matches!(
+            AccountState::from_bytes(&[]),
+            Err(StateFormatError::Empty)
+        ));
+    }
+
+    #[test]
+    fn a_tracked_partition_reports_the_accounts_its_sweeps_forget() {
+        let cfg = FeatureConfig {
+            state_ttl_secs: 100,
+            ..FeatureConfig::default()
+        };
+        let mut p = PartitionState::default();
+        p.account_mut("A", 1_000, &cfg).last_time = Some(1_000);
+        p.sweep(&cfg);
+        assert!(p.take_forgotten().is_empty(), "untracked");
+        p.track_forgotten();
+        p.account_mut("B", 5_000, &cfg).last_time = Some(5_000);
+        p.sweep(&cfg);
+        assert_eq!(p.take_forgotten(), vec![Box::<str>::from("A")]);
+        assert!(p.take_forgotten().is_empty());
     }
 
     #[test]

@@ -893,6 +893,13 @@ async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_n
     let live = alerts_by_transaction(&alerts);
     assert_alerts_match_offline(&live, &expected);
     assert_redeliveries_keep_their_alert_id(&live);
+    // What the survivor took over it restored from the changelog, not from the input topic.
+    let took_over: Vec<_> = log_lines(&dir_b, &t)
+        .into_iter()
+        .filter(|l| l["message"] == "account state restored from the changelog")
+        .filter(|l| l["records"].as_u64() > Some(1))
+        .collect();
+    assert!(!took_over.is_empty(), "no restore from the changelog");
     eprintln!(
         "{} alerts published for {} alerted transactions ({} duplicates after the kill)",
         alerts.len(),
@@ -946,22 +953,30 @@ async fn a_rebalance_moves_only_the_partitions_that_change_owner_and_keeps_the_o
     produce_events(&brokers, &t.transactions, &events[half..]);
     wait_all_committed(&brokers, &t, &mut first, Duration::from_secs(120));
 
-    let rebuilt = |dir: &Path| -> Vec<i64> {
+    // Restores that read something (the first instance's initial ones, of empty partitions,
+    // read nothing), with where they read it from.
+    let restores = |dir: &Path| -> Vec<(i64, &'static str)> {
         log_lines(dir, &t)
             .iter()
-            .filter(|l| l["message"] == "account state rebuilt from the input topic")
-            .filter(|l| l["events"].as_u64() > Some(0))
-            .map(|l| l["partition"].as_i64().unwrap())
+            .filter_map(|l| {
+                let source = match l["message"].as_str()? {
+                    "account state rebuilt from the input topic" => "input",
+                    "account state restored from the changelog" => "changelog",
+                    _ => return None,
+                };
+                let read = l["events"].as_u64().unwrap_or(0) + l["records"].as_u64().unwrap_or(0);
+                (read > 0).then(|| (l["partition"].as_i64().unwrap(), source))
+            })
             .collect()
     };
-    let (by_first, by_second) = (rebuilt(&dir_a), rebuilt(&dir_b));
+    let (by_first, by_second) = (restores(&dir_a), restores(&dir_b));
     assert!(
         by_first.is_empty(),
-        "the first instance rebuilt partitions it kept: {by_first:?}"
+        "the first instance restored partitions it kept: {by_first:?}"
     );
     assert!(
-        !by_second.is_empty(),
-        "the second rebuilt what it took over"
+        !by_second.is_empty() && by_second.iter().all(|(_, source)| *source == "changelog"),
+        "the second restores what it took over from the changelog: {by_second:?}"
     );
     let addr = log_lines(&dir_a, &t)
         .iter()
@@ -984,4 +999,146 @@ async fn a_rebalance_moves_only_the_partitions_that_change_owner_and_keeps_the_o
     assert_alerts_match_offline(&alerts_by_transaction(&alerts), &expected);
     assert!(sigterm(&mut second).success());
     assert!(sigterm(&mut first).success());
+}
+
+/// vigil's configuration for the topics of `t`.
+fn config_for(brokers: &str, t: &Topics) -> vigil::config::Config {
+    vigil::config::Config::from_yaml(&format!(
+        "kafka:\n  brokers: {brokers}\n  group_id: {}\n  topics:\n    transactions: {}\n    alerts: {}\n    dead_letter: {}\n",
+        t.group, t.transactions, t.alerts, t.dead_letter
+    ))
+    .unwrap()
+}
+
+/// The changelog topic vigil creates is compacted with a partition per input partition, and one
+/// with fewer is refused. Restoring keeps each account's latest record and drops tombstoned
+/// accounts, goes on from one past the highest offset written, and is refused (`None`: rebuild
+/// from the input) until the mark that every account was written is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changelog_restore_keeps_each_accounts_latest_state_forgets_tombstoned_ones_and_needs_the_complete_mark()
+ {
+    use vigil::changelog::{self, StateChange};
+    let Some(brokers) = common::test_brokers() else {
+        return;
+    };
+    let t = Topics::new("changelog");
+    t.create(&brokers).await;
+    let cfg = config_for(&brokers, &t);
+    let topic = cfg.kafka.changelog_topic.clone().unwrap();
+    changelog::ensure_topic(&cfg.kafka, &brokers, &topic)
+        .await
+        .unwrap();
+    // Idempotent: a second instance finds it.
+    changelog::ensure_topic(&cfg.kafka, &brokers, &topic)
+        .await
+        .unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let described = admin
+        .describe_configs(
+            &[rdkafka::admin::ResourceSpecifier::Topic(&topic)],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let entries = described[0].as_ref().unwrap().entry_map();
+    assert_eq!(entries["cleanup.policy"].value.as_deref(), Some("compact"));
+    let metadata = admin
+        .inner()
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(metadata.topics()[0].partitions().len(), PARTITIONS as usize);
+
+    let narrow = format!("{topic}-narrow");
+    admin
+        .create_topics(
+            &[NewTopic::new(&narrow, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let refused = changelog::ensure_topic(&cfg.kafka, &brokers, &narrow).await;
+    assert!(
+        matches!(
+            refused,
+            Err(changelog::ChangelogError::TooFewPartitions {
+                has: 1,
+                needs: 3,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+
+    // Real account states, from the dataset's events folded into a partition's state.
+    let engine = Engine::new(
+        Arc::new(common::trained_models()),
+        Decoder::Json,
+        Policy::All,
+        3,
+    );
+    let events = dataset_events();
+    let mut state = PartitionState::default();
+    for (i, tx) in events.iter().take(200).enumerate() {
+        engine.warm(&mut state, i as i64, None, &serde_json::to_vec(tx).unwrap());
+    }
+    let (a, b) = {
+        let mut ids = state.accounts.keys();
+        (
+            ids.next().unwrap().to_string(),
+            ids.next().unwrap().to_string(),
+        )
+    };
+    let producer = vigil::run::producer(&cfg.kafka, &brokers).unwrap();
+    let send = |changes: Vec<StateChange>| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            for c in changes {
+                c.send(&producer, &topic, 1)
+                    .unwrap()
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+    };
+    let restore = || changelog::restore(&cfg.kafka, &brokers, &topic, 1).unwrap();
+    assert!(restore().is_none(), "an empty changelog restores nothing");
+    send(vec![StateChange::account(
+        &a,
+        &state.accounts[a.as_str()],
+        150,
+    )])
+    .await;
+    assert!(restore().is_none(), "no mark: not every account is in it");
+
+    send(StateChange::snapshot(&state, 199)).await;
+    let mut later = state.accounts[a.as_str()].clone();
+    later.transactions += 1;
+    send(vec![
+        StateChange::forgotten(&b, 205),
+        StateChange::account(&a, &later, 205),
+    ])
+    .await;
+    let restored = restore().unwrap();
+    assert_eq!(restored.covered, 206);
+    assert_eq!(restored.state.next_offset, Some(206));
+    assert_eq!(restored.state.accounts.len(), state.accounts.len() - 1);
+    assert!(!restored.state.accounts.contains_key(b.as_str()));
+    assert_eq!(restored.state.accounts[a.as_str()], later);
+    for (id, s) in &state.accounts {
+        if *id.as_ref() != *a && *id.as_ref() != *b {
+            assert_eq!(&restored.state.accounts[id], s, "{id}");
+        }
+    }
+    assert_eq!(restored.state.watermark, state.watermark);
+    // Other partitions are apart.
+    assert!(
+        changelog::restore(&cfg.kafka, &brokers, &topic, 0)
+            .unwrap()
+            .is_none()
+    );
 }
