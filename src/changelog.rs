@@ -46,13 +46,13 @@ pub const OFFSET_HEADER: &str = "vigil.offset";
 pub const COMPLETE_KEY: &[u8] = b"\0vigil.complete";
 
 /// Topic configuration of a changelog vigil creates: compacted, with segments small enough
-/// (64 MiB, or an hour) that what restore reads beyond one record per account — the segment
+/// (16 MiB, or ten minutes) that what restore reads beyond one record per account — the segment
 /// still being written, which compaction never touches — stays small, and cleaned once a tenth
 /// of the log is superseded. Tombstones stay a day (`delete.retention.ms`, Kafka's default).
 pub const TOPIC_CONFIG: [(&str, &str); 4] = [
     ("cleanup.policy", "compact"),
-    ("segment.bytes", "67108864"),
-    ("segment.ms", "3600000"),
+    ("segment.bytes", "16777216"),
+    ("segment.ms", "600000"),
     ("min.cleanable.dirty.ratio", "0.1"),
 ];
 

@@ -13,6 +13,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Yaml};
 use serde::{Deserialize, Serialize};
 
+pub use crate::exactly_once::Guarantee;
 use crate::features::{CATEGORICAL_FEATURES, NUMERIC_FEATURES};
 pub use crate::pipeline::EventTimeLimits;
 
@@ -62,6 +63,8 @@ pub struct RawKafka {
     pub client: BTreeMap<String, String>,
     pub restore_state: bool,
     pub changelog: bool,
+    pub guarantee: Guarantee,
+    pub transaction_interval_ms: u64,
     pub broker_timeout_seconds: f64,
 }
 
@@ -315,6 +318,8 @@ impl Default for RawKafka {
             client: BTreeMap::new(),
             restore_state: true,
             changelog: true,
+            guarantee: Guarantee::AtLeastOnce,
+            transaction_interval_ms: 100,
             broker_timeout_seconds: 15.0,
         }
     }
@@ -519,6 +524,9 @@ pub struct KafkaConfig {
     /// The compacted topic of per-account state (`None`: state is rebuilt from the input topic
     /// alone, or not at all without `restore_state`).
     pub changelog_topic: Option<String>,
+    pub guarantee: Guarantee,
+    /// Exactly-once mode: how often the open transaction is committed.
+    pub transaction_interval: std::time::Duration,
     /// `/ready` turns false when no broker has answered for this long.
     pub broker_timeout: std::time::Duration,
 }
@@ -871,6 +879,12 @@ impl RawConfig {
                 ));
             }
         }
+        if !(10..=60_000).contains(&k.transaction_interval_ms) {
+            return Err(invalid(
+                "kafka.transaction_interval_ms",
+                format!("{} is outside 10..=60000", k.transaction_interval_ms),
+            ));
+        }
         let timeout = k.broker_timeout_seconds;
         if !(timeout.is_finite() && (3.0..=3_600.0).contains(&timeout)) {
             return Err(invalid(
@@ -989,6 +1003,8 @@ impl RawConfig {
                 client: k.client.clone(),
                 restore_state: k.restore_state,
                 changelog_topic: (k.restore_state && k.changelog).then_some(changelog),
+                guarantee: k.guarantee,
+                transaction_interval: std::time::Duration::from_millis(k.transaction_interval_ms),
                 broker_timeout: std::time::Duration::from_secs_f64(k.broker_timeout_seconds),
             },
             encoding: self.encoding,

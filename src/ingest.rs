@@ -191,6 +191,8 @@ pub struct GroupContext {
     pub logs: Arc<LogThrottle>,
     /// The producer of outcomes and changelog records, flushed before partitions are given up.
     pub producer: KafkaProducer,
+    /// Exactly-once mode: the open transaction, committed before partitions are given up.
+    pub transactions: Option<Arc<crate::exactly_once::Transactions>>,
 }
 
 /// At most one log line per kind of message every [`LogThrottle::EVERY`], with the count of
@@ -313,9 +315,16 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            if let Some(transactions) = &self.transactions {
+                // Their outcomes so far and their offsets become visible together, now, and
+                // nothing more is added for them after.
+                let group = consumer.group_metadata();
+                let _ = transactions.commit(group.as_ref(), || self.status.revoke(&parts));
+                return;
+            }
             // No changelog record of these partitions is queued after this (while_owned), and
             // those already queued reach the broker before the new owner reads the changelog.
             self.status.revoke(&parts);
@@ -403,6 +412,8 @@ pub fn group_consumer(
         &[
             ("group.id", &kafka.group_id),
             ("enable.auto.commit", "true"),
+            // Events of transactions that were aborted are not events.
+            ("isolation.level", "read_committed"),
             ("auto.commit.interval.ms", "1000"),
             ("auto.offset.reset", "earliest"),
             ("enable.partition.eof", "false"),
@@ -413,8 +424,12 @@ pub fn group_consumer(
             ("statistics.interval.ms", "1000"),
         ],
     );
-    // Never overridable: the at-least-once guarantee rests on it.
+    // Never overridable: the guarantees rest on them.
     c.set("enable.auto.offset.store", "false");
+    if kafka.guarantee == crate::exactly_once::Guarantee::ExactlyOnce {
+        // Offsets are committed inside the transactions, with the outcomes, and nowhere else.
+        c.set("enable.auto.commit", "false");
+    }
     let consumer: StreamConsumer<GroupContext> = c.create_with_context(context)?;
     consumer.subscribe(&[&kafka.transactions_topic])?;
     Ok(consumer)

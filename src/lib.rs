@@ -30,6 +30,7 @@ pub mod config;
 pub mod consensus;
 pub mod decode;
 pub mod demo;
+pub mod exactly_once;
 pub mod features;
 pub mod ingest;
 pub mod metrics;

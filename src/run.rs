@@ -26,6 +26,7 @@ use tracing::Instrument;
 use crate::changelog::StateChange;
 use crate::config::{Config, KafkaConfig, Policy};
 use crate::decode::Decoder;
+use crate::exactly_once::{EventRecords, Guarantee, Transactions};
 use crate::ingest::{
     GroupContext, GroupStatus, KafkaProducer, LogThrottle, StateStore, ThrottledLogs,
     client_config_over, fold_input, group_consumer,
@@ -92,6 +93,33 @@ pub fn producer(kafka: &KafkaConfig, brokers: &str) -> Result<KafkaProducer, Kaf
             ("acks", "all"),
             ("linger.ms", "5"),
             ("compression.type", "lz4"),
+        ],
+    )
+    .create_with_context(ThrottledLogs::default())
+}
+
+/// The transactional producer of exactly-once mode. Its `transactional.id` comes from
+/// `kafka.client` when set there — a name stable across restarts (a StatefulSet's pod name), so
+/// that a restarted instance aborts at once what its crashed predecessor left open — or is made
+/// unique to this process. The broker aborts a crashed producer's open transaction after
+/// `transaction.timeout.ms` (10 s here, Kafka Streams' choice; `read_committed` consumers of
+/// the outputs wait for it meanwhile).
+pub fn transactional_producer(
+    kafka: &KafkaConfig,
+    brokers: &str,
+) -> Result<KafkaProducer, KafkaError> {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "vigil".to_string());
+    let id = format!("{}-{host}-{}", kafka.group_id, std::process::id());
+    client_config_over(
+        kafka,
+        brokers,
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            ("transactional.id", &id),
+            ("transaction.timeout.ms", "10000"),
         ],
     )
     .create_with_context(ThrottledLogs::default())
@@ -238,6 +266,8 @@ struct Worker {
     /// Partitions restored from the input topic whose whole state must be written to the
     /// changelog with their next event, so that the next restore can come from it.
     snapshot_due: HashSet<i32>,
+    /// Exactly-once mode: outcomes go into the open transaction instead of to the ackers.
+    transactions: Option<Arc<Transactions>>,
 }
 
 /// Where a partition's state came from when it was not current.
@@ -391,7 +421,7 @@ impl Worker {
         msg: &OwnedMessage,
         assignment: u64,
         scratch: &mut Scratch,
-    ) -> Result<Pending, RunError> {
+    ) -> Result<Option<Pending>, RunError> {
         let consumed_at = Instant::now();
         let (partition, offset) = (msg.partition(), msg.offset());
         let span = tracing::trace_span!(
@@ -403,13 +433,11 @@ impl Worker {
             account_id = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        let mut pending = self
+        let pending = self
             .handle_in(msg, assignment, scratch, consumed_at)
             .instrument(span.clone())
             .await?;
-        span.record("outcome", pending.kind.as_str());
-        pending.span = span;
-        Ok(pending)
+        Ok(pending.map(|p| Pending { span, ..p }))
     }
 
     async fn handle_in(
@@ -418,7 +446,7 @@ impl Worker {
         assignment: u64,
         scratch: &mut Scratch,
         consumed_at: Instant,
-    ) -> Result<Pending, RunError> {
+    ) -> Result<Option<Pending>, RunError> {
         let (partition, offset) = (msg.partition(), msg.offset());
         let mut pending = Pending {
             partition,
@@ -433,7 +461,7 @@ impl Worker {
         };
         if let Ready::AlreadyDone = self.ensure_state(partition, offset).await {
             self.shared.metrics.events_already_processed.inc();
-            return Ok(pending);
+            return Ok(Some(pending));
         }
         let source = SourceCoordinates {
             topic: msg.topic().to_string(),
@@ -471,7 +499,9 @@ impl Worker {
             }
             outcome
         };
-        let (kind, delivery) = match outcome {
+        // Set by the alert arm only, and borrowed by its record.
+        let (alert_body, alert_key): (Vec<u8>, String);
+        let (kind, record) = match outcome {
             Outcome::Clean(scored, _) => {
                 self.record(&scored);
                 (OutcomeKind::Clean, None)
@@ -489,19 +519,13 @@ impl Worker {
                     reason = %alert.reason,
                     "alert"
                 );
-                let body = self.alerts.encode(&alert)?;
+                alert_body = self.alerts.encode(&alert)?;
                 pending.alert = serde_json::to_value(&*alert).ok().map(Arc::new);
+                alert_key = alert.account_id;
                 let record = FutureRecord::to(&self.kafka.alerts_topic)
-                    .key(alert.account_id.as_bytes())
-                    .payload(body.as_slice());
-                (
-                    OutcomeKind::Alert,
-                    Some(
-                        enqueue(&self.producer, record)
-                            .instrument(tracing::trace_span!("publish"))
-                            .await?,
-                    ),
-                )
+                    .key(alert_key.as_bytes())
+                    .payload(alert_body.as_slice());
+                (OutcomeKind::Alert, Some(record))
             }
             Outcome::Invalid(error) => {
                 self.shared
@@ -528,19 +552,36 @@ impl Worker {
                 if let Some(key) = msg.key() {
                     record = record.key(key);
                 }
-                (
-                    OutcomeKind::DeadLetter,
-                    Some(
-                        enqueue(&self.producer, record)
-                            .instrument(tracing::trace_span!("publish"))
-                            .await?,
-                    ),
-                )
+                (OutcomeKind::DeadLetter, Some(record))
             }
         };
         pending.kind = kind;
-        pending.deliveries.extend(delivery);
-        Ok(pending)
+        tracing::Span::current().record("outcome", kind.as_str());
+        if let Some(transactions) = &self.transactions {
+            let event = EventRecords {
+                partition,
+                offset,
+                assignment,
+                kind,
+                outcome: record,
+                changes: &pending.changes,
+                changelog: self.changelog.as_deref(),
+                alert: pending.alert.take(),
+                consumed_at,
+            };
+            if !transactions.add(&self.shared.status, event)? {
+                self.shared.metrics.revoked_events_dropped.inc();
+            }
+            return Ok(None);
+        }
+        if let Some(record) = record {
+            pending.deliveries.push(
+                enqueue(&self.producer, record)
+                    .instrument(tracing::trace_span!("publish"))
+                    .await?,
+            );
+        }
+        Ok(Some(pending))
     }
 
     async fn run(
@@ -557,7 +598,9 @@ impl Worker {
                 continue;
             }
             let pending = match self.handle(&msg, assignment, &mut scratch).await {
-                Ok(p) => p,
+                Ok(Some(p)) => p,
+                // In the open transaction.
+                Ok(None) => continue,
                 Err(e) => {
                     tracing::error!(error = %e, partition = msg.partition(), offset = msg.offset(),
                         "cannot publish an outcome; stopping without storing its offset");
@@ -698,6 +741,29 @@ async fn acknowledge(
     Ok(())
 }
 
+/// Exactly-once mode: commits the open transaction every `interval` until shutdown (or a
+/// failed commit, which asks for shutdown).
+async fn commit_every_interval(
+    transactions: Arc<Transactions>,
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (t, c) = (transactions.clone(), consumer.clone());
+        let committed =
+            tokio::task::spawn_blocking(move || t.commit(c.group_metadata().as_ref(), || {})).await;
+        if !matches!(committed, Ok(Ok(()))) {
+            return;
+        }
+    }
+}
+
 /// Keeps the state gauges current.
 async fn report_state(shared: Shared, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -751,13 +817,32 @@ pub async fn run_stream(
         },
         None => None,
     };
-    let producer = producer(&cfg.kafka, brokers)?;
+    let (producer, transactions) = match cfg.kafka.guarantee {
+        Guarantee::AtLeastOnce => (producer(&cfg.kafka, brokers)?, None),
+        Guarantee::ExactlyOnce => {
+            let producer = transactional_producer(&cfg.kafka, brokers)?;
+            let (p, topic, metrics, feed, stop) = (
+                producer.clone(),
+                cfg.kafka.transactions_topic.clone(),
+                shared.metrics.clone(),
+                shared.alerts.clone(),
+                shutdown.clone(),
+            );
+            let transactions = tokio::task::spawn_blocking(move || {
+                Transactions::begin(p, &topic, metrics, feed, stop)
+            })
+            .await
+            .map_err(|e| RunError::Task(e.to_string()))??;
+            (producer, Some(Arc::new(transactions)))
+        }
+    };
     let context = GroupContext {
         status: shared.status.clone(),
         store: shared.store.clone(),
         metrics: shared.metrics.clone(),
         logs: logs.clone(),
         producer: producer.clone(),
+        transactions: transactions.clone(),
     };
     let consumer = Arc::new(group_consumer(&cfg.kafka, brokers, context)?);
     tracing::info!(
@@ -765,6 +850,7 @@ pub async fn run_stream(
         topic = %cfg.kafka.transactions_topic,
         group = %cfg.kafka.group_id,
         changelog = changelog.as_deref().unwrap_or("none"),
+        guarantee = cfg.kafka.guarantee.as_str(),
         workers = cfg.workers,
         model = shared.models.version(),
         policy = cfg.policy.as_str(),
@@ -795,6 +881,7 @@ pub async fn run_stream(
             changelog: changelog.clone(),
             done_below: HashMap::new(),
             snapshot_due: HashSet::new(),
+            transactions: transactions.clone(),
         };
         tasks.spawn(worker.run(events_rx, acks_tx, shutdown.clone()));
         ackers.spawn(send_changes(
@@ -813,6 +900,14 @@ pub async fn run_stream(
         ));
     }
     let reporter = tokio::spawn(report_state(shared.clone(), shutdown.clone()));
+    let committer = transactions.clone().map(|t| {
+        tokio::spawn(commit_every_interval(
+            t,
+            consumer.clone(),
+            cfg.kafka.transaction_interval,
+            shutdown.clone(),
+        ))
+    });
 
     loop {
         let msg = tokio::select! {
@@ -857,13 +952,30 @@ pub async fn run_stream(
         }
     }
     reporter.abort();
-    if let Err(e) = producer.flush(Duration::from_secs(30)) {
-        tracing::error!(error = %e, "producer flush failed");
+    if let Some(committer) = committer {
+        let _ = committer.await;
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("offsets committed"),
-        Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::error!(error = %e, "final commit failed"),
+    if let Some(t) = transactions {
+        let c = consumer.clone();
+        let last =
+            tokio::task::spawn_blocking(move || t.commit(c.group_metadata().as_ref(), || {}))
+                .await
+                .map_err(|e| RunError::Task(e.to_string()));
+        match last {
+            Ok(Ok(())) => tracing::info!("last transaction committed"),
+            Ok(Err(e)) if result.is_ok() => result = Err(e.into()),
+            Err(e) if result.is_ok() => result = Err(e),
+            _ => {}
+        }
+    } else {
+        if let Err(e) = producer.flush(Duration::from_secs(30)) {
+            tracing::error!(error = %e, "producer flush failed");
+        }
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("offsets committed"),
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::error!(error = %e, "final commit failed"),
+        }
     }
     consumer.unsubscribe();
     tracing::info!("stream processor stopped");

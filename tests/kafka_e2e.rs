@@ -260,6 +260,8 @@ fn read_all(
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{topic}"))
         .set("enable.auto.commit", "false")
+        // What an alert consumer sees: never records of an aborted or open transaction.
+        .set("isolation.level", "read_committed")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -849,34 +851,64 @@ async fn the_stream_runs_over_sasl_ssl_with_scram_and_a_verified_certificate() {
 }
 
 /// Two instances share the partitions and one is killed (SIGKILL, no drain, no commit)
-/// mid-stream. The survivor takes its partitions once the group's session times out, rebuilds
-/// their state and goes on: the alerted transactions are exactly an offline run's with the
-/// same scores (features after the takeover equal an uninterrupted run's), and a re-delivered
-/// alert keeps its `alert_id` (at-least-once: duplicates, never a loss).
-#[tokio::test(flavor = "multi_thread")]
-async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_none() {
-    let Some((brokers, t, work, models)) = setup("sigkill").await else {
-        return;
-    };
+/// mid-stream. The survivor takes its partitions once the group's session times out, restores
+/// their state from the changelog and goes on: the alerted transactions are exactly an offline
+/// run's with the same scores (features after the takeover equal an uninterrupted run's).
+/// Returns how many alert records a `read_committed` consumer reads, and for how many alerted
+/// transactions.
+async fn kill_one_of_two_mid_stream(name: &str, guarantee: &str) -> Option<(usize, usize, Topics)> {
+    let (brokers, t, work, models) = setup(name).await?;
     let events = dataset_events();
     let expected = offline_alerts(models, &events);
     let half = events.len() / 2;
     produce_events(&brokers, &t.transactions, &events[..half]);
 
     // A short session so that the survivor takes over in seconds, not the default 45 s.
-    let session = [
+    let env = [
         ("VIGIL_KAFKA__CLIENT__SESSION_TIMEOUT_MS", "6000"),
         ("VIGIL_KAFKA__CLIENT__HEARTBEAT_INTERVAL_MS", "1000"),
+        ("VIGIL_KAFKA__GUARANTEE", guarantee),
+        // Exactly-once: the kill surely finds a transaction open with what was sent since the
+        // last commit.
+        ("VIGIL_KAFKA__TRANSACTION_INTERVAL_MS", "2000"),
     ];
     let model = work.path().join("model");
     let (dir_a, dir_b) = (work.path().join("a"), work.path().join("b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
-    let mut victim = spawn_vigil(&brokers, &t, &model, &dir_a, &session);
-    let mut survivor = spawn_vigil(&brokers, &t, &model, &dir_b, &session);
+    let mut victim = spawn_vigil(&brokers, &t, &model, &dir_a, &env);
+    let mut survivor = spawn_vigil(&brokers, &t, &model, &dir_b, &env);
     let reader = after_first_commit(&brokers, &t);
+    // Both own partitions before one is killed (the second to join waits for the first to give
+    // some up).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while [&dir_a, &dir_b].iter().any(|dir| {
+        !log_lines(dir, &t)
+            .iter()
+            .any(|l| l["message"] == "partitions assigned" && l["partitions"] != "[]")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the instances did not share the partitions"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let feeder = feed_while_running(&brokers, &t.transactions, events[half..].to_vec());
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed while it is busy with the second half: it has work in flight.
+    let addr = log_lines(&dir_a, &t)
+        .iter()
+        .find(|l| l["message"] == "HTTP server listening")
+        .and_then(|l| l["addr"].as_str().map(String::from))
+        .unwrap();
+    let scored_at_start = scored(&addr).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scored(&addr).await < scored_at_start + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "the victim scores nothing of the second half"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     victim.0.kill().unwrap();
     victim.0.wait().unwrap();
     let (committed_at_kill, _) = committed_and_end(&reader, &t);
@@ -894,19 +926,93 @@ async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_n
     assert_alerts_match_offline(&live, &expected);
     assert_redeliveries_keep_their_alert_id(&live);
     // What the survivor took over it restored from the changelog, not from the input topic.
-    let took_over: Vec<_> = log_lines(&dir_b, &t)
+    let took_over = log_lines(&dir_b, &t)
         .into_iter()
         .filter(|l| l["message"] == "account state restored from the changelog")
         .filter(|l| l["records"].as_u64() > Some(1))
-        .collect();
-    assert!(!took_over.is_empty(), "no restore from the changelog");
+        .count();
+    assert!(took_over > 0, "no restore from the changelog");
     eprintln!(
-        "{} alerts published for {} alerted transactions ({} duplicates after the kill)",
+        "{guarantee}: {} alerts published for {} alerted transactions ({} duplicates after the kill)",
         alerts.len(),
         live.len(),
         alerts.len() - live.len()
     );
     assert!(sigterm(&mut survivor).success());
+    Some((alerts.len(), live.len(), t))
+}
+
+/// Records on every partition of `topic` as a consumer with this `isolation.level` reads them.
+fn records_read(brokers: &str, topic: &str, isolation: &str) -> usize {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("count-{topic}-{isolation}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
+        .create()
+        .unwrap();
+    let metadata = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let (mut n, mut ended) = (0, 0);
+    while ended < partitions {
+        match c.poll(Duration::from_secs(10)) {
+            Some(Ok(_)) => n += 1,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ended += 1,
+            other => panic!("reading {topic}: {other:?}"),
+        }
+    }
+    n
+}
+
+/// `vigil_events_scored_total` of the vigil serving on `addr`.
+async fn scored(addr: &str) -> u64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("vigil_events_scored_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// At-least-once: no alert lost, none invented; a re-delivered alert keeps its `alert_id`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_of_one_of_two_instances_mid_stream_loses_no_alert_and_invents_none() {
+    let _ = kill_one_of_two_mid_stream("sigkill", "at_least_once").await;
+}
+
+/// Exactly-once: the same, and a `read_committed` consumer reads each alert exactly once —
+/// what the killed instance had sent in its open transaction is aborted, never seen (it is in
+/// the log: a `read_uncommitted` reader of the changelog, where every event writes, sees it).
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_once_sigkill_of_one_of_two_instances_shows_each_alert_once_to_read_committed() {
+    let Some((records, alerted, t)) = kill_one_of_two_mid_stream("eos-kill", "exactly_once").await
+    else {
+        return;
+    };
+    assert_eq!(records, alerted, "duplicates under exactly_once");
+    let brokers = common::test_brokers().unwrap();
+    let changelog = format!("{}-state-changelog", t.group);
+    let (committed, all) = (
+        records_read(&brokers, &changelog, "read_committed"),
+        records_read(&brokers, &changelog, "read_uncommitted"),
+    );
+    assert!(
+        all > committed,
+        "the killed instance's open transaction was not aborted: {all} records, {committed} committed"
+    );
 }
 
 /// The JSON log lines of a vigil spawned by [`spawn_vigil`] in `dir`.
