@@ -4,6 +4,9 @@
 #
 #   kafka/broker.sh start            resolve jars if needed, format storage, start, wait until ready
 #   kafka/broker.sh stop             stop it and delete its data
+#   kafka/broker.sh freeze | thaw    SIGSTOP / SIGCONT it (a broker that hangs, sockets open)
+#   kafka/broker.sh crash            SIGKILL it, keeping its data
+#   kafka/broker.sh restart          start it again on the data it has (after crash)
 #   kafka/broker.sh status           exit 0 if it answers
 #   kafka/broker.sh topic NAME [P]   create a topic with P partitions (default 3)
 #   kafka/broker.sh bootstrap        print the bootstrap address
@@ -107,6 +110,11 @@ PROPS
   kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$run/server.properties" \
     --add-scram "SCRAM-SHA-256=[name=$sasl_user,password=$password]" \
     --add-scram "SCRAM-SHA-512=[name=$sasl_user,password=$password]" >"$run/format.log" 2>&1
+  launch
+}
+
+# Runs the broker on $run's configuration and data, and waits until it answers.
+launch() {
   nohup java "${java_opts[@]}" -cp "$dist/lib/*" kafka.Kafka "$run/server.properties" >"$run/broker.log" 2>&1 &
   echo $! >"$run/pid"
   for _ in $(seq 1 60); do
@@ -124,6 +132,22 @@ PROPS
   echo "broker.sh: the broker did not become ready in 60 s" >&2
   tail -n 40 "$run/broker.log" >&2
   exit 1
+}
+
+signal() {
+  [ -f "$run/pid" ] || { echo "broker.sh: not started" >&2; exit 1; }
+  kill "-$1" "$(cat "$run/pid")"
+}
+
+crash() {
+  signal KILL
+  while kill -0 "$(cat "$run/pid")" 2>/dev/null; do sleep 0.1; done
+}
+
+restart() {
+  [ -f "$run/server.properties" ] || { echo "broker.sh: no data to restart on" >&2; exit 1; }
+  fetch
+  launch
 }
 
 stop() {
@@ -145,6 +169,10 @@ topic() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  freeze) signal STOP ;;
+  thaw) signal CONT ;;
+  crash) crash ;;
+  restart) restart ;;
   status) status ;;
   topic) shift; topic "$@" ;;
   bootstrap) echo "$bootstrap" ;;
@@ -156,5 +184,5 @@ case "${1:-}" in
     ;;
   kafka-topics) fetch; shift; kafka_java org.apache.kafka.tools.TopicCommand "$@" ;;
   kafka-configs) fetch; shift; kafka_java kafka.admin.ConfigCommand "$@" ;;
-  *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
 esac

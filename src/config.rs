@@ -1146,6 +1146,21 @@ mod tests {
     }
 
     #[test]
+    fn the_changelog_is_named_after_the_group_and_off_without_restore() {
+        let c = Config::from_yaml("kafka:\n  group_id: fraud\n  guarantee: exactly_once\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.kafka.changelog_topic.as_deref(),
+            Some("fraud-state-changelog")
+        );
+        assert_eq!(c.kafka.guarantee, Guarantee::ExactlyOnce);
+        let off =
+            Config::from_yaml("kafka:\n  restore_state: false\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(off.kafka.changelog_topic, None);
+        assert_eq!(off.kafka.guarantee, Guarantee::AtLeastOnce);
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_its_name() {
         let e = yaml_error("kafka:\n  brokerz: x\n");
         assert!(e.contains("brokerz"), "{e}");
@@ -1188,6 +1203,13 @@ mod tests {
             (
                 "traces:\n  otlp_endpoint: collector:4318\n",
                 "traces.otlp_endpoint",
+            ),
+            ("kafka:\n  topics:\n    changelog: alerts\n", "kafka.topics"),
+            ("kafka:\n  group_id: 'a b'\n", "kafka.topics.changelog"),
+            ("kafka:\n  guarantee: twice\n", "guarantee"),
+            (
+                "kafka:\n  transaction_interval_ms: 5\n",
+                "kafka.transaction_interval_ms",
             ),
         ] {
             let e = yaml_error(yaml);

@@ -1,13 +1,15 @@
 //! Ingest: the Kafka side of reading — the client settings every client shares (`kafka.client`
 //! over vigil's defaults), the group consumer (cooperative-sticky; offsets stored by vigil,
-//! committed by librdkafka), what readiness needs to know ([`GroupStatus`]: the partitions
-//! owned, whether a broker answers), librdkafka's log lines throttled ([`LogThrottle`]), and
-//! rebuilding a partition's account state from the input topic itself when it is assigned.
+//! committed by librdkafka, or inside transactions in exactly-once mode), what readiness needs
+//! to know ([`GroupStatus`]: the partitions owned, restores running, whether a broker answers),
+//! librdkafka's log lines throttled ([`LogThrottle`]), and folding a partition's events from the
+//! input topic into its account state ([`fold_input`]).
 //!
 //! State restore: when the first event vigil sees from a partition is not the one its state
-//! expects (a restart, a rebalance, a seek), the partition's earlier events are replayed through
-//! the state code (not scored, not published) up to that event. Features after a restart are
-//! therefore exactly those of an uninterrupted run.
+//! expects (a restart, a rebalance, a seek), the state is restored first — from the changelog
+//! ([`crate::changelog`]) and the input events after what it covers, or, without one, by
+//! folding the partition's whole history from the input topic (not scored, not published).
+//! Features after a restart are therefore exactly those of an uninterrupted run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

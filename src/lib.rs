@@ -14,10 +14,14 @@
 //! - [`features`]: transaction + earlier state → feature vector (shared by stream and training).
 //! - [`models`]: isolation forest and LOF detectors, encoders, thresholds, artifacts.
 //! - [`consensus`]: the alert policy over the models' verdicts.
-//! - [`publish`]: alert and dead-letter records, delivery, at-least-once offset storing.
+//! - [`publish`]: alert and dead-letter records, delivery, at-least-once offset storing;
+//!   [`exactly_once`]: the transactional alternative (outcomes and offsets committed together).
+//! - [`changelog`]: the compacted topic of account state that restores a partition in time
+//!   bounded by its accounts.
 //! - [`pipeline`]: the synchronous per-event path tying decode → consensus together, with the
 //!   event-time limits that keep one mis-dated event from moving a partition's clock.
-//! - [`run`]: the async wiring (workers, ackers, shutdown); [`server`]: the side HTTP server.
+//! - [`run`]: the async wiring (workers, ackers, restores, transactions, shutdown); [`server`]:
+//!   the side HTTP server.
 //! - [`train`]: history → models; [`simulate`]: labelled synthetic traffic; [`demo`]: the embedded default.
 //! - [`replay`]: backtests over a topic range or a file through the same per-event path;
 //!   [`backtest`]: the time split (train on the past, score the future, state warm);

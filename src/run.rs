@@ -1,11 +1,15 @@
 //! The wiring of the stream processor: one consumer task routes events by partition to worker
 //! tasks (each owns its partitions' state, so an account is touched by one worker, in order);
-//! workers run the synchronous [`Engine`] and hand each outcome to the producer; per-worker
-//! ackers store offsets as outcomes are acknowledged, in order. Bounded channels push back on
-//! the consumer; nothing is dropped.
+//! a worker restores a partition's state when it is not current, runs the synchronous
+//! [`Engine`] and hands each outcome to the producer. At-least-once: per worker, a first acking
+//! stage waits for each outcome and then queues its changelog records, a second waits for those
+//! and stores the offset, in order. Exactly-once: the worker adds everything to the open
+//! transaction and a committer commits it every interval ([`crate::exactly_once`]). Bounded
+//! channels push back on the consumer; nothing is dropped.
 //!
 //! Shutdown (SIGTERM, Ctrl-C, or a fatal publish error) stops consuming, drains the queues,
-//! waits for every outcome's acknowledgement, flushes the producer and commits before returning.
+//! waits for every outcome's acknowledgement (or commits the last transaction), flushes the
+//! producer and commits before returning.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -83,19 +87,19 @@ pub fn load_or_train(cfg: &Config) -> Result<ModelSet, RunError> {
     Ok(set)
 }
 
+/// What vigil's producers default to: idempotent, every replica's acknowledgement, small
+/// batches compressed.
+const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("linger.ms", "5"),
+    ("compression.type", "lz4"),
+];
+
 /// The idempotent producer for alerts and dead letters.
 pub fn producer(kafka: &KafkaConfig, brokers: &str) -> Result<KafkaProducer, KafkaError> {
-    client_config_over(
-        kafka,
-        brokers,
-        &[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("linger.ms", "5"),
-            ("compression.type", "lz4"),
-        ],
-    )
-    .create_with_context(ThrottledLogs::default())
+    client_config_over(kafka, brokers, &PRODUCER_DEFAULTS)
+        .create_with_context(ThrottledLogs::default())
 }
 
 /// The transactional producer of exactly-once mode. Its `transactional.id` comes from
@@ -110,19 +114,12 @@ pub fn transactional_producer(
 ) -> Result<KafkaProducer, KafkaError> {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "vigil".to_string());
     let id = format!("{}-{host}-{}", kafka.group_id, std::process::id());
-    client_config_over(
-        kafka,
-        brokers,
-        &[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("linger.ms", "5"),
-            ("compression.type", "lz4"),
-            ("transactional.id", &id),
-            ("transaction.timeout.ms", "10000"),
-        ],
-    )
-    .create_with_context(ThrottledLogs::default())
+    let transactional = [
+        ("transactional.id", id.as_str()),
+        ("transaction.timeout.ms", "10000"),
+    ];
+    let defaults: Vec<(&str, &str)> = PRODUCER_DEFAULTS.into_iter().chain(transactional).collect();
+    client_config_over(kafka, brokers, &defaults).create_with_context(ThrottledLogs::default())
 }
 
 /// Shared handles the server and the stream both use.

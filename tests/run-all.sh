@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests next to the code, then the integration suites against the
 # real things: an Apache Kafka broker that kafka/broker.sh starts on loopback with a plaintext
-# and a SASL_SSL listener (and stops afterwards), Prometheus/promtool/amtool/logrotate (tests/install-tools.sh installs them when
-# missing). Extra arguments go to `cargo test`.
+# and a SASL_SSL listener (and stops afterwards; tests/broker_faults.rs freezes, kills and
+# restarts it, which cargo's one-test-binary-at-a-time order keeps from the other suites),
+# Prometheus/promtool/amtool/logrotate (tests/install-tools.sh installs them when missing).
+# Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

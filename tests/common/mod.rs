@@ -174,3 +174,4 @@ pub fn saved_models() -> std::path::PathBuf {
     });
     root.path().join("current")
 }
+pub mod kafka;
