@@ -948,6 +948,7 @@ pub async fn run_stream(
             }
         }
     }
+    tracing::info!("workers and ackers stopped");
     reporter.abort();
     if let Some(committer) = committer {
         let _ = committer.await;
@@ -965,8 +966,9 @@ pub async fn run_stream(
             _ => {}
         }
     } else {
-        if let Err(e) = producer.flush(Duration::from_secs(30)) {
-            tracing::error!(error = %e, "producer flush failed");
+        match producer.flush(Duration::from_secs(30)) {
+            Ok(()) => tracing::info!("producer flushed"),
+            Err(e) => tracing::error!(error = %e, "producer flush failed"),
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::info!("offsets committed"),
@@ -975,6 +977,8 @@ pub async fn run_stream(
         }
     }
     consumer.unsubscribe();
+    // Closing leaves the group (librdkafka waits for the revocation to be served).
+    drop(consumer);
     tracing::info!("stream processor stopped");
     result
 }

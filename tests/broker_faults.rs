@@ -132,8 +132,30 @@ async fn frozen_then_crashed(name: &str, guarantee: &str) -> Option<(usize, usiz
         alerts.len(),
         live.len()
     );
-    for v in &mut vigils {
-        sigterm(v);
+    for (v, dir) in vigils.iter_mut().zip(&dirs) {
+        let stop = Command::new("kill")
+            .args(["-TERM", &v.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(stop.success());
+        // Longer than kafka_e2e's 60 s: each of the stop's bounded waits (producer flush 30 s,
+        // flush before giving partitions up 10 s) may run out after the broker's restart.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let asked = Instant::now();
+        while v.0.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let lines = log_lines(dir, &t);
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{l}");
+                }
+                panic!("{guarantee}: an instance did not exit within 120 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "{guarantee}: stopped {:.1} s after SIGTERM",
+            asked.elapsed().as_secs_f64()
+        );
     }
     Some((alerts.len(), live.len()))
 }
