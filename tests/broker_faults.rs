@@ -29,10 +29,7 @@ fn broker(action: &str) {
 
 /// `/ready`'s status code from the vigil logging in `dir`.
 async fn ready_status(dir: &Path, t: &Topics) -> Option<u16> {
-    let addr = log_lines(dir, t)
-        .iter()
-        .find(|l| l["message"] == "HTTP server listening")
-        .and_then(|l| l["addr"].as_str().map(String::from))?;
+    let addr = http_addr(dir, t)?;
     reqwest::get(format!("http://{addr}/ready"))
         .await
         .ok()

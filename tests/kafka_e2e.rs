@@ -465,11 +465,7 @@ async fn kill_one_of_two_mid_stream(name: &str, guarantee: &str) -> Option<(usiz
     }
     let feeder = feed_while_running(&brokers, &t.transactions, events[half..].to_vec());
     // Killed while it is busy with the second half: it has work in flight.
-    let addr = log_lines(&dir_a, &t)
-        .iter()
-        .find(|l| l["message"] == "HTTP server listening")
-        .and_then(|l| l["addr"].as_str().map(String::from))
-        .unwrap();
+    let addr = http_addr(&dir_a, &t).unwrap();
     let scored_at_start = scored(&addr).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while scored(&addr).await < scored_at_start + 50 {
@@ -600,11 +596,7 @@ async fn a_rebalance_moves_only_the_partitions_that_change_owner_and_keeps_the_o
         !by_second.is_empty() && by_second.iter().all(|(_, source)| *source == "changelog"),
         "the second restores what it took over from the changelog: {by_second:?}"
     );
-    let addr = log_lines(&dir_a, &t)
-        .iter()
-        .find(|l| l["message"] == "HTTP server listening")
-        .and_then(|l| l["addr"].as_str().map(String::from))
-        .unwrap();
+    let addr = http_addr(&dir_a, &t).unwrap();
     let ready: serde_json::Value = reqwest::get(format!("http://{addr}/ready"))
         .await
         .unwrap()

@@ -470,6 +470,14 @@ pub async fn setup_with(
     Some((brokers, t, work, models))
 }
 
+/// The HTTP address of the vigil spawned by [`spawn_vigil`] in `dir`, once it has logged it.
+pub fn http_addr(dir: &Path, t: &Topics) -> Option<String> {
+    log_lines(dir, t)
+        .iter()
+        .find(|l| l["message"] == "HTTP server listening")
+        .and_then(|l| l["addr"].as_str().map(String::from))
+}
+
 /// Records on every partition of `topic` as a consumer with this `isolation.level` reads them.
 pub fn records_read(brokers: &str, topic: &str, isolation: &str) -> usize {
     let c: BaseConsumer = ClientConfig::new()
