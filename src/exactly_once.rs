@@ -10,12 +10,19 @@
 //! are given up in a rebalance the open transaction is committed the same way, so their new
 //! owner starts exactly where this one stopped.
 //!
-//! A failed commit stops the instance (the transaction is aborted): its state is ahead of what
-//! was committed, and a restart — or the group's other members — resumes exactly from the last
-//! commit, with the state the changelog holds as of it.
+//! A commit that fails in a way the transaction survives by aborting — the group's generation
+//! moved on between taking its metadata and committing (a member joined), or one of the
+//! transaction's records was refused — is aborted and the instance *rewinds*: every partition it
+//! owns is suspended (events fetched before are dropped), the consumer seeks back to the
+//! committed offsets, and the next event of each partition restores its state from the
+//! changelog as of the last commit, as a restart would, without leaving the group. A step that
+//! timed out is tried again. Anything else (this producer fenced by a newer one with its
+//! transactional id, or a librdkafka call that never returns: [`CallWatch`]) stops the instance,
+//! and a restart — or the group's other members — resumes exactly from the last commit.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -51,6 +58,40 @@ impl Guarantee {
 /// How long a commit (or the start of the transactions) may take before it counts as failed.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Runs `wait`, which blocks, off the async runtime's worker thread when called from one: a
+/// commit can hold the gate for up to [`TRANSACTION_TIMEOUT`] while the broker is away, and
+/// workers waiting on it must not take every runtime thread from the consumer, the ack stages
+/// and the timers.
+fn wait_blocking<T>(wait: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
+/// How long to wait before rewinding after `aborts` transactions in a row were aborted: at once
+/// after one (a commit that raced a rebalance), then 1 s doubling to 30 s while they keep
+/// failing (a record the broker keeps refusing), so a lasting refusal is retried, never
+/// skipped, without a restore every interval.
+fn rewind_delay(aborts: u32) -> Duration {
+    match aborts {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(1 << (n - 2).min(5)).min(Duration::from_secs(30)),
+    }
+}
+
+/// Whether `e` leaves the producer unusable (fenced by a newer one with the same transactional
+/// id): the instance must stop. Every other failure of a transaction is survived by aborting it.
+fn is_fatal(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(e) => e.is_fatal(),
+        other => other.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
+    }
+}
+
 /// What the open transaction holds beyond its records.
 #[derive(Default)]
 struct Open {
@@ -60,6 +101,8 @@ struct Open {
     dead_letters: u64,
     changelog_records: u64,
     consumed: Vec<Instant>,
+    /// A record of this transaction was refused: it must be aborted, not committed.
+    doomed: Option<KafkaError>,
 }
 
 /// The instance's transactional producer and its one open transaction.
@@ -71,6 +114,65 @@ pub struct Transactions {
     metrics: Metrics,
     feed: Arc<AlertFeed>,
     shutdown: CancellationToken,
+    /// Transactions aborted since the last one committed.
+    aborts_in_a_row: AtomicU32,
+    /// When the transaction call under way began ([`CallWatch`]).
+    call: Arc<CallWatch>,
+}
+
+/// Watches librdkafka's blocking transaction calls: `send_offsets_to_transaction` can wait
+/// forever, past its timeout, once the coordinator it had found is gone (librdkafka #5456 and
+/// #5511, open in 2.12), and nothing in the process can cancel it; the workers then wait on the
+/// gate forever. A call that has not returned [`HUNG_AFTER`] after it began makes the process
+/// exit with code 1, as a liveness probe would: a restart resumes from the last commit.
+#[derive(Debug, Default)]
+struct CallWatch {
+    /// Milliseconds since the epoch when the call under way began, 0 when none is.
+    since_ms: AtomicI64,
+}
+
+/// How long a transaction call may block before the process gives up on it.
+const HUNG_AFTER: Duration = Duration::from_secs(2 * TRANSACTION_TIMEOUT.as_secs());
+
+impl CallWatch {
+    fn now_ms() -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+
+    fn during<T>(&self, call: impl FnOnce() -> T) -> T {
+        self.since_ms.store(Self::now_ms(), Ordering::Relaxed);
+        let result = call();
+        self.since_ms.store(0, Ordering::Relaxed);
+        result
+    }
+
+    /// How long the call under way has been blocking, if one is.
+    fn blocking_for(&self) -> Option<Duration> {
+        let since = self.since_ms.load(Ordering::Relaxed);
+        (since > 0).then(|| Duration::from_millis((Self::now_ms() - since).max(0) as u64))
+    }
+
+    /// Checks every second, on a thread of its own, until the process ends.
+    fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        let watch = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("vigil-txn-watch".into())
+            .spawn(move || {
+                while let Some(w) = watch.upgrade() {
+                    if let Some(hung) = w.blocking_for().filter(|d| *d > HUNG_AFTER) {
+                        tracing::error!(
+                            seconds = hung.as_secs(),
+                            "a transaction call has not returned (librdkafka #5456); exiting so that a restart resumes from the last commit"
+                        );
+                        std::thread::sleep(Duration::from_millis(200));
+                        std::process::exit(1);
+                    }
+                    drop(w);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+            .map(|_| ())
+    }
 }
 
 /// One event's part of the open transaction.
@@ -98,6 +200,10 @@ impl Transactions {
     ) -> Result<Self, KafkaError> {
         producer.init_transactions(TRANSACTION_TIMEOUT)?;
         producer.begin_transaction()?;
+        let call = Arc::new(CallWatch::default());
+        if let Err(e) = call.start() {
+            tracing::warn!(error = %e, "cannot watch transaction calls for hangs");
+        }
         Ok(Self {
             producer,
             topic: input_topic.to_string(),
@@ -106,14 +212,17 @@ impl Transactions {
             metrics,
             feed,
             shutdown,
+            aborts_in_a_row: AtomicU32::new(0),
+            call,
         })
     }
 
     /// Sends one event's outcome and changelog records into the open transaction and counts its
     /// offset in, unless its partition was revoked meanwhile (`Ok(false)`: its new owner
-    /// processes it). Waits (blocking) while the producer's queue is full.
+    /// processes it) or a record was refused (`Ok(false)` too: the commit rewinds to redo it).
+    /// Waits (blocking) while a commit runs or the producer's queue is full.
     pub fn add(&self, status: &GroupStatus, event: EventRecords<'_>) -> Result<bool, KafkaError> {
-        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let _gate = self.open_gate();
         let sent = status.while_owned(event.partition, event.assignment, || {
             if let Some(mut record) = event.outcome {
                 loop {
@@ -121,7 +230,7 @@ impl Transactions {
                         Ok(_) => break,
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                             record = back;
-                            std::thread::sleep(Duration::from_millis(2));
+                            wait_blocking(|| std::thread::sleep(Duration::from_millis(2)));
                         }
                         Err((e, _)) => return Err(e),
                     }
@@ -133,7 +242,7 @@ impl Transactions {
                         match change.send(&self.producer, topic, event.partition) {
                             Ok(_) => break,
                             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                                std::thread::sleep(Duration::from_millis(2));
+                                wait_blocking(|| std::thread::sleep(Duration::from_millis(2)));
                             }
                             Err(e) => return Err(e),
                         }
@@ -144,7 +253,13 @@ impl Transactions {
         });
         match sent {
             None => Ok(false),
-            Some(Err(e)) => Err(e),
+            Some(Err(e)) if is_fatal(&e) => Err(e),
+            Some(Err(e)) => {
+                // Its offset is not counted; the commit aborts and rewinds to redo it.
+                let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+                open.doomed.get_or_insert(e);
+                Ok(false)
+            }
             Some(Ok(())) => {
                 let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
                 open.offsets.insert(event.partition, event.offset + 1);
@@ -162,30 +277,99 @@ impl Transactions {
         }
     }
 
+    /// The gate for reading, at once unless a commit holds it.
+    fn open_gate(&self) -> RwLockReadGuard<'_, ()> {
+        match self.gate.try_read() {
+            Ok(gate) => gate,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                wait_blocking(|| self.gate.read().unwrap_or_else(PoisonError::into_inner))
+            }
+        }
+    }
+
     /// Commits the open transaction with its offsets and opens the next; then runs `then` while
-    /// no event can be added (a revocation). Blocking. A failure aborts the transaction and
-    /// asks the instance to stop.
+    /// no event can be added (a revocation). Blocking. A transaction that must be aborted is,
+    /// and every partition still owned is suspended for the consumer to rewind
+    /// ([`GroupStatus::suspend_all`]); `Ok` then too, the stream goes on. An error is returned
+    /// only when the instance must stop (it is asked to).
     pub fn commit(
         &self,
         group: Option<&ConsumerGroupMetadata>,
+        status: &GroupStatus,
         then: impl FnOnce(),
     ) -> Result<(), KafkaError> {
         let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        let open = std::mem::take(&mut *self.open.lock().unwrap_or_else(PoisonError::into_inner));
-        let result = self.commit_open(group, &open);
+        let mut open =
+            std::mem::take(&mut *self.open.lock().unwrap_or_else(PoisonError::into_inner));
+        let result = match open.doomed.take() {
+            Some(refused) => Err(refused),
+            None => self.commit_open(group, &open),
+        };
         then();
         match result {
             Ok(()) => {
+                if !open.offsets.is_empty() {
+                    self.aborts_in_a_row.store(0, Ordering::Relaxed);
+                }
                 self.committed(open);
                 Ok(())
             }
+            Err(e) if !is_fatal(&e) => {
+                self.aborts_in_a_row.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "transaction aborted; rewinding to the last commit");
+                let restarted = self.call.during(|| {
+                    self.producer
+                        .abort_transaction(TRANSACTION_TIMEOUT)
+                        .and_then(|()| self.producer.begin_transaction())
+                });
+                match restarted {
+                    Ok(()) => {
+                        let suspended = status.suspend_all();
+                        self.metrics.transaction_rewinds.inc();
+                        tracing::info!(
+                            partitions = suspended,
+                            "partitions suspended until the consumer has rewound them"
+                        );
+                        Ok(())
+                    }
+                    Err(abort) => self.stop(abort),
+                }
+            }
             Err(e) => {
-                tracing::error!(error = %e, "transaction failed; aborting it and stopping (a restart resumes from the last commit)");
-                if let Err(abort) = self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
+                if let Err(abort) = self
+                    .call
+                    .during(|| self.producer.abort_transaction(TRANSACTION_TIMEOUT))
+                {
                     tracing::error!(error = %abort, "abort failed too");
                 }
-                self.shutdown.cancel();
-                Err(e)
+                self.stop(e)
+            }
+        }
+    }
+
+    /// How long to wait before rewinding ([`rewind_delay`]).
+    pub fn rewind_delay(&self) -> Duration {
+        rewind_delay(self.aborts_in_a_row.load(Ordering::Relaxed))
+    }
+
+    fn stop(&self, e: KafkaError) -> Result<(), KafkaError> {
+        tracing::error!(error = %e, "transaction failed; stopping (a restart resumes from the last commit)");
+        self.shutdown.cancel();
+        Err(e)
+    }
+
+    /// Runs one step of a commit again while it fails with an error that says so (a timeout:
+    /// the broker is slow or away), until the instance is asked to stop.
+    fn retrying(&self, step: impl Fn() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+        loop {
+            match self.call.during(&step) {
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && !self.shutdown.is_cancelled() =>
+                {
+                    tracing::warn!(error = %e, "transaction step not done yet; trying again");
+                }
+                done => return done,
             }
         }
     }
@@ -204,10 +388,12 @@ impl Transactions {
         for (&partition, &next) in &open.offsets {
             offsets.add_partition_offset(&self.topic, partition, Offset::Offset(next))?;
         }
-        self.producer
-            .send_offsets_to_transaction(&offsets, group, TRANSACTION_TIMEOUT)?;
-        self.producer.commit_transaction(TRANSACTION_TIMEOUT)?;
-        self.producer.begin_transaction()
+        self.retrying(|| {
+            self.producer
+                .send_offsets_to_transaction(&offsets, group, TRANSACTION_TIMEOUT)
+        })?;
+        self.retrying(|| self.producer.commit_transaction(TRANSACTION_TIMEOUT))?;
+        self.call.during(|| self.producer.begin_transaction())
     }
 
     /// What a commit makes visible: the alert feed, the counters, the positions.
@@ -228,5 +414,29 @@ impl Transactions {
             m.end_to_end_seconds
                 .observe(consumed.elapsed().as_secs_f64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_abort_rewinds_at_once_and_repeated_ones_back_off_to_30_s() {
+        let delays: Vec<u64> = (0..9).map(|n| rewind_delay(n).as_secs()).collect();
+        assert_eq!(delays, [0, 0, 1, 2, 4, 8, 16, 30, 30]);
+    }
+
+    #[test]
+    fn only_a_fatal_error_stops_the_instance() {
+        assert!(is_fatal(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::Fatal
+        )));
+        assert!(!is_fatal(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+        )));
+        assert!(!is_fatal(&KafkaError::Global(
+            RDKafkaErrorCode::InvalidGroupId
+        )));
     }
 }

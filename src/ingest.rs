@@ -45,8 +45,11 @@ pub struct GroupStatus {
     broker_timeout_ms: AtomicI64,
     /// The partitions this instance owns, each with the number of the assignment that gave it:
     /// an event fetched under an earlier one belongs to a partition revoked since (its new
-    /// owner processes it), so it is dropped, not processed twice.
+    /// owner processes it), so it is dropped, not processed twice. [`SUSPENDED`] while the
+    /// partition waits to be rewound to its last commit.
     owned: std::sync::Mutex<std::collections::HashMap<i32, u64>>,
+    /// Woken when partitions are suspended.
+    rewind: tokio::sync::Notify,
     assignments: AtomicU64,
     /// Partitions whose state is being restored now.
     restoring: AtomicI64,
@@ -61,6 +64,7 @@ impl Default for GroupStatus {
             last_contact_ms: AtomicI64::new(0),
             broker_timeout_ms: AtomicI64::new(15_000),
             owned: Default::default(),
+            rewind: tokio::sync::Notify::new(),
             assignments: AtomicU64::new(0),
             restoring: AtomicI64::new(0),
         }
@@ -141,9 +145,58 @@ impl GroupStatus {
         self.owned().len() as i64
     }
 
-    /// The assignment under which this instance owns `partition`, if it does.
+    /// The assignment under which this instance owns `partition`, if it does and the partition
+    /// is not suspended.
     pub fn assignment_of(&self, partition: i32) -> Option<u64> {
-        self.owned().get(&partition).copied()
+        self.owned()
+            .get(&partition)
+            .copied()
+            .filter(|&n| n != SUSPENDED)
+    }
+
+    /// Suspends every partition owned (exactly-once, after an aborted transaction): their
+    /// events fetched so far are dropped, and none are taken until the consumer has sought
+    /// back to the last commit and [resumed](Self::resume) them. Returns how many.
+    pub fn suspend_all(&self) -> usize {
+        let mut owned = self.owned();
+        for n in owned.values_mut() {
+            *n = SUSPENDED;
+        }
+        self.request_rewind();
+        owned.len()
+    }
+
+    /// Asks the consumer to rewind the suspended partitions.
+    pub fn request_rewind(&self) {
+        self.rewind.notify_one();
+    }
+
+    /// The partitions suspended.
+    pub fn suspended(&self) -> Vec<i32> {
+        let mut parts: Vec<i32> = self
+            .owned()
+            .iter()
+            .filter(|(_, n)| **n == SUSPENDED)
+            .map(|(p, _)| *p)
+            .collect();
+        parts.sort_unstable();
+        parts
+    }
+
+    /// Takes events of these suspended partitions again, under a new assignment number.
+    pub fn resume(&self, partitions: &[i32]) {
+        let n = self.assignments.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut owned = self.owned();
+        for p in partitions {
+            if let Some(a) = owned.get_mut(p).filter(|a| **a == SUSPENDED) {
+                *a = n;
+            }
+        }
+    }
+
+    /// Returns once partitions have been suspended (at once if they were since the last call).
+    pub async fn rewind_requested(&self) {
+        self.rewind.notified().await;
     }
 
     /// Runs `f` if this instance still owns `partition` under `assignment`, holding off a
@@ -175,6 +228,9 @@ impl GroupStatus {
             + 1
     }
 }
+
+/// [`GroupStatus`]'s mark of a suspended partition (assignment numbers start at 1).
+const SUSPENDED: u64 = 0;
 
 /// Counts one running restore ([`GroupStatus::restore_started`]).
 pub struct RestoreGuard<'a>(&'a GroupStatus);
@@ -324,7 +380,8 @@ impl ConsumerContext for GroupContext {
                 // Their outcomes so far and their offsets become visible together, now, and
                 // nothing more is added for them after.
                 let group = consumer.group_metadata();
-                let _ = transactions.commit(group.as_ref(), || self.status.revoke(&parts));
+                let _ = transactions
+                    .commit(group.as_ref(), &self.status, || self.status.revoke(&parts));
                 return;
             }
             // No changelog record of these partitions is queued after this (while_owned), and

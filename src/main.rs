@@ -197,18 +197,26 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-/// Starts the HTTP server in the background and prints where it is.
-async fn start_server(cfg: &Config, shared: Shared, shutdown: CancellationToken) -> Result<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let addr = cfg.server_addr;
-    tokio::spawn(async move {
-        if let Err(e) = server::serve(addr, shared, shutdown, tx).await {
-            tracing::error!(error = %e, %addr, "HTTP server failed");
-        }
-    });
-    let bound = rx.await.context("HTTP server did not start")?;
+/// Starts the HTTP server (on a runtime of its own) and prints where it is.
+async fn start_server(
+    cfg: &Config,
+    shared: Shared,
+    shutdown: CancellationToken,
+) -> Result<std::thread::JoinHandle<()>> {
+    let (bound, thread) = server::start(cfg.server_addr, shared, shutdown).await?;
     tracing::info!("open http://{bound}/ for the page, http://{bound}/docs for the API");
-    Ok(())
+    Ok(thread)
+}
+
+/// Gives the HTTP server up to 10 s to finish its open requests once the rest has stopped.
+async fn stop_server(http: std::thread::JoinHandle<()>, shutdown: &CancellationToken) {
+    shutdown.cancel();
+    let joined = tokio::task::spawn_blocking(move || http.join());
+    match tokio::time::timeout(Duration::from_secs(10), joined).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(_) => tracing::error!("the HTTP server's thread panicked"),
+        Err(_) => tracing::warn!("HTTP requests still open 10 s after the stop; leaving them"),
+    }
 }
 
 #[tokio::main]
@@ -237,8 +245,10 @@ async fn main() -> Result<()> {
             let shared = Shared::new(load_or_train(&cfg)?)?
                 .with_decisions(&cfg)
                 .with_access(cfg.auth.clone(), cfg.rate_limit);
-            start_server(&cfg, shared.clone(), shutdown.clone()).await?;
-            run_stream(&cfg, &brokers, shared, shutdown).await?;
+            let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
+            let result = run_stream(&cfg, &brokers, shared, shutdown.clone()).await;
+            stop_server(http, &shutdown).await;
+            result?;
         }
         Command::Demo {
             rate,
@@ -267,12 +277,14 @@ async fn main() -> Result<()> {
             let shared = Shared::new(models)?
                 .with_decisions(&cfg)
                 .with_access(cfg.auth.clone(), cfg.rate_limit);
-            start_server(&cfg, shared.clone(), shutdown.clone()).await?;
+            let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             let opts = DemoOptions {
                 rate,
                 duration: seconds.map(Duration::from_secs),
             };
-            run_demo(&cfg, &brokers, shared, sim, opts, shutdown).await?;
+            let result = run_demo(&cfg, &brokers, shared, sim, opts, shutdown.clone()).await;
+            stop_server(http, &shutdown).await;
+            result?;
         }
         Command::Train {
             input,

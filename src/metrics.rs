@@ -49,6 +49,7 @@ pub struct Metrics {
     pub events_already_processed: IntCounter,
     /// Events fetched before their partition was revoked, left to its new owner.
     pub revoked_events_dropped: IntCounter,
+    pub transaction_rewinds: IntCounter,
     /// Latest offset whose outcome is stored, per partition.
     pub stored_offset: IntGaugeVec,
     /// Refused deliveries of an outcome (each is sent again until the broker takes it).
@@ -179,6 +180,10 @@ impl Metrics {
             revoked_events_dropped: register!(IntCounter::new(
                 "revoked_events_dropped_total",
                 "Events fetched before their partition was revoked, left to its new owner"
+            )?),
+            transaction_rewinds: register!(IntCounter::new(
+                "transaction_rewinds_total",
+                "Exactly-once: transactions aborted and their partitions rewound to the last commit"
             )?),
             stored_offset: register!(IntGaugeVec::new(
                 Opts::new(

@@ -22,6 +22,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -239,6 +240,13 @@ fn restore(
                 ));
             }
             Ok(None) => {}
+            // The broker away: try the changelog again rather than replay the whole input.
+            Err(crate::changelog::ChangelogError::Kafka(e)) if broker_unavailable(&e) => {
+                return Err(e);
+            }
+            Err(crate::changelog::ChangelogError::Timeout(_)) => {
+                return Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut));
+            }
             Err(e) => tracing::warn!(partition, error = %e,
                 "changelog unreadable; rebuilding the state from the input topic"),
         }
@@ -246,6 +254,25 @@ fn restore(
     let mut state = PartitionState::default();
     let events = fold_input(kafka, brokers, engine, partition, None, offset, &mut state)?;
     Ok((state, Restore::Input { events }))
+}
+
+/// Whether `e` says no broker could be asked (one down, slow or moving leadership), rather
+/// than that the request itself is wrong.
+fn broker_unavailable(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::BrokerNotAvailable
+                | C::NetworkException
+        )
+    )
 }
 
 struct Worker {
@@ -265,6 +292,7 @@ struct Worker {
     snapshot_due: HashSet<i32>,
     /// Exactly-once mode: outcomes go into the open transaction instead of to the ackers.
     transactions: Option<Arc<Transactions>>,
+    shutdown: CancellationToken,
 }
 
 /// Where a partition's state came from when it was not current.
@@ -283,12 +311,15 @@ enum Restore {
 enum Ready {
     Process,
     AlreadyDone,
+    /// Its partition was revoked, or the instance is stopping, while the state could not be
+    /// restored: the event is left to whoever processes the partition next.
+    Dropped,
 }
 
 impl Worker {
     /// Makes sure the partition's state is the state just before `offset`: from the changelog
     /// (and the input events after what it covers), else by replaying the input topic.
-    async fn ensure_state(&mut self, partition: i32, offset: i64) -> Ready {
+    async fn ensure_state(&mut self, partition: i32, offset: i64, assignment: u64) -> Ready {
         if let Some(&below) = self.done_below.get(&partition) {
             if offset < below {
                 return Ready::AlreadyDone;
@@ -303,41 +334,30 @@ impl Worker {
         if current || !self.kafka.restore_state {
             return Ready::Process;
         }
-        let (kafka, brokers, engine, changelog) = (
-            self.kafka.clone(),
-            self.brokers.clone(),
-            self.engine.clone(),
-            self.changelog.clone(),
-        );
         let status = self.shared.status.clone();
         let metrics = self.shared.metrics.clone();
         let started = Instant::now();
-        let restored = tokio::task::spawn_blocking(move || {
+        let restored = {
             let _restoring = status.restore_started();
             metrics.state_restoring.set(status.restoring());
-            let result = restore(
-                &kafka,
-                &brokers,
-                &engine,
-                changelog.as_deref(),
-                partition,
-                offset,
-            );
+            let restored = self.restore_until_done(partition, offset, assignment).await;
             metrics.state_restoring.set(status.restoring() - 1);
-            result
-        })
-        .await;
+            restored
+        };
+        let Some(restored) = restored else {
+            return Ready::Dropped;
+        };
         let seconds = started.elapsed().as_secs_f64();
         let m = &self.shared.metrics;
         let (state, ready) = match restored {
-            Ok(Ok((
+            (
                 state,
                 Restore::Changelog {
                     records,
                     covered,
                     folded,
                 },
-            ))) => {
+            ) => {
                 m.state_restored_records.inc_by(records);
                 m.state_restored_events.inc_by(folded);
                 m.state_restore_seconds
@@ -367,7 +387,7 @@ impl Worker {
                 };
                 (state, ready)
             }
-            Ok(Ok((state, Restore::Input { events }))) => {
+            (state, Restore::Input { events }) => {
                 m.state_restored_events.inc_by(events);
                 m.state_restore_seconds
                     .with_label_values(&["input"])
@@ -385,18 +405,63 @@ impl Worker {
                 }
                 (state, Ready::Process)
             }
-            Ok(Err(e)) => {
-                tracing::warn!(partition, error = %e,
-                    "could not rebuild account state; continuing with empty state for this partition");
-                (Default::default(), Ready::Process)
-            }
-            Err(e) => {
-                tracing::warn!(partition, error = %e, "state restore task failed; continuing with empty state");
-                (Default::default(), Ready::Process)
-            }
         };
         self.shared.store.insert(partition, state);
         ready
+    }
+
+    /// [`restore`], tried again (1 s, doubling to 30 s) while it fails — the broker away — and
+    /// never replaced by an empty state: events scored against part of their account's history
+    /// get other scores. `None` once the partition is no longer this instance's under
+    /// `assignment` or the instance is stopping.
+    async fn restore_until_done(
+        &self,
+        partition: i32,
+        offset: i64,
+        assignment: u64,
+    ) -> Option<(PartitionState, Restore)> {
+        let mut pause = Duration::from_secs(1);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return None;
+            }
+            let (kafka, brokers, engine, changelog) = (
+                self.kafka.clone(),
+                self.brokers.clone(),
+                self.engine.clone(),
+                self.changelog.clone(),
+            );
+            let attempt = tokio::task::spawn_blocking(move || {
+                restore(
+                    &kafka,
+                    &brokers,
+                    &engine,
+                    changelog.as_deref(),
+                    partition,
+                    offset,
+                )
+            })
+            .await;
+            let error = match attempt {
+                Ok(Ok(restored)) => return Some(restored),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if self.shared.status.assignment_of(partition) != Some(assignment) {
+                return None;
+            }
+            tracing::warn!(
+                partition,
+                error,
+                retry_in_s = pause.as_secs(),
+                "cannot restore the partition's state yet; its events wait"
+            );
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
     }
 
     fn record(&self, scored: &Scored) {
@@ -456,9 +521,16 @@ impl Worker {
             span: tracing::Span::none(),
             alert: None,
         };
-        if let Ready::AlreadyDone = self.ensure_state(partition, offset).await {
-            self.shared.metrics.events_already_processed.inc();
-            return Ok(Some(pending));
+        match self.ensure_state(partition, offset, assignment).await {
+            Ready::Process => {}
+            Ready::AlreadyDone => {
+                self.shared.metrics.events_already_processed.inc();
+                return Ok(Some(pending));
+            }
+            Ready::Dropped => {
+                self.shared.metrics.revoked_events_dropped.inc();
+                return Ok(None);
+            }
         }
         let source = SourceCoordinates {
             topic: msg.topic().to_string(),
@@ -738,8 +810,54 @@ async fn acknowledge(
     Ok(())
 }
 
+/// Exactly-once mode, after an aborted transaction: seeks the suspended partitions back to their
+/// committed offsets and takes their events again (their states are restored from the
+/// changelog, as of that commit, with their next event). Tried again in a second if the group's
+/// offsets cannot be read or the seek fails.
+async fn rewind(consumer: &Arc<StreamConsumer<GroupContext>>, topic: &str, status: &GroupStatus) {
+    let parts = status.suspended();
+    if parts.is_empty() {
+        return;
+    }
+    let (c, topic) = (consumer.clone(), topic.to_string());
+    let sought = tokio::task::spawn_blocking(move || -> Result<Vec<i32>, KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in &parts {
+            tpl.add_partition(&topic, p);
+        }
+        let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
+        let mut to = TopicPartitionList::new();
+        for e in committed.elements() {
+            // No commit yet: where the group starts (`auto.offset.reset: earliest`).
+            let offset = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            to.add_partition_offset(&topic, e.partition(), offset)?;
+        }
+        let sought = c.seek_partitions(to, Duration::from_secs(10))?;
+        if let Some(e) = sought.elements().iter().find_map(|e| e.error().err()) {
+            return Err(e);
+        }
+        Ok(parts)
+    })
+    .await;
+    let error = match sought {
+        Ok(Ok(parts)) => {
+            status.resume(&parts);
+            tracing::info!(partitions = ?parts, "rewound to the last commit");
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(error, "cannot rewind yet; trying again in a second");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    status.request_rewind();
+}
+
 /// Exactly-once mode: commits the open transaction every `interval` until shutdown (or a
-/// failed commit, which asks for shutdown).
+/// commit that stops the instance).
 async fn commit_every_interval(
     transactions: Arc<Transactions>,
     consumer: Arc<StreamConsumer<GroupContext>>,
@@ -753,8 +871,10 @@ async fn commit_every_interval(
             _ = tick.tick() => {}
         }
         let (t, c) = (transactions.clone(), consumer.clone());
-        let committed =
-            tokio::task::spawn_blocking(move || t.commit(c.group_metadata().as_ref(), || {})).await;
+        let committed = tokio::task::spawn_blocking(move || {
+            t.commit(c.group_metadata().as_ref(), &c.context().status, || {})
+        })
+        .await;
         if !matches!(committed, Ok(Ok(()))) {
             return;
         }
@@ -777,6 +897,37 @@ async fn report_state(shared: Shared, shutdown: CancellationToken) {
                 shared.metrics.state_bytes.set(bytes as i64);
             }
         }
+    }
+}
+
+/// The changelog topic once it is there (created if missing), waiting for a broker that is away
+/// (1 s, doubling to 30 s) rather than running the instance's whole life without it; `None`
+/// when it cannot be used (the log says why) or the instance is stopping.
+async fn changelog_topic(
+    cfg: &Config,
+    brokers: &str,
+    topic: &str,
+    shutdown: &CancellationToken,
+) -> Option<String> {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match crate::changelog::ensure_topic(&cfg.kafka, brokers, topic).await {
+            Ok(()) => return Some(topic.to_string()),
+            Err(crate::changelog::ChangelogError::Kafka(e)) if broker_unavailable(&e) => {
+                tracing::warn!(topic, error = %e, retry_in_s = pause.as_secs(),
+                    "cannot reach the broker to check the state changelog yet");
+            }
+            Err(e) => {
+                tracing::error!(topic, error = %e,
+                    "state changelog unusable; restoring state from the input topic instead");
+                return None;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
     }
 }
 
@@ -804,14 +955,7 @@ pub async fn run_stream(
     shared.status.set_broker_timeout(cfg.kafka.broker_timeout);
     let logs = Arc::new(LogThrottle::default());
     let changelog = match &cfg.kafka.changelog_topic {
-        Some(topic) => match crate::changelog::ensure_topic(&cfg.kafka, brokers, topic).await {
-            Ok(()) => Some(topic.clone()),
-            Err(e) => {
-                tracing::error!(topic, error = %e,
-                    "state changelog unusable; restoring state from the input topic instead");
-                None
-            }
-        },
+        Some(topic) => changelog_topic(cfg, brokers, topic, &shutdown).await,
         None => None,
     };
     let (producer, transactions) = match cfg.kafka.guarantee {
@@ -879,6 +1023,7 @@ pub async fn run_stream(
             done_below: HashMap::new(),
             snapshot_due: HashSet::new(),
             transactions: transactions.clone(),
+            shutdown: shutdown.clone(),
         };
         tasks.spawn(worker.run(events_rx, acks_tx, shutdown.clone()));
         ackers.spawn(send_changes(
@@ -909,6 +1054,12 @@ pub async fn run_stream(
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = shared.status.rewind_requested() => {
+                let delay = transactions.as_ref().map_or(Duration::ZERO, |t| t.rewind_delay());
+                tokio::time::sleep(delay).await;
+                rewind(&consumer, &cfg.kafka.transactions_topic, &shared.status).await;
+                continue;
+            }
             msg = consumer.recv() => msg,
         };
         match msg {
@@ -955,10 +1106,11 @@ pub async fn run_stream(
     }
     if let Some(t) = transactions {
         let c = consumer.clone();
-        let last =
-            tokio::task::spawn_blocking(move || t.commit(c.group_metadata().as_ref(), || {}))
-                .await
-                .map_err(|e| RunError::Task(e.to_string()));
+        let last = tokio::task::spawn_blocking(move || {
+            t.commit(c.group_metadata().as_ref(), &c.context().status, || {})
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()));
         match last {
             Ok(Ok(())) => tracing::info!("last transaction committed"),
             Ok(Err(e)) if result.is_ok() => result = Err(e.into()),
@@ -981,4 +1133,32 @@ pub async fn run_stream(
     drop(consumer);
     tracing::info!("stream processor stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_away_is_told_from_a_request_that_is_wrong() {
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::OperationTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+        ] {
+            assert!(
+                broker_unavailable(&KafkaError::MetadataFetch(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert!(
+                !broker_unavailable(&KafkaError::MetadataFetch(code)),
+                "{code:?}"
+            );
+        }
+    }
 }

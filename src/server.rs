@@ -822,6 +822,38 @@ async fn not_found() -> Response {
 }
 
 /// Serves until `shutdown` is cancelled. Returns the bound address through `bound`.
+/// Starts [`serve`] on a runtime of its own (thread `vigil-http`), so health, readiness and
+/// metrics answer even while every thread of the stream's runtime is blocked (a commit or a
+/// rebalance waiting out a broker that is away); returns where it listens once it does, and
+/// the thread, which ends when `shutdown` is cancelled and open connections are done.
+pub async fn start(
+    addr: SocketAddr,
+    shared: Shared,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("vigil-http")
+        .enable_all()
+        .build()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("vigil-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                if let Err(e) = serve(addr, shared, shutdown, tx).await {
+                    tracing::error!(error = %e, %addr, "HTTP server failed");
+                }
+            })
+        })?;
+    match rx.await {
+        Ok(bound) => Ok((bound, thread)),
+        Err(_) => Err(std::io::Error::other(format!(
+            "the HTTP server did not start on {addr} (see the log)"
+        ))),
+    }
+}
+
 pub async fn serve(
     addr: SocketAddr,
     shared: Shared,

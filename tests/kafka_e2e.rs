@@ -536,6 +536,84 @@ async fn exactly_once_sigkill_of_one_of_two_instances_shows_each_alert_once_to_r
     );
 }
 
+/// Exactly-once while members come and go mid-stream, with a commit every 10 ms so that commits
+/// race the rebalances: a commit whose group generation moved on meanwhile is aborted and the
+/// instance rewinds to its last commit instead of stopping. Nobody stops; a `read_committed`
+/// reader sees each alert once, equal to offline scoring.
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_once_members_joining_and_leaving_mid_stream_rewind_aborted_commits_and_nobody_stops()
+ {
+    let Some((brokers, t, work, models)) = setup("eos-rebalance").await else {
+        return;
+    };
+    let events = dataset_events();
+    let expected = offline_alerts(models, &events);
+    let env = [
+        ("VIGIL_KAFKA__CLIENT__SESSION_TIMEOUT_MS", "6000"),
+        ("VIGIL_KAFKA__CLIENT__HEARTBEAT_INTERVAL_MS", "500"),
+        ("VIGIL_KAFKA__GUARANTEE", "exactly_once"),
+        ("VIGIL_KAFKA__TRANSACTION_INTERVAL_MS", "10"),
+    ];
+    let model = work.path().join("model");
+    let dirs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|d| work.path().join(d))
+        .collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let third = events.len() / 3;
+    produce_events(&brokers, &t.transactions, &events[..third]);
+    let mut first = spawn_vigil(&brokers, &t, &model, &dirs[0], &env);
+    let _reader = after_first_commit(&brokers, &t);
+    // The rest arrives over the membership changes: 10 events every 100 ms.
+    let feeder = feed_in_chunks(
+        &brokers,
+        &t.transactions,
+        events[third..].to_vec(),
+        10,
+        Duration::from_millis(100),
+    );
+    // Two more members join and leave one after the other while events arrive.
+    for dir in &dirs[1..] {
+        let mut other = spawn_vigil(&brokers, &t, &model, dir, &env);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !log_lines(dir, &t)
+            .iter()
+            .any(|l| l["message"] == "partitions assigned" && l["partitions"] != "[]")
+        {
+            assert!(Instant::now() < deadline, "a member got no partition");
+            assert!(
+                first.0.try_wait().unwrap().is_none(),
+                "the first instance stopped"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(other.0.try_wait().unwrap().is_none(), "a member stopped");
+        assert!(sigterm(&mut other).success());
+    }
+    feeder.join().unwrap();
+    let committed = wait_all_committed(&brokers, &t, &mut first, Duration::from_secs(120));
+    assert_eq!(committed as usize, events.len());
+
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    let live = alerts_by_transaction(&alerts);
+    assert_alerts_match_offline(&live, &expected);
+    assert_eq!(alerts.len(), live.len(), "duplicates under exactly_once");
+    let rewinds = dirs
+        .iter()
+        .map(|d| {
+            log_lines(d, &t)
+                .iter()
+                .filter(|l| l["message"] == "rewound to the last commit")
+                .count()
+        })
+        .sum::<usize>();
+    eprintln!("{} alerts, each once; {rewinds} rewinds", alerts.len());
+    assert!(sigterm(&mut first).success());
+}
+
 /// A second instance joining moves only the partitions it takes (cooperative-sticky): the first
 /// keeps the rest with their state — it rebuilds none of them — and reports the right count;
 /// the alerts still equal offline scoring.

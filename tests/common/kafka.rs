@@ -96,7 +96,12 @@ pub fn spawn_vigil(
     workdir: &Path,
     extra: &[(&str, &str)],
 ) -> Vigil {
-    let log = std::fs::File::create(workdir.join(format!("vigil-{}.log", t.group))).unwrap();
+    // Appended to: an instance started again in the same directory keeps its predecessor's lines.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(workdir.join(format!("vigil-{}.log", t.group)))
+        .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
         .arg("run")
         .current_dir(workdir)
@@ -422,6 +427,28 @@ pub fn feed_while_running(
     })
 }
 
+/// Produces `events` from another thread, `chunk` of them every `every`: traffic that keeps
+/// arriving over a fault. The thread ends once the broker has them all.
+pub fn feed_in_chunks(
+    brokers: &str,
+    topic: &str,
+    events: Vec<Transaction>,
+    chunk: usize,
+    every: Duration,
+) -> std::thread::JoinHandle<()> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    std::thread::spawn(move || {
+        let p = producer(&brokers);
+        for part in events.chunks(chunk) {
+            for tx in part {
+                produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
+            }
+            std::thread::sleep(every);
+        }
+        p.flush(Duration::from_secs(300)).unwrap();
+    })
+}
+
 /// A reader of the group's committed offsets, once the group has committed something.
 pub fn after_first_commit(brokers: &str, t: &Topics) -> BaseConsumer {
     let reader: BaseConsumer = ClientConfig::new()
@@ -474,7 +501,7 @@ pub async fn setup_with(
 pub fn http_addr(dir: &Path, t: &Topics) -> Option<String> {
     log_lines(dir, t)
         .iter()
-        .find(|l| l["message"] == "HTTP server listening")
+        .rfind(|l| l["message"] == "HTTP server listening")
         .and_then(|l| l["addr"].as_str().map(String::from))
 }
 
