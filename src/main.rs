@@ -193,9 +193,24 @@ fn shutdown_on_signal() -> CancellationToken {
         }
         tracing::info!("shutdown requested");
         t.cancel();
+        // A stop drains, flushes and commits in about a second; one that waits on a broker
+        // call that never returns must not keep the process (and its partitions) forever.
+        // Whatever was not committed is done again by the next owner.
+        std::thread::spawn(|| {
+            std::thread::sleep(STOP_GRACE);
+            tracing::error!(
+                seconds = STOP_GRACE.as_secs(),
+                "the stop did not finish in time (the log's previous lines say at which step); exiting"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            std::process::exit(1);
+        });
     });
     token
 }
+
+/// How long a stop may take after SIGTERM before the process exits regardless.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
 /// Starts the HTTP server (on a runtime of its own) and prints where it is.
 async fn start_server(

@@ -355,13 +355,39 @@ pub fn csv_row_to_json(headers: &csv::StringRecord, row: &csv::StringRecord) -> 
     serde_json::to_vec(&m).unwrap_or_default()
 }
 
-/// Reads a file into recorded events (partition 0, offset = record number from 0).
+/// Reads a file into recorded events (partition 0, offset = record number from 0): for training
+/// and time splits, which need every event; replay streams ([`each_in_file`]).
 pub fn read_file(path: &Path) -> Result<(Vec<Recorded>, Encoding), ReplayError> {
-    let ext = path
-        .extension()
+    let mut events = Vec::new();
+    let encoding = each_in_file(path, |e| {
+        events.push(e);
+        Ok(())
+    })?;
+    Ok((events, encoding))
+}
+
+/// How the events of a file of this name are encoded.
+pub fn file_encoding(path: &Path) -> Encoding {
+    match extension(path).as_str() {
+        "avro" => Encoding::Avro,
+        _ => Encoding::Json,
+    }
+}
+
+fn extension(path: &Path) -> String {
+    path.extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+/// Calls `f` with each event of a file (partition 0, offset = record number from 0), one at a
+/// time: `.csv` with the dataset's header, `.avro` (an object container file), else JSON lines.
+/// Memory holds the event in hand, never the file. Returns the events' encoding.
+pub fn each_in_file(
+    path: &Path,
+    mut f: impl FnMut(Recorded) -> Result<(), ReplayError>,
+) -> Result<Encoding, ReplayError> {
     let rec = |i: usize, payload: Vec<u8>, label: Option<String>| Recorded {
         partition: 0,
         offset: i as i64,
@@ -370,60 +396,42 @@ pub fn read_file(path: &Path) -> Result<(Vec<Recorded>, Encoding), ReplayError> 
         published_at: None,
         warm_only: false,
     };
-    match ext.as_str() {
+    let bad = |line: usize, reason: String| ReplayError::Input {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    match extension(path).as_str() {
         "csv" => {
-            let mut reader = csv::Reader::from_path(path).map_err(|e| ReplayError::Input {
-                path: path.to_path_buf(),
-                line: 0,
-                reason: e.to_string(),
-            })?;
-            let headers = reader.headers().cloned().map_err(|e| ReplayError::Input {
-                path: path.to_path_buf(),
-                line: 1,
-                reason: e.to_string(),
-            })?;
+            let mut reader = csv::Reader::from_path(path).map_err(|e| bad(0, e.to_string()))?;
+            let headers = reader
+                .headers()
+                .cloned()
+                .map_err(|e| bad(1, e.to_string()))?;
             let col = |name: &str| headers.iter().position(|h| h == name);
             let (label_col, fraud_col, scenario_col) =
                 (col(LABEL_FIELD), col("is_fraud"), col("scenario"));
-            let mut out = Vec::new();
             for (i, row) in reader.records().enumerate() {
-                let row = row.map_err(|e| ReplayError::Input {
-                    path: path.to_path_buf(),
-                    line: i + 2,
-                    reason: e.to_string(),
-                })?;
+                let row = row.map_err(|e| bad(i + 2, e.to_string()))?;
                 let get = |c: Option<usize>| c.and_then(|c| row.get(c));
                 let label = label_of(get(label_col), get(fraud_col), get(scenario_col));
-                out.push(rec(i, csv_row_to_json(&headers, &row), label));
+                f(rec(i, csv_row_to_json(&headers, &row), label))?;
             }
-            Ok((out, Encoding::Json))
         }
         "avro" => {
             let file = std::fs::File::open(path).map_err(io_err(path))?;
             let schema = crate::decode::transaction_schema();
-            let reader = apache_avro::Reader::with_schema(&schema, file).map_err(|e| {
-                ReplayError::Input {
-                    path: path.to_path_buf(),
-                    line: 0,
-                    reason: e.to_string(),
-                }
-            })?;
-            let mut out = Vec::new();
+            let reader = apache_avro::Reader::with_schema(&schema, std::io::BufReader::new(file))
+                .map_err(|e| bad(0, e.to_string()))?;
             for (i, value) in reader.enumerate() {
                 let bytes = value
                     .and_then(|v| apache_avro::to_avro_datum(&schema, v))
-                    .map_err(|e| ReplayError::Input {
-                        path: path.to_path_buf(),
-                        line: i + 1,
-                        reason: e.to_string(),
-                    })?;
-                out.push(rec(i, bytes, None));
+                    .map_err(|e| bad(i + 1, e.to_string()))?;
+                f(rec(i, bytes, None))?;
             }
-            Ok((out, Encoding::Avro))
         }
         _ => {
             let file = std::fs::File::open(path).map_err(io_err(path))?;
-            let mut out = Vec::new();
             for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
                 let mut line = line.map_err(io_err(path))?;
                 if line.last() == Some(&b'\r') {
@@ -433,11 +441,11 @@ pub fn read_file(path: &Path) -> Result<(Vec<Recorded>, Encoding), ReplayError> 
                     continue;
                 }
                 let label = json_label(&line);
-                out.push(rec(i, line, label));
+                f(rec(i, line, label))?;
             }
-            Ok((out, Encoding::Json))
         }
     }
+    Ok(file_encoding(path))
 }
 
 /// The offsets `[start, end)` of a partition that `from`/`to` select.
@@ -668,14 +676,11 @@ pub fn replay(
     };
     match input {
         Input::File(path) => {
-            let (events, encoding) = read_file(path)?;
+            // Streamed: memory holds the state and the report, never the file.
             for c in candidates.iter_mut() {
-                c.engine.decoder = Decoder::new(encoding);
+                c.engine.decoder = Decoder::new(file_encoding(path));
             }
-            let total = Some(events.len() as u64);
-            for e in &events {
-                handle(e, total, candidates, &mut report)?;
-            }
+            each_in_file(path, |e| handle(&e, None, candidates, &mut report))?;
         }
         Input::Recorded {
             events, encoding, ..

@@ -821,7 +821,6 @@ async fn not_found() -> Response {
         .into_response()
 }
 
-/// Serves until `shutdown` is cancelled. Returns the bound address through `bound`.
 /// Starts [`serve`] on a runtime of its own (thread `vigil-http`), so health, readiness and
 /// metrics answer even while every thread of the stream's runtime is blocked (a commit or a
 /// rebalance waiting out a broker that is away); returns where it listens once it does, and
@@ -854,6 +853,7 @@ pub async fn start(
     }
 }
 
+/// Serves until `shutdown` is cancelled. Returns the bound address through `bound`.
 pub async fn serve(
     addr: SocketAddr,
     shared: Shared,

@@ -129,8 +129,9 @@ async fn frozen_then_crashed(name: &str, guarantee: &str) -> Option<(usize, usiz
             .status()
             .unwrap();
         assert!(stop.success());
-        // A stop takes under a second here; once in five runs one took over 60 s after the
-        // broker's restart, cause not found yet: the log's last lines say which step hung.
+        // A stop takes under a second here; one still waiting on the broker after 60 s ends
+        // itself (exit 1). Once in five runs, before that limit, one took over 60 s after the
+        // broker's restart: the log's last lines say which step waited.
         let deadline = Instant::now() + Duration::from_secs(120);
         let asked = Instant::now();
         while v.0.try_wait().unwrap().is_none() {
