@@ -170,13 +170,7 @@ async fn sigterm_mid_stream_then_restart_loses_no_outcome() {
     produce_events(&brokers, &t.transactions, &events[..half]);
     let mut vigil = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &[]);
     let reader = after_first_commit(&brokers, &t);
-    let feeder = feed_in_chunks(
-        &brokers,
-        &t.transactions,
-        events[half..].to_vec(),
-        50,
-        Duration::from_millis(20),
-    );
+    let feeder = feed_while_running(&brokers, &t.transactions, events[half..].to_vec());
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         sigterm(&mut vigil).success(),
@@ -469,13 +463,7 @@ async fn kill_one_of_two_mid_stream(name: &str, guarantee: &str) -> Option<(usiz
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let feeder = feed_in_chunks(
-        &brokers,
-        &t.transactions,
-        events[half..].to_vec(),
-        50,
-        Duration::from_millis(20),
-    );
+    let feeder = feed_while_running(&brokers, &t.transactions, events[half..].to_vec());
     // Killed while it is busy with the second half: it has work in flight.
     let addr = http_addr(&dir_a, &t).unwrap();
     let scored_at_start = scored(&addr).await;

@@ -407,6 +407,26 @@ pub fn produce_events(brokers: &str, topic: &str, events: &[Transaction]) {
     p.flush(Duration::from_secs(30)).unwrap();
 }
 
+/// Produces `events` in small batches from another thread, as traffic arriving mid-run.
+pub fn feed_while_running(
+    brokers: &str,
+    topic: &str,
+    events: Vec<Transaction>,
+) -> std::thread::JoinHandle<()> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    std::thread::spawn(move || {
+        let p = producer(&brokers);
+        for (i, tx) in events.iter().enumerate() {
+            produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
+            if i % 50 == 0 {
+                p.flush(Duration::from_secs(10)).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    })
+}
+
 /// Produces `events` from another thread, `chunk` of them every `every`: traffic that keeps
 /// arriving over a fault. The thread ends once the broker has them all.
 pub fn feed_in_chunks(
