@@ -50,7 +50,7 @@ pub fn run(name: &str, split: Split, cfg: &Config, out: &Path) -> Result<Backtes
         "backtest".into(),
         model_dir,
         models,
-        split.encoding,
+        Decoder::new(split.encoding),
         cfg.policy,
         cfg.top_features,
         cfg.event_time,

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::exactly_once::Guarantee;
 use crate::features::{CATEGORICAL_FEATURES, NUMERIC_FEATURES};
 pub use crate::pipeline::EventTimeLimits;
+pub use crate::registry::RegistryConfig;
 
 /// Errors found while loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,7 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 pub struct RawConfig {
     pub kafka: RawKafka,
     pub encoding: Encoding,
+    pub schema_registry: RawSchemaRegistry,
     pub pipeline: RawPipeline,
     pub features: RawFeatures,
     pub models: RawModels,
@@ -75,6 +77,57 @@ pub struct RawTopics {
     pub alerts: String,
     pub dead_letter: String,
     pub changelog: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSchemaRegistry {
+    pub url: String,
+    pub username: String,
+    pub password: String,
+    pub ca_location: String,
+    pub timeout_seconds: f64,
+}
+
+impl Default for RawSchemaRegistry {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            username: String::new(),
+            password: String::new(),
+            ca_location: String::new(),
+            timeout_seconds: 10.0,
+        }
+    }
+}
+
+impl RawSchemaRegistry {
+    fn validate(&self) -> Result<Option<RegistryConfig>, ConfigError> {
+        let url = self.url.trim();
+        if url.is_empty() {
+            return Ok(None);
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "schema_registry.url",
+                format!("`{url}` is not an http(s) URL (e.g. http://schema-registry:8081)"),
+            ));
+        }
+        if !(self.timeout_seconds > 0.0 && self.timeout_seconds <= 300.0) {
+            return Err(invalid(
+                "schema_registry.timeout_seconds",
+                format!("{} is outside (0, 300]", self.timeout_seconds),
+            ));
+        }
+        let given = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
+        Ok(Some(RegistryConfig {
+            url: url.to_string(),
+            username: given(&self.username),
+            password: given(&self.password),
+            ca_location: given(&self.ca_location).map(PathBuf::from),
+            timeout: std::time::Duration::from_secs_f64(self.timeout_seconds),
+        }))
+    }
 }
 
 /// Wire encoding of transaction events on the input topic.
@@ -297,6 +350,7 @@ impl Default for RawConfig {
         Self {
             kafka: RawKafka::default(),
             encoding: Encoding::Json,
+            schema_registry: RawSchemaRegistry::default(),
             pipeline: RawPipeline::default(),
             features: RawFeatures::default(),
             models: RawModels::default(),
@@ -484,6 +538,8 @@ impl Policy {
 pub struct Config {
     pub kafka: KafkaConfig,
     pub encoding: Encoding,
+    /// Where Avro writer schemas are looked up by id and the alert schema is registered.
+    pub schema_registry: Option<RegistryConfig>,
     pub workers: usize,
     pub queue_capacity: usize,
     pub event_time: EventTimeLimits,
@@ -637,9 +693,10 @@ impl Config {
 
 /// Top-level sections of the configuration, the only `VIGIL_*` variables read as keys (others,
 /// such as `VIGIL_CONFIG`, belong to the command line or to tools).
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "kafka",
     "encoding",
+    "schema_registry",
     "pipeline",
     "features",
     "models",
@@ -951,6 +1008,7 @@ impl RawConfig {
             )
         })?;
         let traces = self.traces.validate()?;
+        let schema_registry = self.schema_registry.validate()?;
         let rl = &self.server.rate_limit;
         if !(rl.per_second >= 0.0 && rl.per_second.is_finite()) {
             return Err(invalid(
@@ -1008,6 +1066,7 @@ impl RawConfig {
                 broker_timeout: std::time::Duration::from_secs_f64(k.broker_timeout_seconds),
             },
             encoding: self.encoding,
+            schema_registry,
             workers: self.pipeline.workers,
             queue_capacity: self.pipeline.queue_capacity,
             event_time: EventTimeLimits {

@@ -7,12 +7,14 @@
 
 use std::fmt;
 use std::io::Cursor;
+use std::sync::Arc;
 
 use apache_avro::Schema;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Encoding;
+use crate::registry::{Lookup, SchemaRegistry};
 
 /// The Avro schema of an input event, as shipped in `schemas/transaction.avsc`.
 pub const TRANSACTION_AVSC: &str = include_str!("../schemas/transaction.avsc");
@@ -181,11 +183,19 @@ pub enum DecodeError {
         value: String,
         why: String,
     },
+    /// The Confluent wire format named a schema id that cannot be used (not registered, not
+    /// Avro, or not readable as `dev.vigil.Transaction`).
+    #[error("written with Avro schema id {id}, which {why}")]
+    UnusableSchema { id: u32, why: String },
+    /// The registry did not answer for a schema id not seen before. The stream fetches each new
+    /// id before decoding and waits out an outage, so only the offline tools can see this.
+    #[error("written with Avro schema id {id}, and the registry did not answer: {detail}")]
+    RegistryUnavailable { id: u32, detail: String },
 }
 
 impl DecodeError {
     /// Every value `code()` returns.
-    pub const CODES: [&'static str; 7] = [
+    pub const CODES: [&'static str; 9] = [
         "malformed",
         "missing_field",
         "empty_field",
@@ -193,6 +203,8 @@ impl DecodeError {
         "not_allowed",
         "bad_timestamp",
         "implausible_time",
+        "unusable_schema",
+        "registry_unavailable",
     ];
 
     /// Short, stable label for metrics and the dead-letter `error.code` header.
@@ -205,13 +217,17 @@ impl DecodeError {
             Self::NotAllowed { .. } => "not_allowed",
             Self::BadTimestamp { .. } => "bad_timestamp",
             Self::ImplausibleTime { .. } => "implausible_time",
+            Self::UnusableSchema { .. } => "unusable_schema",
+            Self::RegistryUnavailable { .. } => "registry_unavailable",
         }
     }
 
     /// The field at fault, if the error is about one field.
     pub fn field(&self) -> Option<&'static str> {
         match self {
-            Self::Malformed { .. } => None,
+            Self::Malformed { .. }
+            | Self::UnusableSchema { .. }
+            | Self::RegistryUnavailable { .. } => None,
             Self::Missing { field }
             | Self::Empty { field }
             | Self::OutOfRange { field, .. }
@@ -224,7 +240,9 @@ impl DecodeError {
     /// Which stage rejected the event, for the dead-letter `error.stage` header.
     pub fn stage(&self) -> &'static str {
         match self {
-            Self::Malformed { .. } => "decode",
+            Self::Malformed { .. }
+            | Self::UnusableSchema { .. }
+            | Self::RegistryUnavailable { .. } => "decode",
             _ => "validate",
         }
     }
@@ -234,7 +252,15 @@ impl DecodeError {
 #[derive(Debug, Clone)]
 pub enum Decoder {
     Json,
+    /// Every datum read with `schemas/transaction.avsc`, Confluent framing skipped.
     Avro(Box<Schema>),
+    /// A datum in the Confluent wire format is read with the writer schema its id names in the
+    /// registry and resolved to `schemas/transaction.avsc`, so evolved schemas decode by field
+    /// name; a plain datum is read as [`Decoder::Avro`] does.
+    Registered {
+        reader: Box<Schema>,
+        registry: Arc<SchemaRegistry>,
+    },
 }
 
 impl Decoder {
@@ -243,6 +269,27 @@ impl Decoder {
             Encoding::Json => Self::Json,
             Encoding::Avro => Self::Avro(Box::new(transaction_schema())),
         }
+    }
+
+    /// As [`Decoder::new`], reading Avro through `registry` when there is one.
+    pub fn with_registry(encoding: Encoding, registry: Option<Arc<SchemaRegistry>>) -> Self {
+        match (encoding, registry) {
+            (Encoding::Avro, Some(registry)) => Self::Registered {
+                reader: Box::new(transaction_schema()),
+                registry,
+            },
+            (encoding, _) => Self::new(encoding),
+        }
+    }
+
+    /// The registry and schema id of a Confluent-framed datum whose writer schema has not been
+    /// fetched yet: the stream fetches it off the runtime's threads before decoding.
+    pub fn schema_to_fetch(&self, bytes: &[u8]) -> Option<(&Arc<SchemaRegistry>, u32)> {
+        let Self::Registered { registry, .. } = self else {
+            return None;
+        };
+        let (id, _) = confluent_frame(bytes)?;
+        registry.cached(id).is_none().then_some((registry, id))
     }
 
     /// Bytes to a checked transaction.
@@ -255,6 +302,7 @@ impl Decoder {
                 }
             })?,
             Self::Avro(schema) => decode_avro(schema, bytes)?,
+            Self::Registered { reader, registry } => decode_registered(reader, registry, bytes)?,
         };
         validate(raw)
     }
@@ -276,6 +324,9 @@ impl Decoder {
             Self::Avro(schema) => decode_avro(schema, bytes)
                 .map(|r| (r.transaction_id, r.account_id))
                 .unwrap_or_default(),
+            Self::Registered { reader, registry } => decode_registered(reader, registry, bytes)
+                .map(|r| (r.transaction_id, r.account_id))
+                .unwrap_or_default(),
         }
     }
 }
@@ -291,15 +342,67 @@ pub fn transaction_schema() -> Schema {
 const CONFLUENT_MAGIC: u8 = 0;
 const CONFLUENT_HEADER: usize = 5;
 
-fn decode_avro(schema: &Schema, bytes: &[u8]) -> Result<RawTransaction, DecodeError> {
-    let datum = match bytes.first() {
-        Some(&CONFLUENT_MAGIC) if bytes.len() > CONFLUENT_HEADER => &bytes[CONFLUENT_HEADER..],
-        _ => bytes,
-    };
-    let malformed = |detail: String| DecodeError::Malformed {
+/// The schema id and datum of a Confluent-framed record.
+pub fn confluent_frame(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    match bytes {
+        [CONFLUENT_MAGIC, a, b, c, d, datum @ ..] if !datum.is_empty() => {
+            Some((u32::from_be_bytes([*a, *b, *c, *d]), datum))
+        }
+        _ => None,
+    }
+}
+
+/// Prefixes an Avro datum with the Confluent framing for schema `id`.
+pub fn confluent_framed(id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(CONFLUENT_HEADER + datum.len());
+    framed.push(CONFLUENT_MAGIC);
+    framed.extend_from_slice(&id.to_be_bytes());
+    framed.extend_from_slice(datum);
+    framed
+}
+
+fn malformed(detail: String) -> DecodeError {
+    DecodeError::Malformed {
         format: "Avro",
         detail,
+    }
+}
+
+fn decode_avro(schema: &Schema, bytes: &[u8]) -> Result<RawTransaction, DecodeError> {
+    let datum = confluent_frame(bytes).map_or(bytes, |(_, datum)| datum);
+    raw_from_avro(read_exact(schema, datum)?).map_err(malformed)
+}
+
+fn decode_registered(
+    reader: &Schema,
+    registry: &SchemaRegistry,
+    bytes: &[u8],
+) -> Result<RawTransaction, DecodeError> {
+    let Some((id, datum)) = confluent_frame(bytes) else {
+        return decode_avro(reader, bytes);
     };
+    let writer = match registry.writer_schema(id) {
+        Ok(Lookup::Found(writer)) => writer,
+        Ok(Lookup::Unusable(why)) => return Err(DecodeError::UnusableSchema { id, why }),
+        Err(e) => {
+            return Err(DecodeError::RegistryUnavailable {
+                id,
+                detail: e.to_string(),
+            });
+        }
+    };
+    let value = read_exact(&writer, datum)?;
+    let value = value
+        .resolve(reader)
+        .map_err(|e| DecodeError::UnusableSchema {
+            id,
+            why: format!("cannot be read as dev.vigil.Transaction: {e}"),
+        })?;
+    raw_from_avro(value).map_err(malformed)
+}
+
+/// Reads one datum of `schema` that must take exactly these bytes.
+fn read_exact(schema: &Schema, datum: &[u8]) -> Result<apache_avro::types::Value, DecodeError> {
     let mut reader = Cursor::new(datum);
     let value = apache_avro::from_avro_datum(schema, &mut reader, None)
         .map_err(|e| malformed(e.to_string()))?;
@@ -311,18 +414,19 @@ fn decode_avro(schema: &Schema, bytes: &[u8]) -> Result<RawTransaction, DecodeEr
     }
     // apache-avro reads a string whose bytes run out as null, so a cut datum can decode to a
     // record with a field silently lost. The record must encode back to exactly these bytes
-    // (Avro's binary encoding of a value is unique for this schema: no arrays or maps).
+    // (a value's binary encoding is unique for a schema without arrays or maps, and for those
+    // written in one block, as every common writer does).
     let again =
         apache_avro::to_avro_datum(schema, value.clone()).map_err(|e| malformed(e.to_string()))?;
     if again != datum {
         return Err(malformed(format!(
-            "the datum does not match the schema (cut short or written with another schema: \
+            "the datum does not match its schema (cut short or written with another schema: \
              {} bytes, a record of this schema with these values takes {})",
             datum.len(),
             again.len()
         )));
     }
-    raw_from_avro(value).map_err(malformed)
+    Ok(value)
 }
 
 /// Maps a decoded record onto the raw event (the schema guarantees the field types).
@@ -641,6 +745,14 @@ mod tests {
                 value: String::new(),
                 why: String::new(),
             },
+            DecodeError::UnusableSchema {
+                id: 1,
+                why: String::new(),
+            },
+            DecodeError::RegistryUnavailable {
+                id: 1,
+                detail: String::new(),
+            },
         ];
         let codes: Vec<_> = errors.iter().map(DecodeError::code).collect();
         assert_eq!(codes, DecodeError::CODES);
@@ -837,16 +949,14 @@ mod tests {
         );
     }
 
-    /// Without a schema registry vigil reads every datum with its own schema; a datum written
-    /// with a schema that has one more field (first, in the middle, last) must be refused, not
-    /// read with its bytes shifted into the wrong fields.
-    #[test]
-    fn a_datum_of_an_evolved_schema_is_malformed_never_misread() {
+    /// The shipped transaction schema with one more field (first, in the middle — a double
+    /// right before `TransactionDuration`, whose bytes would pass for it — or last), and the
+    /// event of `GOOD` written with each.
+    fn evolved_datums() -> Vec<(String, Schema, Vec<u8>)> {
         use apache_avro::types::Value;
         let tx = Decoder::Json
             .decode(GOOD.as_bytes())
             .unwrap_or_else(|e| panic!("{e}"));
-        let decoder = Decoder::new(Encoding::Avro);
         let base: serde_json::Value =
             serde_json::from_str(TRANSACTION_AVSC).unwrap_or_else(|e| panic!("{e}"));
         let Value::Record(values) = transaction_avro_value(&tx) else {
@@ -857,21 +967,21 @@ mod tests {
             .iter()
             .position(|(k, _)| k == "TransactionDuration")
             .unwrap_or_else(|| unreachable!());
-        for (at, extra) in [
+        let double = serde_json::json!({"name": "Extra", "type": "double", "default": 0.0});
+        let string = serde_json::json!({"name": "Extra", "type": "string", "default": ""});
+        let long = serde_json::json!({"name": "Extra", "type": "long", "default": 0});
+        let tags = serde_json::json!({"name": "Extra", "type": {"type": "array", "items": "string"}, "default": []});
+        let mut out = Vec::new();
+        for (at, extra, value) in [
+            (duration, double.clone(), Value::Double(0.0)),
+            (0, double, Value::Double(1234.5)),
+            (n / 2, string, Value::String("added later".into())),
+            (n, long, Value::Long(77)),
             (
-                duration,
-                serde_json::json!({"name": "Extra", "type": "double"}),
+                n,
+                tags,
+                Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
             ),
-            (0, serde_json::json!({"name": "Extra", "type": "double"})),
-            (
-                n / 2,
-                serde_json::json!({"name": "Extra", "type": "double"}),
-            ),
-            (
-                n / 2,
-                serde_json::json!({"name": "Extra", "type": "string"}),
-            ),
-            (n, serde_json::json!({"name": "Extra", "type": "long"})),
         ] {
             let mut evolved = base.clone();
             let fields = evolved["fields"]
@@ -879,23 +989,136 @@ mod tests {
                 .unwrap_or_else(|| unreachable!());
             fields.insert(at, extra.clone());
             let schema = Schema::parse_str(&evolved.to_string()).unwrap_or_else(|e| panic!("{e}"));
-            let value = match extra["type"].as_str() {
-                Some("double") if at == duration => Value::Double(0.0),
-                Some("double") => Value::Double(1234.5),
-                Some("string") => Value::String("added later".into()),
-                _ => Value::Long(77),
-            };
             let mut record = values.clone();
             record.insert(at, ("Extra".into(), value));
             let bytes = apache_avro::to_avro_datum(&schema, Value::Record(record))
                 .unwrap_or_else(|e| panic!("{e}"));
-            let got = decoder.decode(&bytes);
-            assert_eq!(
-                got.as_ref().err().map(DecodeError::code),
-                Some("malformed"),
-                "a {extra} field at {at} was read as {got:?}"
-            );
+            out.push((format!("a {extra} field at {at}"), schema, bytes));
         }
+        out
+    }
+
+    /// Without a schema registry vigil reads every datum with its own schema; a datum written
+    /// with a schema that has one more field must be refused, not read with its bytes shifted
+    /// into the wrong fields.
+    #[test]
+    fn without_a_registry_a_datum_of_an_evolved_schema_is_malformed_never_misread() {
+        let decoder = Decoder::new(Encoding::Avro);
+        for (what, _, datum) in evolved_datums() {
+            for bytes in [datum.clone(), confluent_framed(1, &datum)] {
+                let got = decoder.decode(&bytes);
+                assert_eq!(
+                    got.as_ref().err().map(DecodeError::code),
+                    Some("malformed"),
+                    "{what} was read as {got:?}"
+                );
+            }
+        }
+    }
+
+    fn registry_knowing(ids: Vec<(u32, Lookup)>) -> Arc<SchemaRegistry> {
+        let registry = SchemaRegistry::new(&crate::registry::RegistryConfig {
+            url: "http://127.0.0.1:9".into(),
+            username: None,
+            password: None,
+            ca_location: None,
+            timeout: std::time::Duration::from_secs(1),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        for (id, lookup) in ids {
+            registry.remember(id, lookup);
+        }
+        Arc::new(registry)
+    }
+
+    /// With a registry each framed datum is read with the schema its id names and resolved by
+    /// field name, so it becomes exactly the event the base schema gives.
+    #[test]
+    fn with_a_registry_a_datum_of_an_evolved_schema_decodes_to_the_same_event() {
+        let want = Decoder::Json
+            .decode(GOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let evolved = evolved_datums();
+        let known = evolved
+            .iter()
+            .enumerate()
+            .map(|(i, (_, schema, _))| (i as u32 + 10, Lookup::Found(Arc::new(schema.clone()))))
+            .collect();
+        let decoder = Decoder::with_registry(Encoding::Avro, Some(registry_knowing(known)));
+        for (i, (what, _, datum)) in evolved.iter().enumerate() {
+            let framed = confluent_framed(i as u32 + 10, datum);
+            assert!(decoder.schema_to_fetch(&framed).is_none(), "{what}: cached");
+            let got = decoder.decode(&framed);
+            assert_eq!(got.as_ref().ok(), Some(&want), "{what}: {got:?}");
+            for cut in 1..datum.len() {
+                let code = decoder.decode(&framed[..framed.len() - cut]).err();
+                assert_eq!(
+                    code.as_ref().map(DecodeError::code),
+                    Some("malformed"),
+                    "{what} cut by {cut} bytes: {code:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_or_unreadable_schema_id_is_a_dead_letter_that_names_it() {
+        let Decoder::Avro(base) = Decoder::new(Encoding::Avro) else {
+            unreachable!()
+        };
+        let tx = Decoder::Json
+            .decode(GOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let datum = encode_avro(&base, &tx).unwrap_or_else(|e| panic!("{e}"));
+        let without_amount = Schema::parse_str(
+            r#"{"type":"record","name":"Transaction","namespace":"dev.vigil","fields":[
+                {"name":"TransactionID","type":"string"}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let id_only = apache_avro::to_avro_datum(
+            &without_amount,
+            apache_avro::types::Value::Record(vec![(
+                "TransactionID".into(),
+                apache_avro::types::Value::String("TX1".into()),
+            )]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let registry = registry_knowing(vec![
+            (1, Lookup::Found(Arc::new(*base.clone()))),
+            (
+                2,
+                Lookup::Unusable("is not registered in the schema registry".into()),
+            ),
+            (3, Lookup::Found(Arc::new(without_amount))),
+        ]);
+        let decoder = Decoder::with_registry(Encoding::Avro, Some(registry));
+        assert_eq!(decoder.decode(&confluent_framed(1, &datum)).ok(), Some(tx));
+        let unknown = decoder.decode(&confluent_framed(2, &datum)).err();
+        assert_eq!(
+            unknown.as_ref().map(DecodeError::code),
+            Some("unusable_schema")
+        );
+        assert!(
+            unknown.as_ref().is_some_and(|e| e
+                .to_string()
+                .contains("schema id 2, which is not registered")),
+            "{unknown:?}"
+        );
+        let unreadable = decoder.decode(&confluent_framed(3, &id_only)).err();
+        assert_eq!(
+            unreadable.as_ref().map(DecodeError::code),
+            Some("unusable_schema")
+        );
+        assert!(
+            unreadable.as_ref().is_some_and(|e| e
+                .to_string()
+                .contains("cannot be read as dev.vigil.Transaction")),
+            "{unreadable:?}"
+        );
+        let (registry, id) = decoder
+            .schema_to_fetch(&confluent_framed(4, &datum))
+            .unwrap_or_else(|| panic!("id 4 is not cached"));
+        assert_eq!((registry.url(), id), ("http://127.0.0.1:9", 4));
     }
 
     #[test]

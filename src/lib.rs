@@ -9,7 +9,8 @@
 //!
 //! - [`ingest`]: Kafka client settings, the group consumer (cooperative-sticky), what readiness
 //!   needs (partitions owned, a broker answering), throttled librdkafka logs, state restore.
-//! - [`decode`]: JSON / Avro bytes to a validated [`decode::Transaction`], or a reason why not.
+//! - [`decode`]: JSON / Avro bytes to a validated [`decode::Transaction`], or a reason why not;
+//!   [`registry`]: the Schema Registry client that gives decode each Avro writer schema by id.
 //! - [`state`]: bounded per-account memory, kept per partition.
 //! - [`features`]: transaction + earlier state → feature vector (shared by stream and training).
 //! - [`models`]: isolation forest and LOF detectors, encoders, thresholds, artifacts.
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod publish;
+pub mod registry;
 pub mod replay;
 pub mod report;
 pub mod run;

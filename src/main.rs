@@ -13,7 +13,7 @@ use vigil::decode::Decoder;
 use vigil::demo::{DemoOptions, Embedded, run_demo, warm_up};
 use vigil::models::ModelSet;
 use vigil::replay::{Candidate, Input, Outputs, read_topic, replay};
-use vigil::run::{Shared, load_or_train, producer, run_stream};
+use vigil::run::{Shared, load_or_train, producer, run_stream, schema_registry};
 use vigil::simulate::{Scenarios, Simulator, produce};
 use vigil::train::{bundled_history, history_from_payloads, read_history, train};
 use vigil::{server, telemetry};
@@ -328,7 +328,7 @@ async fn main() -> Result<()> {
                     history_from_payloads(
                         &format!("topic {topic} [{from}, {to})"),
                         payloads,
-                        &Decoder::new(cfg.encoding),
+                        &Decoder::with_registry(cfg.encoding, schema_registry(&cfg)?),
                     )
                 }
                 (None, None) => bundled_history()?,
@@ -366,6 +366,7 @@ async fn main() -> Result<()> {
             models,
             out,
         } => {
+            let registry = schema_registry(&cfg)?;
             let dirs = if models.is_empty() {
                 vec![cfg.models.dir.clone()]
             } else {
@@ -386,7 +387,7 @@ async fn main() -> Result<()> {
                     name,
                     dir.clone(),
                     set,
-                    cfg.encoding,
+                    Decoder::with_registry(cfg.encoding, registry.clone()),
                     cfg.policy,
                     cfg.top_features,
                     cfg.event_time,

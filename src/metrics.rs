@@ -50,6 +50,8 @@ pub struct Metrics {
     /// Events fetched before their partition was revoked, left to its new owner.
     pub revoked_events_dropped: IntCounter,
     pub transaction_rewinds: IntCounter,
+    /// Schema Registry requests that got no answer (each is asked again; the event waits).
+    pub schema_registry_failures: IntCounter,
     /// Latest offset whose outcome is stored, per partition.
     pub stored_offset: IntGaugeVec,
     /// Refused deliveries of an outcome (each is sent again until the broker takes it).
@@ -184,6 +186,10 @@ impl Metrics {
             transaction_rewinds: register!(IntCounter::new(
                 "transaction_rewinds_total",
                 "Exactly-once: transactions aborted and their partitions rewound to the last commit"
+            )?),
+            schema_registry_failures: register!(IntCounter::new(
+                "schema_registry_failures_total",
+                "Schema Registry requests that got no answer (asked again; the event waits)"
             )?),
             stored_offset: register!(IntGaugeVec::new(
                 Opts::new(

@@ -1,7 +1,9 @@
 //! The per-event path, synchronous and free of I/O: bytes → decode → a plausible event time →
 //! account state → features → both models → consensus → outcome. The stream workers, offline
 //! scoring and the tests all call [`Engine::process`], so "the same events through the same
-//! code" is literally true.
+//! code" is literally true. The one exception to "free of I/O": the first datum written with an
+//! Avro schema id not seen before asks the schema registry for it (once per id per process; the
+//! stream asks before it calls in, so its workers never block on it).
 
 use std::sync::Arc;
 

@@ -66,11 +66,15 @@ pub enum EncodeError {
     Avro(#[from] apache_avro::Error),
 }
 
-/// Encodes alerts for the alerts topic: JSON, or an Avro datum of `schemas/alert.avsc`.
+/// Encodes alerts for the alerts topic: JSON, or an Avro datum of `schemas/alert.avsc`, bare or
+/// in the Confluent wire format under the id the registry gave the schema.
 #[derive(Debug, Clone)]
 pub enum AlertEncoder {
     Json,
-    Avro(Box<apache_avro::Schema>),
+    Avro {
+        schema: Box<apache_avro::Schema>,
+        registered_as: Option<u32>,
+    },
 }
 
 impl AlertEncoder {
@@ -79,11 +83,25 @@ impl AlertEncoder {
             Encoding::Json => Self::Json,
             Encoding::Avro => {
                 // The shipped schema is checked by a unit test, so parsing cannot fail here.
-                Self::Avro(Box::new(
-                    apache_avro::Schema::parse_str(ALERT_AVSC)
-                        .unwrap_or_else(|e| unreachable!("shipped schema: {e}")),
-                ))
+                Self::Avro {
+                    schema: Box::new(
+                        apache_avro::Schema::parse_str(ALERT_AVSC)
+                            .unwrap_or_else(|e| unreachable!("shipped schema: {e}")),
+                    ),
+                    registered_as: None,
+                }
             }
+        }
+    }
+
+    /// Avro alerts framed with `schema_id`, the id the registry gave `schemas/alert.avsc`.
+    pub fn in_wire_format(self, schema_id: u32) -> Self {
+        match self {
+            Self::Avro { schema, .. } => Self::Avro {
+                schema,
+                registered_as: Some(schema_id),
+            },
+            json => json,
         }
     }
 
@@ -91,7 +109,16 @@ impl AlertEncoder {
     pub fn encode(&self, alert: &Alert) -> Result<Vec<u8>, EncodeError> {
         Ok(match self {
             Self::Json => serde_json::to_vec(alert)?,
-            Self::Avro(schema) => apache_avro::to_avro_datum(schema, alert_avro_value(alert))?,
+            Self::Avro {
+                schema,
+                registered_as,
+            } => {
+                let datum = apache_avro::to_avro_datum(schema, alert_avro_value(alert))?;
+                match registered_as {
+                    Some(id) => crate::decode::confluent_framed(*id, &datum),
+                    None => datum,
+                }
+            }
         })
     }
 }
@@ -528,6 +555,14 @@ mod tests {
         assert_eq!(
             get("transaction"),
             Some(crate::decode::transaction_avro_value(&tx))
+        );
+        let framed = AlertEncoder::new(Encoding::Avro)
+            .in_wire_format(7)
+            .encode(&alert)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            crate::decode::confluent_frame(&framed),
+            Some((7, bytes.as_slice()))
         );
         let json = AlertEncoder::new(Encoding::Json)
             .encode(&alert)

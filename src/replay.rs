@@ -148,7 +148,7 @@ impl Candidate {
         name: String,
         dir: PathBuf,
         models: ModelSet,
-        encoding: Encoding,
+        decoder: Decoder,
         policy: Policy,
         top: usize,
         event_time: EventTimeLimits,
@@ -156,8 +156,7 @@ impl Candidate {
         Self {
             name,
             dir,
-            engine: Engine::new(Arc::new(models), Decoder::new(encoding), policy, top)
-                .with_event_time(event_time),
+            engine: Engine::new(Arc::new(models), decoder, policy, top).with_event_time(event_time),
             states: BTreeMap::new(),
             scratch: Scratch::default(),
         }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::changelog::StateChange;
-use crate::config::{Config, KafkaConfig, Policy};
+use crate::config::{Config, Encoding, KafkaConfig, Policy};
 use crate::decode::Decoder;
 use crate::exactly_once::{EventRecords, Guarantee, Transactions};
 use crate::ingest::{
@@ -40,10 +40,11 @@ use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
 use crate::pipeline::{Engine, EventTimeLimits, Outcome, Scored};
 use crate::publish::{
-    AlertEncoder, AlertFeed, DEAD_LETTER_MAX_ERROR, EncodeError, OutcomeKind, Pending,
+    ALERT_AVSC, AlertEncoder, AlertFeed, DEAD_LETTER_MAX_ERROR, EncodeError, OutcomeKind, Pending,
     PublishError, Retry, SourceCoordinates, bounded_text, dead_letter_headers, dead_letter_payload,
     enqueue,
 };
+use crate::registry::{RegistryError, SchemaRegistry};
 use crate::state::PartitionState;
 use crate::train::{HistoryError, bundled_history, train};
 
@@ -62,6 +63,8 @@ pub enum RunError {
     History(#[from] HistoryError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("a worker task failed: {0}")]
     Task(String),
 }
@@ -661,6 +664,20 @@ impl Worker {
     ) -> Result<(), RunError> {
         let mut scratch = Scratch::default();
         while let Some((msg, assignment)) = events.recv().await {
+            let payload = msg.payload().unwrap_or_default();
+            if let Some((registry, id)) = self.engine.decoder.schema_to_fetch(payload) {
+                let (registry, what) = (registry.clone(), format!("schema id {id}"));
+                let fetch = move || registry.writer_schema(id);
+                let metrics = &self.shared.metrics;
+                if until_answered(&what, metrics, &shutdown, fetch)
+                    .await
+                    .is_none()
+                {
+                    // Stopping before the registry answered: the event stays unprocessed and
+                    // its offset unstored.
+                    return Ok(());
+                }
+            }
             if self.shared.status.assignment_of(msg.partition()) != Some(assignment) {
                 // Queued before its partition was revoked: the new owner processes it.
                 self.shared.metrics.revoked_events_dropped.inc();
@@ -931,6 +948,75 @@ async fn changelog_topic(
     }
 }
 
+/// Calls the schema registry off the runtime's threads until it answers (a request that fails
+/// waits 1 s, doubling to 30 s, and is logged once per wait); `None` if `shutdown` came first.
+/// A registry outage so holds back the events that need it rather than turning them into dead
+/// letters.
+async fn until_answered<T: Send + 'static>(
+    what: &str,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    call: impl Fn() -> Result<T, RegistryError> + Clone + Send + 'static,
+) -> Option<Result<T, RegistryError>> {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let attempt = tokio::task::spawn_blocking(call.clone());
+        let failure = match attempt.await {
+            Ok(Err(e @ RegistryError::Unavailable { .. })) => e.to_string(),
+            Ok(answer) => return Some(answer),
+            Err(e) => e.to_string(),
+        };
+        metrics.schema_registry_failures.inc();
+        tracing::warn!(error = %failure, retry_in_s = pause.as_secs(), "schema registry: {what}");
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// The schema registry, when Avro is read or written and one is configured.
+pub fn schema_registry(cfg: &Config) -> Result<Option<Arc<SchemaRegistry>>, RegistryError> {
+    let avro = cfg.encoding == Encoding::Avro || cfg.alert_encoding == Encoding::Avro;
+    match &cfg.schema_registry {
+        Some(r) if avro => Ok(Some(Arc::new(SchemaRegistry::new(r)?))),
+        _ => Ok(None),
+    }
+}
+
+/// Avro alerts in the Confluent wire format under the id the registry gives `schemas/alert.avsc`
+/// in the subject `<alerts topic>-value` (the default TopicNameStrategy), bare datums without a
+/// registry; `None` if `shutdown` came before the registry answered.
+async fn alert_encoder(
+    cfg: &Config,
+    registry: Option<&Arc<SchemaRegistry>>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<AlertEncoder>, RunError> {
+    let encoder = AlertEncoder::new(cfg.alert_encoding);
+    let Some(registry) = registry.filter(|_| cfg.alert_encoding == Encoding::Avro) else {
+        return Ok(Some(encoder));
+    };
+    let subject = format!("{}-value", cfg.kafka.alerts_topic);
+    let call = {
+        let (registry, subject) = (registry.clone(), subject.clone());
+        move || registry.register(&subject, ALERT_AVSC)
+    };
+    let Some(id) = until_answered(&format!("registering {subject}"), metrics, shutdown, call).await
+    else {
+        return Ok(None);
+    };
+    let id = id?;
+    tracing::info!(
+        subject,
+        id,
+        registry = registry.url(),
+        "alert schema registered"
+    );
+    Ok(Some(encoder.in_wire_format(id)))
+}
+
 /// Runs the stream processor until `shutdown` is cancelled, then drains and commits.
 pub async fn run_stream(
     cfg: &Config,
@@ -938,13 +1024,18 @@ pub async fn run_stream(
     shared: Shared,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let registry = schema_registry(cfg)?;
     let engine = Engine::new(
         shared.models.clone(),
-        Decoder::new(cfg.encoding),
+        Decoder::with_registry(cfg.encoding, registry.clone()),
         cfg.policy,
         cfg.top_features,
     )
     .with_event_time(cfg.event_time);
+    let Some(alerts) = alert_encoder(cfg, registry.as_ref(), &shared.metrics, &shutdown).await?
+    else {
+        return Ok(());
+    };
     if engine.features() != &cfg.features {
         tracing::warn!(
             model = ?engine.features(),
@@ -1014,7 +1105,7 @@ pub async fn run_stream(
         routes.push(events_tx);
         let worker = Worker {
             engine: engine.clone(),
-            alerts: AlertEncoder::new(cfg.alert_encoding),
+            alerts: alerts.clone(),
             kafka: cfg.kafka.clone(),
             brokers: brokers.to_string(),
             producer: producer.clone(),

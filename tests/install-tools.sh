@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, if missing, the tools the test suite runs for real: Java + Maven (Kafka broker),
 # cmake/g++/make/curl/pkg-config/libssl-dev (librdkafka with TLS and SASL), Prometheus + promtool, Alertmanager's amtool, logrotate,
-# openssl and Chromium (headless page tests); schemathesis and fastavro from PyPI. Debian packages; idempotent (does nothing when everything is there).
+# openssl and Chromium (headless page tests); schemathesis, fastavro and confluent-kafka from PyPI. Debian packages; idempotent (does nothing when everything is there).
 set -euo pipefail
 
 need=()
@@ -31,6 +31,12 @@ fi
 if ! python3 -c 'import fastavro' >/dev/null 2>&1; then
   echo "install-tools: installing fastavro from PyPI" >&2
   python3 -m pip install -q --disable-pip-version-check 'fastavro==1.12.1'
+fi
+# confluent-kafka (PyPI): Confluent's own Avro serializer, deserializer and registry client,
+# on the other side of vigil in tests/schema_registry.rs.
+if ! python3 -c 'import confluent_kafka.schema_registry.avro' >/dev/null 2>&1; then
+  echo "install-tools: installing confluent-kafka from PyPI" >&2
+  python3 -m pip install -q --disable-pip-version-check 'confluent-kafka[avro,schemaregistry]==2.16.1' 'fastavro==1.12.1'
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
