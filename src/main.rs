@@ -257,11 +257,30 @@ async fn main() -> Result<()> {
                 );
             };
             let shutdown = shutdown_on_signal();
-            let shared = Shared::new(load_or_train(&cfg)?)?
+            // The server is up while the models load (or train): /ready says 503 meanwhile.
+            let shared = Shared::loading()?
                 .with_decisions(&cfg)
                 .with_access(cfg.auth.clone(), cfg.rate_limit);
             let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
-            let result = run_stream(&cfg, &brokers, shared, shutdown.clone()).await;
+            let loading = tokio::task::spawn_blocking({
+                let cfg = cfg.clone();
+                move || load_or_train(&cfg)
+            });
+            let models = tokio::select! {
+                loaded = loading => loaded,
+                () = shutdown.cancelled() => {
+                    stop_server(http, &shutdown).await;
+                    return Ok(());
+                }
+            };
+            let result = match models {
+                Ok(Ok(models)) => {
+                    shared.install(models);
+                    run_stream(&cfg, &brokers, shared, shutdown.clone()).await
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(vigil::run::RunError::Task(e.to_string())),
+            };
             stop_server(http, &shutdown).await;
             result?;
         }
@@ -288,11 +307,17 @@ async fn main() -> Result<()> {
             };
             let shutdown = shutdown_on_signal();
             let mut sim = Simulator::new(seed, anomaly_share, malformed_share);
-            let models = warm_up(&cfg, &brokers, &mut sim, history).await?;
-            let shared = Shared::new(models)?
+            let shared = Shared::loading()?
                 .with_decisions(&cfg)
                 .with_access(cfg.auth.clone(), cfg.rate_limit);
             let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
+            match warm_up(&cfg, &brokers, &mut sim, history).await {
+                Ok(models) => shared.install(models),
+                Err(e) => {
+                    stop_server(http, &shutdown).await;
+                    return Err(e.into());
+                }
+            }
             let opts = DemoOptions {
                 rate,
                 duration: seconds.map(Duration::from_secs),

@@ -132,7 +132,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub status: Arc<GroupStatus>,
     pub store: Arc<StateStore>,
-    pub models: Arc<ModelSet>,
+    /// Empty while the models load (or train): the server is up meanwhile, `/ready` says so.
+    models: Arc<std::sync::RwLock<Option<Arc<ModelSet>>>>,
     pub alerts: Arc<AlertFeed>,
     /// The decision settings predictions use (the stream's own, from the configuration).
     pub policy: Policy,
@@ -143,29 +144,46 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(models: ModelSet) -> Result<Self, RunError> {
-        let metrics = Metrics::new()?;
-        let created = chrono::DateTime::parse_from_rfc3339(&models.manifest.created_at)
-            .map(|t| t.timestamp())
-            .unwrap_or(0);
-        metrics.model_created_seconds.set(created);
-        metrics
-            .model_info
-            .with_label_values(&[models.version()])
-            .set(1);
-        let status = Arc::new(GroupStatus::default());
-        status.models_loaded.store(true, Ordering::Relaxed);
+    /// Everything but the models: what the HTTP server needs to answer while they load.
+    pub fn loading() -> Result<Self, RunError> {
         Ok(Self {
-            metrics,
-            status,
+            metrics: Metrics::new()?,
+            status: Arc::new(GroupStatus::default()),
             store: Arc::new(StateStore::new()),
-            models: Arc::new(models),
+            models: Arc::default(),
             alerts: Arc::new(AlertFeed::default()),
             policy: Policy::All,
             top_features: 3,
             event_time: EventTimeLimits::default(),
             access: Arc::new(crate::server::Access::open()),
         })
+    }
+
+    pub fn new(models: ModelSet) -> Result<Self, RunError> {
+        let shared = Self::loading()?;
+        shared.install(models);
+        Ok(shared)
+    }
+
+    /// Makes `models` the loaded ones: their metrics, the model routes and readiness.
+    pub fn install(&self, models: ModelSet) {
+        let created = chrono::DateTime::parse_from_rfc3339(&models.manifest.created_at)
+            .map(|t| t.timestamp())
+            .unwrap_or(0);
+        self.metrics.model_created_seconds.set(created);
+        self.metrics
+            .model_info
+            .with_label_values(&[models.version()])
+            .set(1);
+        if let Ok(mut slot) = self.models.write() {
+            *slot = Some(Arc::new(models));
+        }
+        self.status.models_loaded.store(true, Ordering::Relaxed);
+    }
+
+    /// The loaded models; `None` while they load.
+    pub fn models(&self) -> Option<Arc<ModelSet>> {
+        self.models.read().ok()?.clone()
     }
 
     /// Uses the configured consensus policy, number of explaining features and event-time
@@ -187,15 +205,15 @@ impl Shared {
         self
     }
 
-    /// An engine over the shared models, for on-demand predictions.
-    pub fn engine(&self) -> Engine {
-        Engine::new(
-            self.models.clone(),
+    /// An engine over the loaded models, for on-demand predictions; `None` while they load.
+    pub fn engine(&self) -> Option<Engine> {
+        let engine = Engine::new(
+            self.models()?,
             Decoder::Json,
             self.policy,
             self.top_features,
-        )
-        .with_event_time(self.event_time)
+        );
+        Some(engine.with_event_time(self.event_time))
     }
 
     /// A copy of an account's live state, if any partition of this instance holds it.
@@ -1025,8 +1043,11 @@ pub async fn run_stream(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let registry = schema_registry(cfg)?;
+    let models = shared
+        .models()
+        .ok_or_else(|| RunError::Task("the stream started before its models were loaded".into()))?;
     let engine = Engine::new(
-        shared.models.clone(),
+        models.clone(),
         Decoder::with_registry(cfg.encoding, registry.clone()),
         cfg.policy,
         cfg.top_features,
@@ -1084,7 +1105,7 @@ pub async fn run_stream(
         changelog = changelog.as_deref().unwrap_or("none"),
         guarantee = cfg.kafka.guarantee.as_str(),
         workers = cfg.workers,
-        model = shared.models.version(),
+        model = models.version(),
         policy = cfg.policy.as_str(),
         "stream processor started"
     );

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Auth, RateLimit};
 use crate::decode::{DecodeError, RawTransaction, validate};
-use crate::models::{Contribution, ISOLATION_FOREST, LOF, Verdict};
+use crate::models::{Contribution, ISOLATION_FOREST, LOF, ModelSet, Verdict};
+use crate::pipeline::Engine;
 use crate::publish::FEED_RECENT;
 use crate::run::Shared;
 
@@ -276,9 +277,18 @@ async fn ready(State(s): State<Shared>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// 503 while the models load (or train) at start.
+fn models_loading() -> ApiError {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the models are loading; /ready turns 200 once they are",
+        None,
+    )
+}
+
 /// One model's description, or `None` for an unknown name.
-fn model_entry(s: &Shared, name: &str) -> Option<serde_json::Value> {
-    let m = &s.models.manifest;
+fn model_entry(models: &ModelSet, name: &str) -> Option<serde_json::Value> {
+    let m = &models.manifest;
     match name {
         ISOLATION_FOREST => Some(json!({
             "name": ISOLATION_FOREST,
@@ -294,7 +304,7 @@ fn model_entry(s: &Shared, name: &str) -> Option<serde_json::Value> {
             "version": m.version,
             "parameters": m.lof.params,
             "k": m.lof.k,
-            "index": s.models.lof.index.kind(),
+            "index": models.lof.index.kind(),
             "threshold": m.lof.threshold,
             "training_scores": m.lof.training_scores,
             "columns": m.lof.encoder.columns,
@@ -303,16 +313,17 @@ fn model_entry(s: &Shared, name: &str) -> Option<serde_json::Value> {
     }
 }
 
-async fn models(State(s): State<Shared>) -> Json<serde_json::Value> {
-    let m = &s.models.manifest;
-    Json(json!({
+async fn models(State(s): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+    let set = s.models().ok_or_else(models_loading)?;
+    let m = &set.manifest;
+    Ok(Json(json!({
         "version": m.version,
         "created_at": m.created_at,
         "features": m.features,
         "training": m.training,
         "policy": s.policy.as_str(),
-        "models": [model_entry(&s, ISOLATION_FOREST), model_entry(&s, LOF)],
-    }))
+        "models": [model_entry(&set, ISOLATION_FOREST), model_entry(&set, LOF)],
+    })))
 }
 
 fn unknown_model(name: &str) -> ApiError {
@@ -327,7 +338,8 @@ async fn model(
     State(s): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    model_entry(&s, &name)
+    let set = s.models().ok_or_else(models_loading)?;
+    model_entry(&set, &name)
         .map(Json)
         .ok_or_else(|| unknown_model(&name))
 }
@@ -491,12 +503,12 @@ type PartResult = Result<Vec<u8>, Vec<Invalid>>;
 /// Reads, validates, scores and serialises one part of a batch.
 fn score_part(
     s: &Shared,
+    engine: &Engine,
     items: &[&RawValue],
     first_index: usize,
     as_new_account: bool,
     view: View,
 ) -> PartResult {
-    let engine = s.engine();
     let mut transactions = Vec::with_capacity(items.len());
     let mut invalid = Vec::new();
     for (i, item) in items.iter().enumerate() {
@@ -586,6 +598,8 @@ fn scoring_failed() -> ApiError {
 /// transaction. Large batches are cut into parts that every core takes from in turn, so that
 /// the cores finish together however the cost varies along the batch.
 async fn answer_batch(s: Shared, body: Bytes, view: View) -> Result<Response, ApiError> {
+    // One model set for the whole request, whatever is installed meanwhile.
+    let engine = s.engine().ok_or_else(models_loading)?;
     tokio::task::spawn_blocking(move || {
         let batch = parse_batch(&body)?;
         let items = &batch.items;
@@ -600,7 +614,7 @@ async fn answer_batch(s: Shared, body: Bytes, view: View) -> Result<Response, Ap
                 };
                 done.push((
                     n,
-                    score_part(&s, part, n * PART, batch.as_new_account, view),
+                    score_part(&s, &engine, part, n * PART, batch.as_new_account, view),
                 ));
             }
         };

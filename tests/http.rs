@@ -70,13 +70,50 @@ async fn ready_needs_the_models_a_place_in_the_group_and_a_broker_that_answers()
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
+/// The server starts before the models load (training from the bundled dataset when there is
+/// no artifact): meanwhile `/ready` and every route that needs the models answer 503 and say so.
+#[tokio::test]
+async fn while_the_models_load_ready_and_the_model_routes_answer_503_then_serve_them() {
+    let s = Shared::loading().unwrap();
+    s.status.joined.store(true, Ordering::Relaxed);
+    s.status.broker_answered();
+    let (status, body) = get(&s, "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains(r#""models_loaded":false"#), "{body}");
+    for path in ["/models", "/models/lof"] {
+        let (status, body) = get(&s, path).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+        assert!(body.contains("the models are loading"), "{path}: {body}");
+    }
+    let tx = common::kafka::dataset_events()[0].clone();
+    let predict = router(s.clone())
+        .oneshot(
+            Request::post("/predict")
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&tx).unwrap()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(predict.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (_, metrics) = get(&s, "/metrics").await;
+    assert!(metrics.contains("vigil_ready 0"), "{metrics}");
+
+    s.install(common::trained_models());
+    let (status, body) = get(&s, "/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = get(&s, "/models").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(s.models().unwrap().version()), "{body}");
+}
+
 #[tokio::test]
 async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
     let s = shared();
     let (status, body) = get(&s, "/models").await;
     assert_eq!(status, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["version"], s.models.manifest.version.as_str());
+    assert_eq!(v["version"], s.models().unwrap().manifest.version.as_str());
     let forest = &v["models"][0];
     assert_eq!(forest["name"], "isolation_forest");
     assert_eq!(forest["parameters"]["trees"], 100);
@@ -84,7 +121,7 @@ async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
     assert_eq!(forest["sample_size"], 256);
     assert_eq!(
         forest["threshold"].as_f64(),
-        Some(s.models.forest.threshold)
+        Some(s.models().unwrap().forest.threshold)
     );
     assert_eq!(
         forest["columns"].as_array().unwrap().len(),
@@ -202,7 +239,7 @@ fn dataset_rows(n: usize) -> Vec<vigil::decode::Transaction> {
 
 /// Folds `events` into partition 0 of the shared state, as the stream would.
 fn live_state(s: &Shared, events: &[vigil::decode::Transaction]) {
-    let engine = s.engine();
+    let engine = s.engine().unwrap();
     let mut state = vigil::state::PartitionState::default();
     for (i, tx) in events.iter().enumerate() {
         engine.warm(&mut state, i as i64, None, &serde_json::to_vec(tx).unwrap());
@@ -219,7 +256,10 @@ async fn predict_gives_each_models_score_threshold_flag_the_consensus_and_the_re
     let p = &v["predictions"][0];
     assert_eq!(p["transaction_id"], tx.transaction_id.as_str());
     assert_eq!(p["account_state"], "new");
-    let expected = s.engine().predict(None, tx, &mut Default::default());
+    let expected = s
+        .engine()
+        .unwrap()
+        .predict(None, tx, &mut Default::default());
     for (i, name) in ["isolation_forest", "lof"].iter().enumerate() {
         let m = &p["models"][i];
         assert_eq!(m["model"], *name);
@@ -279,6 +319,7 @@ async fn predict_reads_the_accounts_live_state_without_changing_it_unless_asked_
     assert_eq!(v["predictions"][0]["account_state"], "live");
     let live = s
         .engine()
+        .unwrap()
         .predict(Some(&before), tx, &mut Default::default());
     assert_eq!(
         v["predictions"][0]["models"][1]["score"].as_f64(),
@@ -294,7 +335,10 @@ async fn predict_reads_the_accounts_live_state_without_changing_it_unless_asked_
     let (status, v) = post(&s, "/predict", body.to_string()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["predictions"][0]["account_state"], "new");
-    let fresh = s.engine().predict(None, tx, &mut Default::default());
+    let fresh = s
+        .engine()
+        .unwrap()
+        .predict(None, tx, &mut Default::default());
     assert_eq!(
         v["predictions"][0]["models"][1]["score"].as_f64(),
         Some(fresh.verdicts[1].score)
@@ -435,7 +479,10 @@ async fn each_model_is_described_by_name_and_an_unknown_name_is_a_json_404() {
     let (status, body) = get(&s, "/models/isolation_forest").await;
     assert_eq!(status, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["threshold"].as_f64(), Some(s.models.forest.threshold));
+    assert_eq!(
+        v["threshold"].as_f64(),
+        Some(s.models().unwrap().forest.threshold)
+    );
     let (status, body) = get(&s, "/models/lof").await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("\"k\":35"), "{body}");
@@ -645,7 +692,7 @@ async fn a_large_batch_is_scored_in_parallel_and_answered_in_request_order() {
     assert_eq!(status, StatusCode::OK);
     let predictions = v["predictions"].as_array().unwrap();
     assert_eq!(predictions.len(), rows.len());
-    let engine = s.engine();
+    let engine = s.engine().unwrap();
     for (i, (p, tx)) in predictions.iter().zip(&rows).enumerate().step_by(97) {
         assert_eq!(
             p["transaction_id"],
@@ -710,7 +757,7 @@ async fn a_browser_gets_the_self_contained_page_and_other_clients_the_route_list
 async fn an_account_shows_its_latest_scores_newest_first() {
     let s = shared();
     let rows = dataset_rows(2512);
-    let engine = s.engine();
+    let engine = s.engine().unwrap();
     let mut state = vigil::state::PartitionState::default();
     let mut scratch = Default::default();
     let mut last: std::collections::HashMap<String, (usize, f64)> = Default::default();
