@@ -160,6 +160,7 @@ pub struct RawModels {
     pub dir: PathBuf,
     pub target_alert_rate: f64,
     pub cleaning_passes: usize,
+    pub max_training_events: usize,
     pub isolation_forest: RawForest,
     pub lof: RawLof,
 }
@@ -416,6 +417,7 @@ impl Default for RawModels {
             dir: PathBuf::from("models/current"),
             target_alert_rate: 0.0,
             cleaning_passes: 2,
+            max_training_events: 50_000,
             isolation_forest: RawForest::default(),
             lof: RawLof::default(),
         }
@@ -619,6 +621,10 @@ pub struct ModelConfig {
     pub target_alert_rate: f64,
     /// Refits after removing the training events either model flagged (0: fit once).
     pub cleaning_passes: usize,
+    /// Histories up to this many valid events are trained on whole, in event-time order; a
+    /// longer one streams through the per-account state in the order it is read (as the live
+    /// stream would see it) and a uniform sample of this many events is fitted.
+    pub max_training_events: usize,
     pub forest: ForestParams,
     pub lof: LofParams,
 }
@@ -868,6 +874,14 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
             ));
         } else {
             m.cleaning_passes
+        },
+        max_training_events: if m.max_training_events < 1_000 {
+            return Err(invalid(
+                "models.max_training_events",
+                format!("{} is below 1,000", m.max_training_events),
+            ));
+        } else {
+            m.max_training_events
         },
         target_alert_rate: if m.target_alert_rate == 0.0 {
             0.0

@@ -12,10 +12,12 @@ use vigil::config::{Config, ModelConfig};
 use vigil::decode::Decoder;
 use vigil::demo::{DemoOptions, Embedded, run_demo, warm_up};
 use vigil::models::ModelSet;
-use vigil::replay::{Candidate, Input, Outputs, read_topic, replay};
+use vigil::replay::{Candidate, Input, Outputs, TopicRange, replay};
 use vigil::run::{Shared, load_or_train, producer, run_stream, schema_registry};
 use vigil::simulate::{Scenarios, Simulator, produce};
-use vigil::train::{bundled_history, history_from_payloads, read_history, train};
+use vigil::train::{
+    HistoryReader, PayloadFingerprint, Training, bundled_history, read_history, train_on,
+};
 use vigil::{server, telemetry};
 
 /// Real-time anomaly detection for bank transactions on Kafka.
@@ -334,8 +336,14 @@ async fn main() -> Result<()> {
             to,
             out,
         } => {
+            let models = ModelConfig {
+                dir: out.unwrap_or(cfg.models.dir.clone()),
+                ..cfg.models.clone()
+            };
+            // Streamed: memory holds the accounts' state and at most
+            // models.max_training_events events, never the whole input.
             let history = match (&input, topic) {
-                (Some(p), _) => read_history(p)?,
+                (Some(p), _) => read_history(p, &models, &cfg.features)?,
                 (None, Some(topic)) => {
                     let Some(brokers) = cfg.kafka.brokers.clone() else {
                         bail!(
@@ -344,28 +352,38 @@ async fn main() -> Result<()> {
                     };
                     let mut kafka = cfg.kafka.clone();
                     kafka.transactions_topic = topic.clone();
-                    let (events, _) =
-                        read_topic(&kafka, &brokers, &partitions, from.parse()?, to.parse()?)?;
-                    let payloads = events
-                        .iter()
-                        .filter(|e| !e.warm_only)
-                        .map(|e| e.payload.as_slice());
-                    history_from_payloads(
-                        &format!("topic {topic} [{from}, {to})"),
-                        payloads,
-                        &Decoder::with_registry(cfg.encoding, schema_registry(&cfg)?),
-                    )
+                    let range = TopicRange::open(
+                        &kafka,
+                        &brokers,
+                        &partitions,
+                        from.parse()?,
+                        to.parse()?,
+                    )?;
+                    let source = format!("topic {topic} [{from}, {to})");
+                    let decoder = Decoder::with_registry(cfg.encoding, schema_registry(&cfg)?);
+                    let mut reader = HistoryReader::new(&source, &models, &cfg.features);
+                    let mut fingerprint = PayloadFingerprint::default();
+                    let mut position = 0;
+                    range.for_each(|e| {
+                        if !e.warm_only {
+                            position += 1;
+                            fingerprint.add(&e.payload);
+                            reader.push(position, decoder.decode(&e.payload));
+                        }
+                        Ok(())
+                    })?;
+                    reader.finish(fingerprint.finish())
                 }
-                (None, None) => bundled_history()?,
+                (None, None) => Training::Whole(bundled_history()?),
             };
-            for (line, e) in history.rejected.iter().take(20) {
+            let (rejected, invalid) = history.rejected();
+            for (line, e) in rejected.iter().take(20) {
                 tracing::warn!(line, error = %e, "skipped an invalid row");
             }
-            let models = ModelConfig {
-                dir: out.unwrap_or(cfg.models.dir.clone()),
-                ..cfg.models.clone()
-            };
-            let set = train(&history, &models, &cfg.features, cfg.policy)?;
+            if invalid > 20 {
+                tracing::warn!(more = invalid - 20, "skipped more invalid rows");
+            }
+            let set = train_on(&history, &models, &cfg.features, cfg.policy)?;
             for note in &set.manifest.training.notes {
                 println!("note: {note}");
             }

@@ -608,24 +608,6 @@ impl TopicRange {
     }
 }
 
-/// Every event of a [`TopicRange`] in memory, and how many are in range (for training, which
-/// needs them all).
-pub fn read_topic(
-    kafka: &KafkaConfig,
-    brokers: &str,
-    partitions: &[i32],
-    from: Bound,
-    to: Bound,
-) -> Result<(Vec<Recorded>, u64), ReplayError> {
-    let range = TopicRange::open(kafka, brokers, partitions, from, to)?;
-    let mut events = Vec::new();
-    range.for_each(|e| {
-        events.push(e);
-        Ok(())
-    })?;
-    Ok((events, range.in_range()))
-}
-
 /// Replays `input` through every candidate, writes the outputs and returns the report.
 pub fn replay(
     input: &Input,

@@ -42,71 +42,317 @@ pub enum HistoryError {
 pub struct History {
     pub source: String,
     pub events: Vec<Transaction>,
+    /// The first [`REJECTS_KEPT`] rejected events with their position (line or record).
     pub rejected: Vec<(usize, DecodeError)>,
+    /// How many were rejected in all.
+    pub rows_invalid: usize,
     pub fingerprint: String,
 }
 
 impl History {
     pub fn rows_read(&self) -> usize {
-        self.events.len() + self.rejected.len()
+        self.events.len() + self.rows_invalid
     }
 }
 
+/// Rejected events kept with their reason for the report; the rest are only counted.
+pub const REJECTS_KEPT: usize = 1_000;
+
+fn hex(digest: impl AsRef<[u8]>) -> String {
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(Sha256::digest(bytes))
+}
+
+/// What training reads: the whole history when it fits in `models.max_training_events`, else a
+/// sample of its feature rows.
+#[derive(Debug)]
+pub enum Training {
+    Whole(History),
+    Sampled(SampledHistory),
+}
+
+impl Training {
+    /// The kept rejected events (line or record, reason) and how many there were in all.
+    pub fn rejected(&self) -> (&[(usize, DecodeError)], usize) {
+        match self {
+            Self::Whole(h) => (&h.rejected, h.rows_invalid),
+            Self::Sampled(s) => (&s.rejected, s.rows_invalid),
+        }
+    }
+}
+
+/// A history too long to keep: every event went through the per-account state in the order it
+/// was read; a uniform sample of the resulting feature rows is kept.
+#[derive(Debug)]
+pub struct SampledHistory {
+    pub source: String,
+    pub fingerprint: String,
+    pub rows: Vec<Features>,
+    pub rows_valid: usize,
+    pub rows_invalid: usize,
+    pub rejected: Vec<(usize, DecodeError)>,
+    pub accounts: usize,
+    pub first: i64,
+    pub last: i64,
+    /// Events dated before their account's previous one (the order read is not event time).
+    pub out_of_order: usize,
+}
+
+/// Collects history one event at a time, in memory bounded by the accounts and
+/// `models.max_training_events`: up to that many valid events are kept whole (training then
+/// sorts them by event time, as a shuffled export needs); past it, the events kept so far and
+/// every later one go through the per-account state in the order read, and a uniform reservoir
+/// sample (seeded: the same input gives the same sample) of their feature rows is kept.
+pub struct HistoryReader {
+    source: String,
+    limit: usize,
+    features: FeatureConfig,
+    seed: u64,
+    held: Vec<Transaction>,
+    rejected: Vec<(usize, DecodeError)>,
+    invalid: usize,
+    sampled: Option<Sampler>,
+}
+
+struct Sampler {
+    accounts: HashMap<String, AccountState>,
+    rows: Vec<Features>,
+    seen: usize,
+    first: i64,
+    last: i64,
+    out_of_order: usize,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl Sampler {
+    fn observe(&mut self, tx: &Transaction, cfg: &FeatureConfig, limit: usize) {
+        use rand::Rng;
+        if !self.accounts.contains_key(&tx.account_id) {
+            self.accounts
+                .insert(tx.account_id.clone(), AccountState::default());
+        }
+        let Some(state) = self.accounts.get_mut(&tx.account_id) else {
+            return;
+        };
+        if state.last_time.is_some_and(|t| t > tx.time) {
+            self.out_of_order += 1;
+        }
+        if state.expired_at(tx.time, cfg) {
+            *state = AccountState::default();
+        }
+        let row = observe(state, tx, cfg);
+        (self.first, self.last) = (self.first.min(tx.time), self.last.max(tx.time));
+        if self.rows.len() < limit {
+            self.rows.push(row);
+        } else {
+            let at = self.rng.gen_range(0..=self.seen);
+            if let Some(slot) = self.rows.get_mut(at) {
+                *slot = row;
+            }
+        }
+        self.seen += 1;
+    }
+}
+
+impl HistoryReader {
+    pub fn new(source: &str, models: &ModelConfig, features: &FeatureConfig) -> Self {
+        Self {
+            source: source.to_string(),
+            limit: models.max_training_events,
+            features: *features,
+            seed: models.forest.seed,
+            held: Vec::new(),
+            rejected: Vec::new(),
+            invalid: 0,
+            sampled: None,
+        }
+    }
+
+    /// One decoded event at `position` (its line or record number).
+    pub fn push(&mut self, position: usize, decoded: Result<Transaction, DecodeError>) {
+        let tx = match decoded {
+            Ok(tx) => tx,
+            Err(e) => {
+                self.invalid += 1;
+                if self.rejected.len() < REJECTS_KEPT {
+                    self.rejected.push((position, e));
+                }
+                return;
+            }
+        };
+        if self.sampled.is_none() && self.held.len() < self.limit {
+            self.held.push(tx);
+            return;
+        }
+        let (cfg, limit) = (self.features, self.limit);
+        let sampler = self.sampled.get_or_insert_with(|| {
+            use rand::SeedableRng;
+            Sampler {
+                accounts: HashMap::new(),
+                rows: Vec::with_capacity(limit),
+                seen: 0,
+                first: i64::MAX,
+                last: i64::MIN,
+                out_of_order: 0,
+                rng: rand_chacha::ChaCha8Rng::seed_from_u64(self.seed),
+            }
+        });
+        for held in self.held.drain(..) {
+            sampler.observe(&held, &cfg, limit);
+        }
+        sampler.observe(&tx, &cfg, limit);
+    }
+
+    pub fn finish(self, fingerprint: String) -> Training {
+        match self.sampled {
+            None => Training::Whole(History {
+                source: self.source,
+                events: self.held,
+                rejected: self.rejected,
+                rows_invalid: self.invalid,
+                fingerprint,
+            }),
+            Some(s) => Training::Sampled(SampledHistory {
+                source: self.source,
+                fingerprint,
+                rows_valid: s.seen,
+                rows: s.rows,
+                rows_invalid: self.invalid,
+                rejected: self.rejected,
+                accounts: s.accounts.len(),
+                first: s.first,
+                last: s.last,
+                out_of_order: s.out_of_order,
+            }),
+        }
+    }
+}
+
+/// A reader that hashes what passes through it, so that a file's fingerprint is the SHA-256 of
+/// its bytes while it is read once, as a stream.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Reads CSV with the dataset's header into `into`; returns the SHA-256 of the bytes.
+fn csv_into(input: impl std::io::Read, into: &mut HistoryReader) -> Result<String, HistoryError> {
+    let mut hashing = Hashing {
+        inner: input,
+        hasher: Sha256::new(),
+    };
+    {
+        let mut reader = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .from_reader(&mut hashing);
+        let headers = reader
+            .headers()
+            .map_err(|e| HistoryError::Header(e.to_string()))?
+            .clone();
+        for (line, record) in reader.records().enumerate() {
+            let parsed = record
+                .and_then(|r| r.deserialize::<RawTransaction>(Some(&headers)))
+                .map_err(|e| DecodeError::Malformed {
+                    format: "CSV",
+                    detail: e.to_string(),
+                })
+                .and_then(validate);
+            into.push(line + 2, parsed);
+        }
+    }
+    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|source| HistoryError::Io {
+        path: into.source.clone(),
+        source,
+    })?;
+    Ok(hex(hashing.hasher.finalize()))
+}
+
+/// Reads JSON lines, one event per line, decoded as the stream decodes JSON, into `into`;
+/// returns the SHA-256 of the bytes.
+fn jsonl_into(input: impl std::io::Read, into: &mut HistoryReader) -> Result<String, HistoryError> {
+    use std::io::BufRead;
+    let mut hashing = Hashing {
+        inner: input,
+        hasher: Sha256::new(),
+    };
+    let path = into.source.clone();
+    let io = |source| HistoryError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut lines = std::io::BufReader::new(&mut hashing);
+    let mut line = Vec::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        if lines.read_until(b'\n', &mut line).map_err(io)? == 0 {
+            break;
+        }
+        number += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        into.push(number, Decoder::Json.decode(&line));
+    }
+    drop(lines);
+    Ok(hex(hashing.hasher.finalize()))
 }
 
 /// Reads CSV text with the dataset's header.
 pub fn history_from_csv(source: &str, text: &str) -> Result<History, HistoryError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_reader(text.as_bytes());
-    let headers = reader
-        .headers()
-        .map_err(|e| HistoryError::Header(e.to_string()))?
-        .clone();
-    let mut h = History {
-        source: source.to_string(),
-        fingerprint: sha256_hex(text.as_bytes()),
-        ..History::default()
-    };
-    for (line, record) in reader.records().enumerate() {
-        let parsed = record
-            .and_then(|r| r.deserialize::<RawTransaction>(Some(&headers)))
-            .map_err(|e| DecodeError::Malformed {
-                format: "CSV",
-                detail: e.to_string(),
-            })
-            .and_then(validate);
-        match parsed {
-            Ok(tx) => h.events.push(tx),
-            Err(e) => h.rejected.push((line + 2, e)),
-        }
-    }
-    Ok(h)
+    let mut reader = HistoryReader::new(source, &unbounded(), &FeatureConfig::default());
+    let fingerprint = csv_into(text.as_bytes(), &mut reader)?;
+    Ok(whole(reader.finish(fingerprint)))
 }
 
 /// Reads JSON lines, one event per line, decoded as the stream decodes JSON.
 pub fn history_from_jsonl(source: &str, text: &str) -> History {
-    let mut h = History {
-        source: source.to_string(),
-        fingerprint: sha256_hex(text.as_bytes()),
-        ..History::default()
-    };
-    for (line, l) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        match Decoder::Json.decode(l.as_bytes()) {
-            Ok(tx) => h.events.push(tx),
-            Err(e) => h.rejected.push((line + 1, e)),
-        }
+    let mut reader = HistoryReader::new(source, &unbounded(), &FeatureConfig::default());
+    // Reading from memory cannot fail.
+    let fingerprint = jsonl_into(text.as_bytes(), &mut reader).unwrap_or_default();
+    whole(reader.finish(fingerprint))
+}
+
+/// Settings that keep every event: for histories already in memory.
+fn unbounded() -> ModelConfig {
+    ModelConfig {
+        max_training_events: usize::MAX,
+        ..ModelConfig::default()
     }
-    h
+}
+
+fn whole(t: Training) -> History {
+    match t {
+        Training::Whole(h) => h,
+        // `unbounded()` never samples.
+        Training::Sampled(_) => unreachable!("an unbounded reader sampled"),
+    }
+}
+
+/// Fingerprint of recorded payloads: each one's length and bytes.
+#[derive(Default)]
+pub struct PayloadFingerprint(Sha256);
+
+impl PayloadFingerprint {
+    pub fn add(&mut self, payload: &[u8]) {
+        self.0.update((payload.len() as u64).to_le_bytes());
+        self.0.update(payload);
+    }
+
+    pub fn finish(self) -> String {
+        hex(self.0.finalize())
+    }
 }
 
 /// Events as recorded bytes (e.g. read from a topic), decoded as the stream decodes them.
@@ -116,39 +362,34 @@ pub fn history_from_payloads<'a>(
     payloads: impl IntoIterator<Item = &'a [u8]>,
     decoder: &Decoder,
 ) -> History {
-    let mut hasher = Sha256::new();
-    let mut h = History {
-        source: source.to_string(),
-        ..History::default()
-    };
+    let mut reader = HistoryReader::new(source, &unbounded(), &FeatureConfig::default());
+    let mut fingerprint = PayloadFingerprint::default();
     for (i, p) in payloads.into_iter().enumerate() {
-        hasher.update((p.len() as u64).to_le_bytes());
-        hasher.update(p);
-        match decoder.decode(p) {
-            Ok(tx) => h.events.push(tx),
-            Err(e) => h.rejected.push((i + 1, e)),
-        }
+        fingerprint.add(p);
+        reader.push(i + 1, decoder.decode(p));
     }
-    h.fingerprint = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    h
+    whole(reader.finish(fingerprint.finish()))
 }
 
-/// Reads a `.csv` or `.jsonl` file.
-pub fn read_history(path: &Path) -> Result<History, HistoryError> {
+/// Reads a `.csv` or `.jsonl` file as a stream, in memory bounded by `models.max_training_events`
+/// (see [`HistoryReader`]).
+pub fn read_history(
+    path: &Path,
+    models: &ModelConfig,
+    features: &FeatureConfig,
+) -> Result<Training, HistoryError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| HistoryError::Io {
+    let file = std::fs::File::open(path).map_err(|source| HistoryError::Io {
         path: name.clone(),
         source,
     })?;
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("csv") => history_from_csv(&name, &text),
-        Some("jsonl" | "json" | "ndjson") => Ok(history_from_jsonl(&name, &text)),
-        _ => Err(HistoryError::Format(name)),
-    }
+    let mut reader = HistoryReader::new(&name, models, features);
+    let fingerprint = match path.extension().and_then(|e| e.to_str()) {
+        Some("csv") => csv_into(file, &mut reader)?,
+        Some("jsonl" | "json" | "ndjson") => jsonl_into(file, &mut reader)?,
+        _ => return Err(HistoryError::Format(name)),
+    };
+    Ok(reader.finish(fingerprint))
 }
 
 /// The bundled dataset as history.
@@ -326,6 +567,18 @@ fn fit(
     })
 }
 
+/// What the manifest records about the training data.
+struct Facts<'a> {
+    source: &'a str,
+    fingerprint: &'a str,
+    rows_valid: usize,
+    rows_invalid: usize,
+    accounts: usize,
+    first: i64,
+    last: i64,
+    notes: Vec<String>,
+}
+
 /// Trains both detectors on `history` and returns the model set (not yet saved). The result
 /// depends only on the history, the parameters and the forest's seed: the same inputs give a
 /// byte-identical artifact (its time is the newest training event's, not the clock's).
@@ -336,14 +589,76 @@ pub fn train(
     policy: Policy,
 ) -> Result<ModelSet, ModelError> {
     let events = in_event_time_order(history.events.clone());
-    if events.len() < 3 {
+    let rows = replay_features(&events, features);
+    let facts = Facts {
+        source: &history.source,
+        fingerprint: &history.fingerprint,
+        rows_valid: history.events.len(),
+        rows_invalid: history.rows_invalid,
+        accounts: events
+            .iter()
+            .map(|e| e.account_id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        first: events.first().map_or(0, |e| e.time),
+        last: events.last().map_or(0, |e| e.time),
+        notes: Vec::new(),
+    };
+    fit_history(&rows, facts, models, features, policy)
+}
+
+/// [`train`] on what a [`HistoryReader`] read: the whole history, or its sample.
+pub fn train_on(
+    training: &Training,
+    models: &ModelConfig,
+    features: &FeatureConfig,
+    policy: Policy,
+) -> Result<ModelSet, ModelError> {
+    let s = match training {
+        Training::Whole(history) => return train(history, models, features, policy),
+        Training::Sampled(s) => s,
+    };
+    let mut notes = vec![format!(
+        "{} valid events, more than models.max_training_events: features computed in the order \
+         read (as the live stream computes them), a uniform sample of {} fitted",
+        s.rows_valid,
+        s.rows.len()
+    )];
+    if s.out_of_order > 0 {
+        notes.push(format!(
+            "{} events were read after a later event of their account: in a file, sort it by \
+             TransactionDate (a topic is read in its partitions' order, which is the stream's)",
+            s.out_of_order
+        ));
+    }
+    let facts = Facts {
+        source: &s.source,
+        fingerprint: &s.fingerprint,
+        rows_valid: s.rows_valid,
+        rows_invalid: s.rows_invalid,
+        accounts: s.accounts,
+        first: s.first,
+        last: s.last,
+        notes,
+    };
+    fit_history(&s.rows, facts, models, features, policy)
+}
+
+fn fit_history(
+    rows: &[Features],
+    facts: Facts,
+    models: &ModelConfig,
+    features: &FeatureConfig,
+    policy: Policy,
+) -> Result<ModelSet, ModelError> {
+    if rows.len() < 3 {
         return Err(ModelError::Training(format!(
             "{} valid events in {}; at least 3 are needed",
-            events.len(),
-            history.source
+            rows.len(),
+            facts.source
         )));
     }
-    let (first, last) = (events[0].time, events[events.len() - 1].time);
+    let (first, last) = (facts.first, facts.last);
     let span = last - first;
     let (forest_numeric, mut notes) = covered_features(&models.forest_features.numeric, span);
     let (lof_numeric, lof_notes) = covered_features(&models.lof_features.numeric, span);
@@ -361,14 +676,14 @@ pub fn train(
             return Err(ModelError::Training(notes.join("; ")));
         }
     }
-    let rows = replay_features(&events, features);
+    notes.extend(facts.notes);
 
     let forest_encoder = Encoder::fit(
         &forest_numeric,
         &models.forest_features.categorical,
         CategoricalEncoding::Ordinal,
         false,
-        &rows,
+        rows,
     )?;
     let forest_rows: Vec<Vec<f64>> = rows.iter().map(|r| forest_encoder.encode(r)).collect();
     let p = models.forest;
@@ -377,7 +692,7 @@ pub fn train(
         &models.lof_features.categorical,
         CategoricalEncoding::OneHot,
         true,
-        &rows,
+        rows,
     )?;
     let dims = lof_encoder.width();
     let lof_rows: Vec<Vec<f64>> = rows.iter().map(|r| lof_encoder.encode(r)).collect();
@@ -420,11 +735,6 @@ pub fn train(
         )
     };
 
-    let accounts = events
-        .iter()
-        .map(|e| e.account_id.as_str())
-        .collect::<std::collections::HashSet<_>>()
-        .len();
     // Training data and every setting: two models of the same data with different settings (a
     // champion and its challenger) get different versions; the same ones, the same version.
     let settings = sha256_hex(
@@ -442,7 +752,7 @@ pub fn train(
     let version = format!(
         "{}-{}-{}",
         as_of.format("%Y%m%dT%H%M%SZ"),
-        &history.fingerprint[..8.min(history.fingerprint.len())],
+        &facts.fingerprint[..8.min(facts.fingerprint.len())],
         &settings[..4]
     );
     let manifest = Manifest {
@@ -465,12 +775,12 @@ pub fn train(
             encoder: lof_encoder,
         },
         training: TrainingInfo {
-            source: history.source.clone(),
-            fingerprint: history.fingerprint.clone(),
-            rows_read: history.rows_read(),
-            rows_valid: history.events.len(),
-            rows_invalid: history.rejected.len(),
-            accounts,
+            source: facts.source.to_string(),
+            fingerprint: facts.fingerprint.to_string(),
+            rows_read: facts.rows_valid + facts.rows_invalid,
+            rows_valid: facts.rows_valid,
+            rows_invalid: facts.rows_invalid,
+            accounts: facts.accounts,
             first_event: format_time(first),
             last_event: format_time(last),
             target_alert_rate: models.target_alert_rate,
@@ -531,6 +841,101 @@ mod tests {
         for r in rows.iter().take(200) {
             assert_eq!(loaded.assess(r, &mut scratch), set.assess(r, &mut scratch));
         }
+    }
+
+    fn simulated(count: usize) -> Vec<Vec<u8>> {
+        let mut sim = crate::simulate::Simulator::new(7, 0.02, 0.0);
+        (0..count).map(|_| sim.next_event().payload).collect()
+    }
+
+    fn read(payloads: &[Vec<u8>], limit: usize) -> Training {
+        let models = ModelConfig {
+            max_training_events: limit,
+            ..ModelConfig::default()
+        };
+        let mut reader = HistoryReader::new("sim", &models, &FeatureConfig::default());
+        let mut fingerprint = PayloadFingerprint::default();
+        for (i, p) in payloads.iter().enumerate() {
+            fingerprint.add(p);
+            reader.push(i + 1, Decoder::Json.decode(p));
+        }
+        reader.finish(fingerprint.finish())
+    }
+
+    /// Past the limit memory holds a sample, not the history: every event still goes through
+    /// the per-account state in the order read, so each kept row is the one the whole history
+    /// gives that event; the same input gives the same sample.
+    #[test]
+    fn a_history_longer_than_the_limit_is_sampled_to_it_with_features_in_the_order_read() {
+        let payloads = simulated(6_000);
+        let Training::Sampled(s) = read(&payloads, 1_500) else {
+            panic!("6,000 events over a limit of 1,500 were kept whole")
+        };
+        assert_eq!(
+            (s.rows.len(), s.rows_valid, s.rows_invalid),
+            (1_500, 6_000, 0)
+        );
+        let events: Vec<Transaction> = payloads
+            .iter()
+            .map(|p| Decoder::Json.decode(p).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let all = replay_features(&events, &FeatureConfig::default());
+        assert!(s.rows.iter().all(|r| all.contains(r)));
+        let late = all[4_000..].iter().filter(|r| s.rows.contains(r)).count();
+        assert!(
+            (300..=700).contains(&late),
+            "{late} of the sample from the last third"
+        );
+        let Training::Sampled(again) = read(&payloads, 1_500) else {
+            unreachable!()
+        };
+        assert_eq!(again.rows, s.rows);
+
+        let training = Training::Sampled(s);
+        let set = train_on(
+            &training,
+            &ModelConfig::default(),
+            &FeatureConfig::default(),
+            Policy::All,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.manifest.training.rows_valid, 6_000);
+        assert!(
+            set.manifest
+                .training
+                .notes
+                .iter()
+                .any(|n| n.contains("a uniform sample of 1500")),
+            "{:?}",
+            set.manifest.training.notes
+        );
+    }
+
+    /// Up to the limit the history is kept whole and trained on exactly as before: a file read
+    /// as a stream gives the model its text in memory gives, fingerprint included.
+    #[test]
+    fn a_file_read_as_a_stream_trains_the_model_its_text_in_memory_trains() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("history.csv");
+        std::fs::write(&path, BUNDLED_DATASET).unwrap_or_else(|e| panic!("{e}"));
+        let (models, features) = (ModelConfig::default(), FeatureConfig::default());
+        let streamed = read_history(&path, &models, &features).unwrap_or_else(|e| panic!("{e}"));
+        let Training::Whole(h) = &streamed else {
+            panic!("2,512 events were sampled")
+        };
+        let bundled = bundled_history().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.fingerprint, bundled.fingerprint);
+        assert_eq!(h.fingerprint, sha256_hex(BUNDLED_DATASET.as_bytes()));
+        assert_eq!(h.events, bundled.events);
+        let a =
+            train_on(&streamed, &models, &features, Policy::All).unwrap_or_else(|e| panic!("{e}"));
+        let b = train(&bundled, &models, &features, Policy::All).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.manifest.version, b.manifest.version);
+        assert_eq!(
+            a.manifest.isolation_forest.threshold,
+            b.manifest.isolation_forest.threshold
+        );
+        assert_eq!(a.manifest.lof.threshold, b.manifest.lof.threshold);
     }
 
     #[test]
