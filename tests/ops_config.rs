@@ -1183,3 +1183,256 @@ print(json.dumps(out, default=str))
         Some(alert.models[1].score)
     );
 }
+
+// ---- Kubernetes ------------------------------------------------------------------------------
+
+/// `kustomize build` of a directory under deploy/kubernetes, as its documents.
+fn kustomize(kustomize: &Path, dir: &str) -> Vec<Yaml> {
+    let text = run(Command::new(kustomize)
+        .arg("build")
+        .arg(repo().join("deploy/kubernetes").join(dir)));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Yaml], kind: &str) -> Vec<&'a Yaml> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+/// Every rendered layout passes the Kubernetes API's own schemas (kubernetes-validate, strict:
+/// an unknown or misplaced field fails), and runs as a cluster with the `restricted` pod
+/// security standard demands: numeric non-root user, read-only root, no privilege escalation,
+/// no capabilities, seccomp, and bounded resources.
+#[test]
+fn kubernetes_layouts_pass_the_api_schemas_and_run_restricted() {
+    let (Some(kustomize_bin), Some(validate)) = (tool("kustomize"), tool("kubernetes-validate"))
+    else {
+        return;
+    };
+    for layout in ["base", "overlays/production"] {
+        let docs = kustomize(&kustomize_bin, layout);
+        let rendered = tempfile::NamedTempFile::new().unwrap();
+        let text: Vec<String> = docs
+            .iter()
+            .map(|d| serde_yaml::to_string(d).unwrap())
+            .collect();
+        std::fs::write(rendered.path(), text.join("---\n")).unwrap();
+        let out = run(Command::new(&validate).arg("--strict").arg(rendered.path()));
+        assert!(
+            !out.contains("ERROR") && !out.contains("WARN"),
+            "{layout}: {out}"
+        );
+        let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        for kind in [
+            "StatefulSet",
+            "Service",
+            "PodDisruptionBudget",
+            "Job",
+            "ConfigMap",
+        ] {
+            assert!(kinds.contains(kind), "{layout} has no {kind}: {kinds:?}");
+        }
+        let pods: Vec<&Yaml> = of_kind(&docs, "StatefulSet")
+            .into_iter()
+            .chain(of_kind(&docs, "Job"))
+            .map(|w| &w["spec"]["template"]["spec"])
+            .collect();
+        for pod in pods {
+            let sc = &pod["securityContext"];
+            assert_eq!(sc["runAsNonRoot"], Yaml::Bool(true), "{layout}: {sc:?}");
+            assert!(
+                sc["runAsUser"].as_u64().is_some_and(|u| u > 0),
+                "{layout}: {sc:?}"
+            );
+            assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{layout}");
+            for c in pod["containers"].as_sequence().unwrap() {
+                let name = c["name"].as_str().unwrap();
+                let csc = &c["securityContext"];
+                assert_eq!(
+                    csc["readOnlyRootFilesystem"],
+                    Yaml::Bool(true),
+                    "{layout}/{name}"
+                );
+                assert_eq!(
+                    csc["allowPrivilegeEscalation"],
+                    Yaml::Bool(false),
+                    "{layout}/{name}"
+                );
+                assert_eq!(
+                    strs(&csc["capabilities"]["drop"]),
+                    ["ALL"],
+                    "{layout}/{name}"
+                );
+                for bound in ["requests", "limits"] {
+                    assert!(
+                        c["resources"][bound]["memory"].as_str().is_some(),
+                        "{layout}/{name} has no memory {bound}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The vigil pods as the StatefulSet declares them: probes on the routes and port vigil serves,
+/// at most one replica per input partition, the Service and the disruption budget selecting
+/// exactly these pods, the image's numeric user, and a grace period longer than vigil's own
+/// 60 s bound on a stop.
+#[test]
+fn the_kubernetes_statefulset_probes_vigil_and_is_sized_to_the_partitions() {
+    let Some(kustomize_bin) = tool("kustomize") else {
+        return;
+    };
+    let partitions = topics_conf()
+        .into_iter()
+        .find(|(name, _)| name == "transactions")
+        .map(|(_, p)| p)
+        .unwrap();
+    let dockerfile = read("Dockerfile");
+    let image_user = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse::<u64>()
+        .expect("the Dockerfile's USER is numeric");
+    for layout in ["base", "overlays/production"] {
+        let docs = kustomize(&kustomize_bin, layout);
+        let set = of_kind(&docs, "StatefulSet")[0];
+        let replicas = set["spec"]["replicas"].as_i64().unwrap();
+        assert!(
+            (1..=i64::from(partitions)).contains(&replicas),
+            "{layout}: {replicas} replicas for {partitions} partitions"
+        );
+        let pod = &set["spec"]["template"];
+        let labels = &pod["metadata"]["labels"];
+        for selector in [
+            &set["spec"]["selector"]["matchLabels"],
+            &of_kind(&docs, "PodDisruptionBudget")[0]["spec"]["selector"]["matchLabels"],
+            &of_kind(&docs, "Service")[0]["spec"]["selector"],
+        ] {
+            for (k, v) in selector.as_mapping().unwrap() {
+                assert_eq!(
+                    &labels[k], v,
+                    "{layout}: selector {k:?} does not match the pods"
+                );
+            }
+        }
+        let spec = &pod["spec"];
+        assert_eq!(
+            spec["securityContext"]["runAsUser"].as_u64(),
+            Some(image_user)
+        );
+        assert!(spec["terminationGracePeriodSeconds"].as_u64().unwrap() > 60);
+        let vigil = &spec["containers"][0];
+        let config: BTreeMap<String, String> = of_kind(&docs, "ConfigMap")
+            .into_iter()
+            .filter(|c| {
+                c["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("vigil-env")
+            })
+            .flat_map(|c| c["data"].as_mapping().unwrap().clone())
+            .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
+            .collect();
+        let port = config["VIGIL_SERVER__ADDR"].rsplit(':').next().unwrap();
+        assert_eq!(
+            vigil["ports"][0]["containerPort"]
+                .as_u64()
+                .unwrap()
+                .to_string(),
+            port
+        );
+        assert_eq!(vigil["livenessProbe"]["httpGet"]["path"], "/health");
+        assert_eq!(vigil["readinessProbe"]["httpGet"]["path"], "/ready");
+        assert_eq!(
+            vigil["readinessProbe"]["httpGet"]["port"],
+            vigil["ports"][0]["name"]
+        );
+
+        // Every setting the pods get is one vigil accepts: vigil loads its configuration from
+        // exactly these variables (a wrong key or value stops it with the key's name).
+        let mut env = config.clone();
+        for e in vigil["env"].as_sequence().unwrap() {
+            if let Some(v) = e["value"].as_str() {
+                env.insert(
+                    e["name"].as_str().unwrap().into(),
+                    v.replace("$(POD_NAME)", "vigil-0"),
+                );
+            }
+        }
+        let work = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["simulate", "--count", "1", "--out"])
+            .arg(work.path().join("one.jsonl"))
+            .current_dir(work.path())
+            .env_clear()
+            .envs(env.iter().filter(|(k, _)| k.starts_with("VIGIL_")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{layout}: vigil refuses its configuration: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The topic Job applies kafka/create-topics.sh and kafka/topics.conf themselves (the ConfigMap
+/// is generated from those files), against the brokers vigil is given.
+#[test]
+fn the_kubernetes_topic_job_runs_the_repositorys_topic_script_against_vigils_brokers() {
+    let Some(kustomize_bin) = tool("kustomize") else {
+        return;
+    };
+    let docs = kustomize(&kustomize_bin, "base");
+    let topics = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| {
+            c["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("vigil-topics")
+        })
+        .unwrap();
+    assert_eq!(
+        topics["data"]["create-topics.sh"].as_str(),
+        Some(read("kafka/create-topics.sh").as_str())
+    );
+    assert_eq!(
+        topics["data"]["topics.conf"].as_str(),
+        Some(read("kafka/topics.conf").as_str())
+    );
+    let job = &of_kind(&docs, "Job")[0]["spec"]["template"]["spec"];
+    assert_eq!(
+        job["volumes"][0]["configMap"]["name"],
+        topics["metadata"]["name"]
+    );
+    let c = &job["containers"][0];
+    assert_eq!(strs(&c["command"])[1], "/kafka-setup/create-topics.sh");
+    let bootstrap = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "BOOTSTRAP")
+        .unwrap();
+    assert_eq!(
+        bootstrap["valueFrom"]["configMapKeyRef"]["key"],
+        "VIGIL_KAFKA__BROKERS"
+    );
+}
+
+/// hadolint, the Dockerfile linter, finds nothing (each rule not followed says why in the file).
+#[test]
+fn hadolint_accepts_the_dockerfile() {
+    let Some(hadolint) = tool("hadolint") else {
+        return;
+    };
+    run(Command::new(hadolint)
+        .arg("--no-color")
+        .arg(repo().join("Dockerfile")));
+}

@@ -27,13 +27,18 @@ pub fn repo() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// An external tool the test needs (promtool, prometheus, amtool, logrotate), or `None` with a
+/// An external tool the test needs (promtool, prometheus, amtool, logrotate, kustomize in
+/// `.tools/bin`), or `None` with a
 /// note when it is missing outside CI. In CI a missing tool fails the test: `.ci/run` and
 /// `tests/run-all.sh` install them (tests/install-tools.sh).
 pub fn tool(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .chain([
+            "/usr/sbin".into(),
+            "/sbin".into(),
+            repo().join(".tools/bin"),
+        ])
         .map(|d| d.join(name))
         .find(|p| p.is_file());
     if found.is_none() {
