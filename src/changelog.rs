@@ -199,7 +199,7 @@ pub async fn ensure_topic(
     }
     tracing::info!(
         topic,
-        partitions = needs,
+        partition_count = needs,
         "created the state changelog topic"
     );
     Ok(())

@@ -136,7 +136,7 @@ pub async fn run_demo(
     let simulator = tokio::spawn(async move {
         match produce(&sim_producer, &topic, &mut sim, opts.rate, None, &stop).await {
             Ok(n) => tracing::info!(events = n, "simulator stopped"),
-            Err(e) => tracing::error!(error = %e, "simulator failed"),
+            Err(e) => tracing::error!(error.message = %e, "simulator failed"),
         }
     });
     if let Some(d) = opts.duration {

@@ -202,7 +202,7 @@ impl Transactions {
         producer.begin_transaction()?;
         let call = Arc::new(CallWatch::default());
         if let Err(e) = call.start() {
-            tracing::warn!(error = %e, "cannot watch transaction calls for hangs");
+            tracing::warn!(error.message = %e, "cannot watch transaction calls for hangs");
         }
         Ok(Self {
             producer,
@@ -317,7 +317,7 @@ impl Transactions {
             }
             Err(e) if !is_fatal(&e) => {
                 self.aborts_in_a_row.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "transaction aborted; rewinding to the last commit");
+                tracing::warn!(error.message = %e, "transaction aborted; rewinding to the last commit");
                 let restarted = self.call.during(|| {
                     self.producer
                         .abort_transaction(TRANSACTION_TIMEOUT)
@@ -328,7 +328,7 @@ impl Transactions {
                         let suspended = status.suspend_all();
                         self.metrics.transaction_rewinds.inc();
                         tracing::info!(
-                            partitions = suspended,
+                            partition_count = suspended,
                             "partitions suspended until the consumer has rewound them"
                         );
                         Ok(())
@@ -341,7 +341,7 @@ impl Transactions {
                     .call
                     .during(|| self.producer.abort_transaction(TRANSACTION_TIMEOUT))
                 {
-                    tracing::error!(error = %abort, "abort failed too");
+                    tracing::error!(error.message = %abort, "abort failed too");
                 }
                 self.stop(e)
             }
@@ -354,7 +354,7 @@ impl Transactions {
     }
 
     fn stop(&self, e: KafkaError) -> Result<(), KafkaError> {
-        tracing::error!(error = %e, "transaction failed; stopping (a restart resumes from the last commit)");
+        tracing::error!(error.message = %e, "transaction failed; stopping (a restart resumes from the last commit)");
         self.shutdown.cancel();
         Err(e)
     }
@@ -367,7 +367,7 @@ impl Transactions {
                 Err(KafkaError::Transaction(e))
                     if e.is_retriable() && !self.shutdown.is_cancelled() =>
                 {
-                    tracing::warn!(error = %e, "transaction step not done yet; trying again");
+                    tracing::warn!(error.message = %e, "transaction step not done yet; trying again");
                 }
                 done => return done,
             }

@@ -390,7 +390,7 @@ impl ConsumerContext for GroupContext {
             if let Err(e) =
                 rdkafka::producer::Producer::flush(&self.producer, Duration::from_secs(10))
             {
-                tracing::warn!(error = %e, partitions = ?parts, "producer not flushed before giving partitions up");
+                tracing::warn!(error.message = %e, partitions = ?parts, "producer not flushed before giving partitions up");
             }
         }
     }
@@ -417,7 +417,7 @@ impl ConsumerContext for GroupContext {
                 self.metrics.partitions_assigned.set(self.status.assigned());
                 tracing::info!(partitions = ?parts, "partitions revoked");
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => tracing::warn!(error.message = %e, "rebalance error"),
         }
     }
 }

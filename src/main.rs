@@ -378,7 +378,7 @@ async fn main() -> Result<()> {
             };
             let (rejected, invalid) = history.rejected();
             for (line, e) in rejected.iter().take(20) {
-                tracing::warn!(line, error = %e, "skipped an invalid row");
+                tracing::warn!(line, error.message = %e, "skipped an invalid row");
             }
             if invalid > 20 {
                 tracing::warn!(more = invalid - 20, "skipped more invalid rows");

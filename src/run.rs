@@ -268,7 +268,7 @@ fn restore(
             Err(crate::changelog::ChangelogError::Timeout(_)) => {
                 return Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut));
             }
-            Err(e) => tracing::warn!(partition, error = %e,
+            Err(e) => tracing::warn!(partition, error.message = %e,
                 "changelog unreadable; rebuilding the state from the input topic"),
         }
     }
@@ -631,7 +631,7 @@ impl Worker {
                     offset,
                     code = error.code(),
                     field = error.field().unwrap_or(""),
-                    error = %bounded_text(&error.to_string(), DEAD_LETTER_MAX_ERROR),
+                    error.message = %bounded_text(&error.to_string(), DEAD_LETTER_MAX_ERROR),
                     bytes = payload.len(),
                     "invalid event sent to the dead-letter topic"
                 );
@@ -706,7 +706,7 @@ impl Worker {
                 // In the open transaction.
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::error!(error = %e, partition = msg.partition(), offset = msg.offset(),
+                    tracing::error!(error.message = %e, partition = msg.partition(), offset = msg.offset(),
                         "cannot publish an outcome; stopping without storing its offset");
                     shutdown.cancel();
                     return Err(e);
@@ -736,7 +736,7 @@ impl Acks {
         let on_failure = |e: &KafkaError, pause: Duration| {
             self.metrics.publish_failures.inc();
             if let Some(held_back) = self.logs.admit("outcome refused") {
-                tracing::error!(error = %e, retry_in_s = pause.as_secs(), held_back,
+                tracing::error!(error.message = %e, retry_in_s = pause.as_secs(), held_back,
                     "outcome not acknowledged; sending it again, storing no offset past it");
             }
         };
@@ -746,7 +746,7 @@ impl Acks {
             shutdown: &self.shutdown,
         };
         p.acknowledged(retry).await.map_err(|e| {
-            tracing::error!(error = %e, "stopped before the outcome was acknowledged; its offset is not stored");
+            tracing::error!(error.message = %e, "stopped before the outcome was acknowledged; its offset is not stored");
             self.shutdown.cancel();
             e.into()
         })
@@ -789,7 +789,7 @@ async fn send_changes(
                     // Out of the lock: a revocation may go ahead while the queue drains.
                     Some(Ok(false)) => tokio::time::sleep(Duration::from_millis(2)).await,
                     Some(Err(e)) => {
-                        tracing::error!(error = %e, partition = p.partition, offset = p.offset,
+                        tracing::error!(error.message = %e, partition = p.partition, offset = p.offset,
                             "cannot queue a changelog record; stopping without storing its offset");
                         acks.shutdown.cancel();
                         return Err(e.into());
@@ -832,7 +832,7 @@ async fn acknowledge(
         }
         if let Err(e) = consumer.store_offset(&topic, p.partition, p.offset) {
             // The partition was revoked meanwhile; its new owner re-processes from the last commit.
-            tracing::debug!(error = %e, partition = p.partition, "offset not stored");
+            tracing::debug!(error.message = %e, partition = p.partition, "offset not stored");
         }
         metrics
             .stored_offset
@@ -949,11 +949,11 @@ async fn changelog_topic(
         match crate::changelog::ensure_topic(&cfg.kafka, brokers, topic).await {
             Ok(()) => return Some(topic.to_string()),
             Err(crate::changelog::ChangelogError::Kafka(e)) if broker_unavailable(&e) => {
-                tracing::warn!(topic, error = %e, retry_in_s = pause.as_secs(),
+                tracing::warn!(topic, error.message = %e, retry_in_s = pause.as_secs(),
                     "cannot reach the broker to check the state changelog yet");
             }
             Err(e) => {
-                tracing::error!(topic, error = %e,
+                tracing::error!(topic, error.message = %e,
                     "state changelog unusable; restoring state from the input topic instead");
                 return None;
             }
@@ -985,7 +985,7 @@ async fn until_answered<T: Send + 'static>(
             Err(e) => e.to_string(),
         };
         metrics.schema_registry_failures.inc();
-        tracing::warn!(error = %failure, retry_in_s = pause.as_secs(), "schema registry: {what}");
+        tracing::warn!(error.message = %failure, retry_in_s = pause.as_secs(), "schema registry: {what}");
         tokio::select! {
             () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(pause) => {}
@@ -1190,7 +1190,7 @@ pub async fn run_stream(
             Err(e) => {
                 let kind = format!("consumer {:?}", e.rdkafka_error_code());
                 if let Some(held_back) = logs.admit(&kind) {
-                    tracing::warn!(error = %e, held_back, "consumer error");
+                    tracing::warn!(error.message = %e, held_back, "consumer error");
                 }
             }
         }
@@ -1232,12 +1232,12 @@ pub async fn run_stream(
     } else {
         match producer.flush(Duration::from_secs(30)) {
             Ok(()) => tracing::info!("producer flushed"),
-            Err(e) => tracing::error!(error = %e, "producer flush failed"),
+            Err(e) => tracing::error!(error.message = %e, "producer flush failed"),
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::info!("offsets committed"),
             Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::error!(error = %e, "final commit failed"),
+            Err(e) => tracing::error!(error.message = %e, "final commit failed"),
         }
     }
     consumer.unsubscribe();

@@ -855,7 +855,7 @@ pub async fn start(
         .spawn(move || {
             runtime.block_on(async move {
                 if let Err(e) = serve(addr, shared, shutdown, tx).await {
-                    tracing::error!(error = %e, %addr, "HTTP server failed");
+                    tracing::error!(error.message = %e, %addr, "HTTP server failed");
                 }
             })
         })?;

@@ -10,6 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{repo, tool};
 use serde_json::Value as Json;
@@ -911,9 +912,7 @@ fn filebeat_ships_the_file_vigil_writes_into_the_index_kibana_searches() {
         "Kibana data view {title} vs template {patterns:?}"
     );
     // Fields the saved searches show are mapped by the template.
-    let mapped = template["template"]["mappings"]["properties"]
-        .as_object()
-        .unwrap();
+    let mapped = &template["template"]["mappings"];
     for o in saved
         .lines()
         .map(|l| serde_json::from_str::<Json>(l).unwrap())
@@ -921,10 +920,225 @@ fn filebeat_ships_the_file_vigil_writes_into_the_index_kibana_searches() {
     {
         for c in o["attributes"]["columns"].as_array().unwrap() {
             assert!(
-                mapped.contains_key(c.as_str().unwrap()),
+                mapping_at(mapped, c.as_str().unwrap()).is_some(),
                 "{c} is not mapped"
             );
         }
+    }
+
+    // Rotation loses nothing: Filebeat reads the rotated copies too, knows them for copies of
+    // the live file (copytruncate strategy) by a suffix that matches logrotate's dateext
+    // names, and skips the compressed ones.
+    let strategy = &input["rotation.external.strategy.copytruncate"];
+    let suffix = regex_lite::Regex::new(strategy["suffix_regex"].as_str().unwrap()).unwrap();
+    let rotate = read("logging/logrotate/vigil");
+    assert!(rotate.contains("copytruncate") && rotate.contains("dateformat -%Y%m%d-%s"));
+    let copy = format!("{log_file}-20261201-1764547200");
+    assert!(
+        suffix.is_match(&copy) && !suffix.is_match(&log_file),
+        "{suffix}"
+    );
+    let globs = strs(&input["paths"]);
+    assert!(
+        globs.iter().any(|g| g == &format!("{dir}/*.log-*")),
+        "{globs:?}"
+    );
+    let excluded = strs(&input["prospector.scanner.exclude_files"]);
+    assert!(excluded.iter().any(|x| {
+        regex_lite::Regex::new(x)
+            .unwrap()
+            .is_match(&format!("{copy}.gz"))
+    }));
+}
+
+/// The mapping of a dotted field path (`error.message`) in an index template's mappings.
+fn mapping_at<'a>(mappings: &'a Json, path: &str) -> Option<&'a Json> {
+    let mut at = mappings;
+    for part in path.split('.') {
+        at = at["properties"].get(part)?;
+    }
+    Some(at)
+}
+
+/// vigil's real JSON log lines — a demo run with malformed events and alerts, and a run whose
+/// broker never answers — as Filebeat ships them (plus a line that is not JSON, with the error
+/// object Filebeat adds), checked against the index template as Elasticsearch would map them:
+/// every field's values fit its mapped type, and an unmapped field keeps one JSON type, so no
+/// line is ever rejected for a mapping conflict.
+#[test]
+fn vigils_real_log_lines_fit_the_index_templates_mappings() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("vigil.log");
+    let vigil = |args: &[&str], env: &[(&str, &str)], stop_after: Option<Duration>| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(args)
+            .current_dir(work.path())
+            .env("VIGIL_LOG__FILE", &log)
+            .env("VIGIL_SERVER__ADDR", "127.0.0.1:0")
+            .env("VIGIL_MODELS__DIR", work.path().join("models"))
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        if let Some(after) = stop_after {
+            std::thread::sleep(after);
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        child.wait().unwrap();
+    };
+    vigil(
+        &[
+            "demo",
+            "--seconds",
+            "6",
+            "--history",
+            "3000",
+            "--rate",
+            "300",
+            "--malformed-share",
+            "0.05",
+            "--anomaly-share",
+            "0.05",
+        ],
+        &[],
+        None,
+    );
+    vigil(
+        &["run"],
+        &[
+            ("VIGIL_KAFKA__BROKERS", "127.0.0.1:9"),
+            ("VIGIL_KAFKA__BROKER_TIMEOUT_SECONDS", "1"),
+        ],
+        Some(Duration::from_secs(5)),
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<serde_json::Map<String, Json>> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let messages: BTreeSet<String> = lines
+        .iter()
+        .filter_map(|l| l.get("message")?.as_str().map(String::from))
+        .collect();
+    for needed in ["alert", "invalid event sent to the dead-letter topic"] {
+        assert!(
+            messages.contains(needed),
+            "no `{needed}` line in {messages:?}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains_key("error.message")),
+        "{messages:?}"
+    );
+    // What Filebeat makes of a line that is not JSON (add_error_key).
+    lines.push(
+        serde_json::from_value(serde_json::json!({
+            "message": "thread 'main' panicked at src/main.rs:1:1",
+            "error": {"message": "Error decoding JSON: invalid character 'h'", "type": "json"},
+        }))
+        .unwrap(),
+    );
+    let filebeat = yaml("logging/filebeat/filebeat.yml");
+    let mappings =
+        json("logging/elasticsearch/index-template.json")["template"]["mappings"].clone();
+    let mut dynamic: BTreeMap<String, &'static str> = BTreeMap::new();
+    for mut line in lines {
+        // Filebeat: the timestamp processor moves `timestamp` to @timestamp; fields_under_root.
+        if let Some(t) = line.remove("timestamp") {
+            line.insert("@timestamp".into(), t);
+        }
+        for (k, v) in filebeat["filebeat.inputs"][0]["fields"]
+            .as_mapping()
+            .unwrap()
+        {
+            line.insert(
+                k.as_str().unwrap().into(),
+                Json::String(v.as_str().unwrap().into()),
+            );
+        }
+        let mut fields: Vec<(String, Json)> = Vec::new();
+        flatten("", &Json::Object(line), &mut fields);
+        for (path, value) in fields {
+            let kind = match &value {
+                Json::String(_) => "string",
+                Json::Number(n) if n.is_i64() || n.is_u64() => "integer",
+                Json::Number(_) => "number",
+                Json::Bool(_) => "boolean",
+                Json::Null => continue,
+                Json::Array(_) => "array",
+                Json::Object(_) => unreachable!(),
+            };
+            // A field under a path mapped as a value (`error` as text, say) is a conflict.
+            let mut prefix = String::new();
+            for part in path.split('.').collect::<Vec<_>>().split_last().unwrap().1 {
+                prefix = if prefix.is_empty() {
+                    part.to_string()
+                } else {
+                    format!("{prefix}.{part}")
+                };
+                let leaf = mapping_at(&mappings, &prefix).and_then(|m| m["type"].as_str());
+                assert!(
+                    leaf.is_none_or(|t| t == "object"),
+                    "{path} is logged under {prefix}, which is mapped as {leaf:?}"
+                );
+                let seen = dynamic.get(&prefix).copied();
+                assert!(
+                    seen.is_none(),
+                    "{path} is logged under {prefix}, also logged as {seen:?}"
+                );
+            }
+            match mapping_at(&mappings, &path).and_then(|m| m["type"].as_str()) {
+                Some(mapped) => {
+                    let fits = match mapped {
+                        "keyword" | "text" | "date" => kind == "string",
+                        "integer" | "long" => {
+                            kind == "integer"
+                                || value.as_str().is_some_and(|s| s.parse::<i64>().is_ok())
+                        }
+                        "float" | "double" => {
+                            matches!(kind, "integer" | "number")
+                                || value.as_str().is_some_and(|s| s.parse::<f64>().is_ok())
+                        }
+                        "boolean" => kind == "boolean",
+                        other => panic!("{path}: mapped as {other}, which this test does not know"),
+                    };
+                    assert!(
+                        fits,
+                        "{path} is mapped as {mapped} but logged as {kind}: {value}"
+                    );
+                }
+                None => {
+                    assert!(
+                        mapping_at(&mappings, &path).is_none_or(|m| m.get("properties").is_none()),
+                        "{path} is mapped as an object but logged as {kind}"
+                    );
+                    let first = *dynamic.entry(path.clone()).or_insert(kind);
+                    let same = first == kind || (first == "number" && kind == "integer");
+                    assert!(same, "{path} is logged as {first} and as {kind}: {value}");
+                }
+            }
+        }
+    }
+}
+
+/// A document's leaf fields by dotted path (a dotted key such as `error.message` is a path too,
+/// as Elasticsearch reads it).
+fn flatten(prefix: &str, value: &Json, out: &mut Vec<(String, Json)>) {
+    match value {
+        Json::Object(map) => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&path, v, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.clone())),
     }
 }
 
