@@ -201,52 +201,85 @@ fn promtool_accepts_the_prometheus_config_and_its_rules() {
     assert!(out.contains("SUCCESS"), "{out}");
 }
 
+/// vigil's rules and the alerting path's own (monitoring/rules/meta.yml), each with its tests.
+const RULE_FILES: [&str; 2] = ["vigil", "meta"];
+
 #[test]
 fn rule_unit_tests_make_every_alert_fire_and_resolve() {
     let Some(promtool) = tool("promtool") else {
         return;
     };
-    run(Command::new(promtool)
-        .args(["test", "rules"])
-        .arg(repo().join("monitoring/rules/vigil.test.yml")));
+    for name in RULE_FILES {
+        run(Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(repo().join(format!("monitoring/rules/{name}.test.yml"))));
 
-    // Coverage: each alert has a case where it fires and a later one where it is gone.
-    let rules = yaml("monitoring/rules/vigil.yml");
-    let alerts: BTreeSet<String> = rules["groups"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .flat_map(|g| g["rules"].as_sequence().unwrap())
-        .filter_map(|r| r["alert"].as_str().map(str::to_string))
-        .collect();
-    assert!(alerts.len() >= 9, "{alerts:?}");
-    let tests = yaml("monitoring/rules/vigil.test.yml");
-    let mut fired: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
-    for t in tests["tests"].as_sequence().unwrap() {
-        for case in t["alert_rule_test"].as_sequence().unwrap() {
-            let name = case["alertname"].as_str().unwrap().to_string();
-            let firing = case["exp_alerts"]
-                .as_sequence()
-                .is_some_and(|a| !a.is_empty());
-            let at = case["eval_time"].as_str().unwrap().to_string();
-            fired.entry(name).or_default().push((at, firing));
-        }
-    }
-    let minutes = |t: &str| t.trim_end_matches('m').parse::<u32>().unwrap();
-    for alert in &alerts {
-        let cases = fired
-            .get(alert)
-            .unwrap_or_else(|| panic!("{alert} is not tested"));
-        let first_fire = cases
+        // Coverage: each alert has a case where it fires and a later one where it is gone —
+        // but the dead man's switch, which must fire at every time tested.
+        let rules = yaml(&format!("monitoring/rules/{name}.yml"));
+        let alerts: BTreeSet<String> = rules["groups"]
+            .as_sequence()
+            .unwrap()
             .iter()
-            .filter(|(_, f)| *f)
-            .map(|(t, _)| minutes(t))
-            .min()
-            .unwrap_or_else(|| panic!("{alert} never fires in the tests"));
-        assert!(
-            cases.iter().any(|(t, f)| !f && minutes(t) > first_fire),
-            "{alert} never resolves in the tests"
-        );
+            .flat_map(|g| g["rules"].as_sequence().unwrap())
+            .filter_map(|r| r["alert"].as_str().map(str::to_string))
+            .collect();
+        assert!(alerts.len() >= 5, "{alerts:?}");
+        let tests = yaml(&format!("monitoring/rules/{name}.test.yml"));
+        let mut fired: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+        for t in tests["tests"].as_sequence().unwrap() {
+            for case in t["alert_rule_test"].as_sequence().unwrap() {
+                let alert = case["alertname"].as_str().unwrap().to_string();
+                let firing = case["exp_alerts"]
+                    .as_sequence()
+                    .is_some_and(|a| !a.is_empty());
+                let at = case["eval_time"].as_str().unwrap().to_string();
+                fired.entry(alert).or_default().push((at, firing));
+            }
+        }
+        let minutes = |t: &str| t.trim_end_matches('m').parse::<u32>().unwrap();
+        for alert in &alerts {
+            let cases = fired
+                .get(alert)
+                .unwrap_or_else(|| panic!("{alert} is not tested"));
+            if alert == "Watchdog" {
+                assert!(
+                    cases.len() >= 2 && cases.iter().all(|(_, f)| *f),
+                    "{cases:?}"
+                );
+                continue;
+            }
+            let first_fire = cases
+                .iter()
+                .filter(|(_, f)| *f)
+                .map(|(t, _)| minutes(t))
+                .min()
+                .unwrap_or_else(|| panic!("{alert} never fires in the tests"));
+            assert!(
+                cases.iter().any(|(t, f)| !f && minutes(t) > first_fire),
+                "{alert} never resolves in the tests"
+            );
+        }
+        // Every alert's runbook is a section of docs/operations.md.
+        let runbook = read("docs/operations.md");
+        let anchors: BTreeSet<String> = runbook
+            .lines()
+            .filter_map(|l| l.strip_prefix("## "))
+            .map(|h| h.trim().to_lowercase().replace(' ', "-"))
+            .collect();
+        for rule in rules["groups"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_sequence().unwrap())
+            .filter(|r| r["alert"].is_string())
+        {
+            let link = rule["annotations"]["runbook"].as_str().unwrap();
+            let anchor = link.strip_prefix("docs/operations.md#").unwrap();
+            assert!(anchors.contains(anchor), "{link}: no such section");
+        }
+        // Prometheus loads exactly these files.
+        assert!(read("monitoring/prometheus.yml").contains(&format!("rules/{name}.yml")));
     }
 }
 
@@ -272,6 +305,10 @@ fn alertmanager_config_renders_from_the_environment_and_amtool_accepts_it() {
         .env(
             "ALERTMANAGER_TEAM_WEBHOOK_URL",
             "http://team.example.com/hook",
+        )
+        .env(
+            "ALERTMANAGER_DEADMAN_WEBHOOK_URL",
+            "https://hc-ping.example.com/0b5e",
         ));
     let rendered = std::fs::read_to_string(&out).unwrap();
     assert!(rendered.contains("https://hooks.example.com/pager?a=1&b=2"));
@@ -288,7 +325,7 @@ fn alertmanager_config_renders_from_the_environment_and_amtool_accepts_it() {
     );
     let checked = run(Command::new(amtool).arg("check-config").arg(&out));
     assert!(
-        checked.contains("SUCCESS") && checked.contains("2 receivers"),
+        checked.contains("SUCCESS") && checked.contains("3 receivers"),
         "{checked}"
     );
 
@@ -299,14 +336,43 @@ fn alertmanager_config_renders_from_the_environment_and_amtool_accepts_it() {
         .arg(dir.path().join("unset.yml"))
         .env_remove("ALERTMANAGER_ONCALL_WEBHOOK_URL")
         .env_remove("ALERTMANAGER_TEAM_WEBHOOK_URL")
+        .env_remove("ALERTMANAGER_DEADMAN_WEBHOOK_URL")
         .output()
         .unwrap();
     assert!(!failed.status.success());
     assert!(
         String::from_utf8_lossy(&failed.stderr)
-            .contains("ALERTMANAGER_ONCALL_WEBHOOK_URL is not set")
+            .contains("ALERTMANAGER_DEADMAN_WEBHOOK_URL is not set")
     );
     assert!(!dir.path().join("unset.yml").exists());
+
+    // .env.example's placeholders are refused too: alerts would go nowhere.
+    let placeholder = Command::new("sh")
+        .arg(repo().join("monitoring/alertmanager/render.sh"))
+        .arg(&template)
+        .arg(dir.path().join("placeholder.yml"))
+        .env(
+            "ALERTMANAGER_ONCALL_WEBHOOK_URL",
+            "https://hooks.example.com/pager",
+        )
+        .env(
+            "ALERTMANAGER_TEAM_WEBHOOK_URL",
+            "http://change-me.invalid/team",
+        )
+        .env(
+            "ALERTMANAGER_DEADMAN_WEBHOOK_URL",
+            "https://hc-ping.example.com/0b5e",
+        )
+        .output()
+        .unwrap();
+    assert!(!placeholder.status.success());
+    assert!(
+        String::from_utf8_lossy(&placeholder.stderr)
+            .contains("ALERTMANAGER_TEAM_WEBHOOK_URL is still the placeholder"),
+        "{}",
+        String::from_utf8_lossy(&placeholder.stderr)
+    );
+    assert!(!dir.path().join("placeholder.yml").exists());
 }
 
 #[test]
