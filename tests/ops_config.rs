@@ -700,12 +700,52 @@ fn grafana_provisions_the_datasource_and_dashboards_it_mounts() {
             }
         }
         datasources(&d, &mut uids);
+        // Portable (dashboard-linter's rules): every query names the data source through the
+        // dashboard's `datasource` variable, so the dashboard imports into any Grafana; the
+        // provisioned data source is the default that variable starts on.
         assert_eq!(
             uids,
-            BTreeSet::from([uid.to_string()]),
+            BTreeSet::from(["${datasource}".to_string()]),
             "{}",
             path.display()
         );
+        assert_eq!(
+            ds["isDefault"],
+            Yaml::Bool(true),
+            "{uid} is not the default data source"
+        );
+        let variables = d["templating"]["list"].as_array().unwrap();
+        let var = variables
+            .iter()
+            .find(|v| v["name"] == "datasource")
+            .unwrap();
+        assert_eq!(
+            (var["type"].as_str(), var["query"].as_str()),
+            (Some("datasource"), Some("prometheus"))
+        );
+        // Every panel has a title no other panel has and a description (its tooltip).
+        let mut all = Vec::new();
+        fn panels<'a>(v: &'a Json, out: &mut Vec<&'a Json>) {
+            for p in v.as_array().into_iter().flatten() {
+                out.push(p);
+                panels(&p["panels"], out);
+            }
+        }
+        panels(&d["panels"], &mut all);
+        let mut seen = BTreeSet::new();
+        for p in &all {
+            let title = p["title"].as_str().unwrap();
+            assert!(
+                seen.insert(title),
+                "{}: two panels are titled {title}",
+                path.display()
+            );
+            assert!(
+                p["description"].as_str().is_some_and(|s| s.len() > 20),
+                "{}: panel {title} has no description",
+                path.display()
+            );
+        }
         let titles: Vec<&str> = d["panels"]
             .as_array()
             .unwrap()
