@@ -934,6 +934,70 @@ fn make_certs_signs_server_certificates_for_the_service_names_and_htpasswd_verif
         std::fs::read(dir.path().join("kibana/kibana.crt")).unwrap()
     );
 
+    // As the certs service runs it: Traefik's certificate names the public host and its
+    // aliases (issued again when they change), and the CA's key is kept apart from the
+    // certificates every server mounts.
+    let (certs, keys) = (dir.path().join("stack"), dir.path().join("ca-key"));
+    let traefik_names = |public: &str, aliases: &str| {
+        run(Command::new("sh")
+            .arg(repo().join("logging/make-certs.sh"))
+            .arg(&certs)
+            .arg(&keys)
+            .env("PUBLIC_HOST", public)
+            .env("PUBLIC_HOST_ALIASES", aliases));
+        let cert = certs.join("traefik/traefik.crt");
+        run(Command::new(&openssl)
+            .args(["verify", "-CAfile"])
+            .arg(certs.join("ca/ca.crt"))
+            .arg(&cert));
+        run(Command::new(&openssl)
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(&cert))
+    };
+    let san = traefik_names("vigil.bank.example", "fraud.bank.example,10.20.0.5");
+    for name in [
+        "DNS:vigil.bank.example",
+        "DNS:fraud.bank.example",
+        "IP Address:10.20.0.5",
+        "DNS:traefik",
+    ] {
+        assert!(san.contains(name), "{name} missing: {san}");
+    }
+    let san = traefik_names("ops.bank.example", "");
+    assert!(
+        san.contains("DNS:ops.bank.example") && !san.contains("vigil.bank.example"),
+        "{san}"
+    );
+    assert!(keys.join("ca.key").is_file());
+    let mut leaked = Vec::new();
+    fn keys_in(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                keys_in(&p, out);
+            } else if std::fs::read_to_string(&p).is_ok_and(|t| t.contains("PRIVATE KEY"))
+                && p.file_name().is_some_and(|n| n == "ca.key")
+            {
+                out.push(p);
+            }
+        }
+    }
+    keys_in(&certs, &mut leaked);
+    assert!(
+        leaked.is_empty(),
+        "the CA key is among the certificates: {leaked:?}"
+    );
+    let compose = Compose::load();
+    for (service, s) in compose.services() {
+        let mounts = strs(&s["volumes"]);
+        let has_key = mounts.iter().any(|m| m.starts_with("ca-key:"));
+        assert_eq!(
+            has_key,
+            service == "certs",
+            "{service} mounts the CA key volume: {mounts:?}"
+        );
+    }
+
     let htpasswd = dir.path().join("traefik/htpasswd");
     run(Command::new("sh")
         .arg(repo().join("monitoring/traefik/make-htpasswd.sh"))
@@ -1746,13 +1810,69 @@ fn the_kubernetes_topic_job_runs_the_repositorys_topic_script_against_vigils_bro
     );
 }
 
-/// hadolint, the Dockerfile linter, finds nothing (each rule not followed says why in the file).
+/// Every Dockerfile compose builds, vigil's included.
+fn dockerfiles(compose: &Compose) -> BTreeSet<String> {
+    let mut files: BTreeSet<String> = compose
+        .services()
+        .values()
+        .filter_map(|s| match &s["build"] {
+            Yaml::String(context) => Some(format!("{context}/Dockerfile")),
+            Yaml::Mapping(_) => Some(format!(
+                "{}/{}",
+                s["build"]["context"].as_str().unwrap_or("."),
+                s["build"]["dockerfile"].as_str().unwrap_or("Dockerfile")
+            )),
+            _ => None,
+        })
+        .map(|p| p.trim_start_matches("./").to_string())
+        .collect();
+    files.insert("Dockerfile".into());
+    files
+}
+
+/// hadolint, the Dockerfile linter, finds nothing in any Dockerfile (each rule not followed says
+/// why in the file).
 #[test]
-fn hadolint_accepts_the_dockerfile() {
+fn hadolint_accepts_every_dockerfile() {
     let Some(hadolint) = tool("hadolint") else {
         return;
     };
-    run(Command::new(hadolint)
-        .arg("--no-color")
-        .arg(repo().join("Dockerfile")));
+    let files = dockerfiles(&Compose::load());
+    assert!(files.contains("logging/tools.Dockerfile"), "{files:?}");
+    for file in files {
+        run(Command::new(&hadolint)
+            .arg("--no-color")
+            .arg(repo().join(&file)));
+    }
+}
+
+/// Starting the stack downloads nothing: no service installs packages when it starts (a host
+/// without egress would otherwise never get past the certs service); tools are built into
+/// images.
+#[test]
+fn compose_services_install_nothing_when_they_start() {
+    let compose = Compose::load();
+    for (name, s) in compose.services() {
+        let command = [&s["command"], &s["entrypoint"]]
+            .iter()
+            .map(|v| match v {
+                Yaml::String(c) => c.clone(),
+                other => strs(other).join(" "),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        for installer in [
+            "apk add",
+            "apt-get",
+            "pip install",
+            "yum install",
+            "dnf install",
+            "curl -sSL",
+        ] {
+            assert!(
+                !command.contains(installer),
+                "{name} runs `{installer}` at start: {command}"
+            );
+        }
+    }
 }
