@@ -17,6 +17,8 @@ have pkg-config || need+=(pkg-config)
 # librdkafka is built with TLS and SASL against the system OpenSSL.
 dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q "install ok installed" || need+=(libssl-dev)
 have openssl || need+=(openssl)
+# logging/elasticsearch/setup.sh builds its JSON with jq (tests run it against a capture server).
+have jq || need+=(jq)
 have prometheus || need+=(prometheus)
 have promtool || need+=(prometheus)
 have amtool || need+=(prometheus-alertmanager)

@@ -1876,3 +1876,92 @@ fn compose_services_install_nothing_when_they_start() {
         }
     }
 }
+
+/// Runs logging/elasticsearch/setup.sh (real curl, real jq) against a server that records each
+/// request: passwords with quotes, backslashes and the like arrive as written, inside valid
+/// JSON; `.env.example`'s placeholders are refused before anything is sent.
+#[test]
+fn es_setup_sends_passwords_as_json_whatever_they_hold_and_refuses_placeholders() {
+    let (Some(_), Some(_)) = (tool("curl"), tool("jq")) else {
+        return;
+    };
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<u8>)>::new()));
+    let seen = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut length = 0;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).unwrap();
+                if header.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            seen.lock().unwrap().push((line.trim().to_string(), body));
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+        }
+    });
+    let password = r#"a"b\c $HOME `x` {}'é"#;
+    let setup = |elastic: &str| {
+        Command::new("sh")
+            .arg(repo().join("logging/elasticsearch/setup.sh"))
+            .env("ES_URL", &url)
+            .env("ES_CA", "/dev/null")
+            .env("ELASTIC_PASSWORD", elastic)
+            .env("KIBANA_SYSTEM_PASSWORD", password)
+            .env("FILEBEAT_PASSWORD", format!("{password}-fb"))
+            .output()
+            .unwrap()
+    };
+    let refused = setup("change-me");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("ELASTIC_PASSWORD is still the placeholder"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        requests.lock().unwrap().is_empty(),
+        "a request went out before the check"
+    );
+
+    let out = setup("elastic-s3cret");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let requests = requests.lock().unwrap();
+    let body = |target: &str| -> Json {
+        let (_, body) = requests
+            .iter()
+            .find(|(line, _)| line.contains(target))
+            .unwrap_or_else(|| panic!("no request to {target}"));
+        serde_json::from_slice(body).unwrap_or_else(|e| panic!("{target}: not JSON ({e})"))
+    };
+    assert_eq!(
+        body("/_security/user/kibana_system/_password")["password"],
+        password
+    );
+    let filebeat = body("/_security/user/filebeat_writer");
+    assert_eq!(filebeat["password"], format!("{password}-fb"));
+    assert_eq!(filebeat["roles"][0], "vigil_log_writer");
+    assert_eq!(
+        body("/_index_template/vigil-logs"),
+        json("logging/elasticsearch/index-template.json")
+    );
+}
