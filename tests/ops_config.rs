@@ -1965,3 +1965,94 @@ fn es_setup_sends_passwords_as_json_whatever_they_hold_and_refuses_placeholders(
         json("logging/elasticsearch/index-template.json")
     );
 }
+
+/// `docker-compose.yml` as Compose v2 loads it (compose-go: the compose-spec schema,
+/// interpolation from the env file), as JSON.
+fn compose_rendered(render: &Path, env_file: &Path) -> Json {
+    let out = run(Command::new(render)
+        .arg(repo().join("docker-compose.yml"))
+        .arg(env_file));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("compose-config: {e}: {out}"))
+}
+
+/// The compose file passes Compose's own loader and schema. Rendered with `.env.example` as
+/// it is, every service given a `change-me` value waits for `preflight`, which is given that
+/// variable too and refuses to succeed, naming each one; with every placeholder replaced, no
+/// `change-me` reaches any service and `preflight` lets the stack start.
+#[test]
+fn no_change_me_placeholder_reaches_a_service_past_the_preflight_check() {
+    let Some(render) = tool("compose-config") else {
+        return;
+    };
+    let preflight = |env: &serde_json::Map<String, Json>| {
+        Command::new("sh")
+            .arg(repo().join("deploy/compose/preflight.sh"))
+            .env_clear()
+            .envs(env.iter().filter_map(|(k, v)| Some((k, v.as_str()?))))
+            .output()
+            .unwrap()
+    };
+    let example = compose_rendered(&render, &repo().join(".env.example"));
+    let services = example["services"].as_object().unwrap();
+    let guard = services["preflight"]["environment"].as_object().unwrap();
+    let mut guarded = 0;
+    for (name, s) in services {
+        let Some(env) = s["environment"].as_object() else {
+            continue;
+        };
+        for (key, value) in env {
+            if !value.as_str().is_some_and(|v| v.contains("change-me")) || name == "preflight" {
+                continue;
+            }
+            assert_eq!(
+                s["depends_on"]["preflight"]["condition"], "service_completed_successfully",
+                "{name} is given the placeholder in {key} without waiting for preflight"
+            );
+            assert!(
+                guard.values().any(|g| g == value),
+                "preflight is not given the value {name} gets in {key}"
+            );
+            guarded += 1;
+        }
+    }
+    assert!(guarded >= 10, "{guarded}");
+    let refused = preflight(guard);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    for key in guard.keys() {
+        assert!(why.contains(key.as_str()), "{key} not named: {why}");
+    }
+
+    let filled = tempfile::NamedTempFile::new().unwrap();
+    let text: String = read(".env.example")
+        .lines()
+        .map(|l| match l.split_once('=') {
+            Some(("KAFKA_CLUSTER_ID", _)) => "KAFKA_CLUSTER_ID=q1Sh-9_ISia_zwGINzRvyQ".to_string(),
+            Some((k, v)) if v.contains("change-me") => {
+                format!(
+                    "{k}={}",
+                    v.replace("change-me", "s3cr3t-value-of-a-real-deployment")
+                )
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(filled.path(), text).unwrap();
+    let real = compose_rendered(&render, filled.path());
+    let all = real.to_string();
+    assert!(
+        !all.contains("change-me"),
+        "a placeholder is hard-coded in docker-compose.yml"
+    );
+    let ok = preflight(
+        real["services"]["preflight"]["environment"]
+            .as_object()
+            .unwrap(),
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
