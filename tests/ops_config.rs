@@ -645,6 +645,17 @@ fn prometheus_scrapes_and_alerts_services_that_exist_on_its_network() {
         match host {
             "vigil" => assert_eq!(port, vigil_port),
             "alertmanager" => assert_eq!(port, "9093"),
+            "kafka-exporter" => {
+                assert_eq!(port, "9308");
+                let server = strs(&compose.service("kafka-exporter")["command"]).join(" ");
+                let kafka = server.split("--kafka.server=").nth(1).unwrap();
+                compose.assert_reachable("kafka-exporter", kafka.split(':').next().unwrap());
+                assert_eq!(
+                    kafka,
+                    compose.env("vigil")["VIGIL_KAFKA__BROKERS"],
+                    "the exporter watches vigil's Kafka"
+                );
+            }
             other => panic!("unexpected target {other}"),
         }
     }
