@@ -645,6 +645,23 @@ fn prometheus_scrapes_and_alerts_services_that_exist_on_its_network() {
         match host {
             "vigil" => assert_eq!(port, vigil_port),
             "alertmanager" => assert_eq!(port, "9093"),
+            "elasticsearch-exporter" => {
+                assert_eq!(port, "9114");
+                compose.assert_reachable("elasticsearch-exporter", "elasticsearch");
+                let ca = strs(&compose.service("elasticsearch-exporter")["command"])
+                    .iter()
+                    .find_map(|a| a.strip_prefix("--es.ca=").map(String::from))
+                    .unwrap();
+                assert_eq!(
+                    compose.source_of("elasticsearch-exporter", &ca).as_deref(),
+                    Some("volume:certs/ca/ca.crt")
+                );
+                let user = &compose.env("elasticsearch-exporter")["ES_USERNAME"];
+                assert!(
+                    read("logging/elasticsearch/setup.sh")
+                        .contains(&format!("/_security/user/{user}"))
+                );
+            }
             "kafka-exporter" => {
                 assert_eq!(port, "9308");
                 let server = strs(&compose.service("kafka-exporter")["command"]).join(" ");
@@ -1934,6 +1951,7 @@ fn es_setup_sends_passwords_as_json_whatever_they_hold_and_refuses_placeholders(
             .env("ELASTIC_PASSWORD", elastic)
             .env("KIBANA_SYSTEM_PASSWORD", password)
             .env("FILEBEAT_PASSWORD", format!("{password}-fb"))
+            .env("ES_METRICS_PASSWORD", "metrics-s3cret")
             .output()
             .unwrap()
     };
@@ -1971,6 +1989,14 @@ fn es_setup_sends_passwords_as_json_whatever_they_hold_and_refuses_placeholders(
     let filebeat = body("/_security/user/filebeat_writer");
     assert_eq!(filebeat["password"], format!("{password}-fb"));
     assert_eq!(filebeat["roles"][0], "vigil_log_writer");
+    assert_eq!(
+        body("/_security/user/metrics_reader")["roles"][0],
+        "vigil_metrics"
+    );
+    assert_eq!(
+        body("/_security/role/vigil_metrics")["cluster"][0],
+        "monitor"
+    );
     assert_eq!(
         body("/_index_template/vigil-logs"),
         json("logging/elasticsearch/index-template.json")
