@@ -863,6 +863,17 @@ fn traefik_routes_reach_compose_services_through_defined_middlewares() {
         Some("/kibana")
     );
     assert!(compose.env("grafana")["GF_SERVER_ROOT_URL"].ends_with("/grafana/"));
+    // Served from that sub-path, Grafana redirects anything outside it to the public URL: its
+    // health check must ask under the sub-path, or it would follow the redirect off the host.
+    assert_eq!(
+        compose.env("grafana")["GF_SERVER_SERVE_FROM_SUB_PATH"],
+        "true"
+    );
+    let probe = strs(&compose.service("grafana")["healthcheck"]["test"]).join(" ");
+    assert!(
+        probe.contains("http://localhost:3000/grafana/api/health"),
+        "{probe}"
+    );
     // The static config loads the dynamic file from where compose mounts it.
     let static_cfg = yaml("monitoring/traefik/traefik.yml");
     let file = static_cfg["providers"]["file"]["filename"]
