@@ -6,7 +6,6 @@
 //! `kafka.brokers`. Unknown keys and impossible values stop start-up with a message naming the key.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -17,6 +16,7 @@ pub use crate::exactly_once::Guarantee;
 use crate::features::{CATEGORICAL_FEATURES, NUMERIC_FEATURES};
 pub use crate::pipeline::EventTimeLimits;
 pub use crate::registry::RegistryConfig;
+pub use crate::server::{AccessSettings, Auth, RateLimit, ServerSettings};
 
 /// Errors found while loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -214,8 +214,10 @@ pub struct RawAlerts {
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     pub addr: String,
+    pub request_timeout_seconds: f64,
     pub rate_limit: RawRateLimit,
     pub auth: RawAuth,
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,21 +254,6 @@ impl Default for RawAuth {
             token: String::new(),
         }
     }
-}
-
-/// Who may call the prediction, account, alert and documentation routes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Auth {
-    None,
-    Basic { username: String, password: String },
-    Bearer { token: String },
-}
-
-/// Requests per second per client (token bucket); `per_second == 0` means no limit.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    pub per_second: f64,
-    pub burst: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -471,8 +458,10 @@ impl Default for RawServer {
     fn default() -> Self {
         Self {
             addr: "127.0.0.1:8080".to_string(),
+            request_timeout_seconds: crate::server::DEFAULT_REQUEST_TIMEOUT.as_secs_f64(),
             rate_limit: RawRateLimit::default(),
             auth: RawAuth::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -550,9 +539,7 @@ pub struct Config {
     pub policy: Policy,
     pub top_features: usize,
     pub alert_encoding: Encoding,
-    pub server_addr: SocketAddr,
-    pub rate_limit: RateLimit,
-    pub auth: Auth,
+    pub server: ServerSettings,
     pub log_format: LogFormat,
     pub log_filter: String,
     /// Also write JSON log lines to this file (appended; rotate it with copytruncate).
@@ -1036,6 +1023,29 @@ impl RawConfig {
         if rl.per_second > 0.0 && rl.burst == 0 {
             return Err(invalid("server.rate_limit.burst", "must be at least 1"));
         }
+        let trusted_proxies = self
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|p| {
+                let p = p.trim();
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        invalid(
+                            "server.trusted_proxies",
+                            format!("`{p}` is not an address or a network (10.0.0.0/8)"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let timeout = self.server.request_timeout_seconds;
+        if !(timeout > 0.0 && timeout.is_finite()) {
+            return Err(invalid(
+                "server.request_timeout_seconds",
+                format!("{timeout} is not a number of seconds above 0"),
+            ));
+        }
         let a = &self.server.auth;
         let auth = match a.kind.as_str() {
             "none" => Auth::None,
@@ -1095,12 +1105,18 @@ impl RawConfig {
             policy,
             top_features: self.alerts.top_features,
             alert_encoding: self.alerts.encoding,
-            server_addr,
-            rate_limit: RateLimit {
-                per_second: rl.per_second,
-                burst: rl.burst,
+            server: ServerSettings {
+                addr: server_addr,
+                access: AccessSettings {
+                    auth,
+                    rate_limit: RateLimit {
+                        per_second: rl.per_second,
+                        burst: rl.burst,
+                    },
+                    trusted_proxies,
+                },
+                request_timeout: std::time::Duration::from_secs_f64(timeout),
             },
-            auth,
             log_format: self.log.format,
             log_filter: self.log.filter.clone(),
             log_file: (!self.log.file.trim().is_empty())
@@ -1219,6 +1235,20 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_are_networks_or_single_addresses() {
+        let c = Config::from_yaml("server:\n  trusted_proxies: [10.0.0.0/8, 192.0.2.7, \"::1\"]\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let nets: Vec<String> = c
+            .server
+            .access
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]);
+    }
+
+    #[test]
     fn the_changelog_is_named_after_the_group_and_off_without_restore() {
         let c = Config::from_yaml("kafka:\n  group_id: fraud\n  guarantee: exactly_once\n")
             .unwrap_or_else(|e| panic!("{e}"));
@@ -1269,6 +1299,14 @@ mod tests {
                 "server.auth.token",
             ),
             ("server:\n  auth:\n    kind: basic\n", "server.auth"),
+            (
+                "server:\n  trusted_proxies: [10.0.0.0/33]\n",
+                "server.trusted_proxies",
+            ),
+            (
+                "server:\n  request_timeout_seconds: 0\n",
+                "server.request_timeout_seconds",
+            ),
             (
                 "server:\n  rate_limit:\n    per_second: -1\n",
                 "server.rate_limit.per_second",

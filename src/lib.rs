@@ -22,7 +22,8 @@
 //! - [`pipeline`]: the synchronous per-event path tying decode → consensus together, with the
 //!   event-time limits that keep one mis-dated event from moving a partition's clock.
 //! - [`run`]: the async wiring (workers, ackers, restores, transactions, shutdown); [`server`]:
-//!   the side HTTP server.
+//!   the side HTTP server (router and small routes; access control, prediction, alerts and
+//!   problem documents in a file each).
 //! - [`train`]: history → models; [`simulate`]: labelled synthetic traffic; [`demo`]: the embedded default.
 //! - [`replay`]: backtests over a topic range or a file through the same per-event path;
 //!   [`backtest`]: the time split (train on the past, score the future, state warm);

@@ -151,6 +151,18 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Work with the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate the configuration file and the VIGIL_* overrides without starting anything:
+    /// exit 0 and a summary when they are valid, 1 and the offending key when not.
+    Check,
 }
 
 /// An RFC 3339 time or a YYYY-MM-DD date (midnight UTC), as seconds since the epoch.
@@ -169,12 +181,66 @@ fn fmt_opt(x: Option<f64>) -> String {
     x.map_or("-".into(), |v| format!("{v:.3}"))
 }
 
-fn load_config(path: Option<PathBuf>) -> Result<Config> {
-    let path = path.or_else(|| {
+/// The configuration file to read: the one given, else ./config.yml if there is one.
+fn config_path(path: Option<PathBuf>) -> Option<PathBuf> {
+    path.or_else(|| {
         let default = PathBuf::from("config.yml");
         default.is_file().then_some(default)
+    })
+}
+
+/// `vigil config check`: what was read and what it comes to, secrets left out.
+fn config_summary(path: Option<&std::path::Path>, cfg: &Config) -> String {
+    let source = path.map_or("the built-in defaults".to_string(), |p| {
+        p.display().to_string()
     });
-    Ok(Config::load(path.as_deref())?)
+    let mut overrides: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("VIGIL_") && k != "VIGIL_CONFIG")
+        .collect();
+    overrides.sort();
+    let m = &cfg.models;
+    [
+        format!("{source}: valid"),
+        format!(
+            "  overridden from the environment: {}",
+            if overrides.is_empty() {
+                "nothing".to_string()
+            } else {
+                overrides.join(", ")
+            }
+        ),
+        format!(
+            "  kafka: {} (group {}, {}), topics {} -> alerts {}, dead letters {}",
+            cfg.kafka.brokers.as_deref().unwrap_or("embedded"),
+            cfg.kafka.group_id,
+            cfg.kafka.guarantee.as_str(),
+            cfg.kafka.transactions_topic,
+            cfg.kafka.alerts_topic,
+            cfg.kafka.dead_letter_topic
+        ),
+        format!(
+            "  models: {} (forest on {} features, LOF on {}), policy {}",
+            m.dir.display(),
+            m.forest_features.numeric.len() + m.forest_features.categorical.len(),
+            m.lof_features.numeric.len() + m.lof_features.categorical.len(),
+            cfg.policy.as_str()
+        ),
+        format!(
+            "  http: {}, auth {}, rate limit {}",
+            cfg.server.addr,
+            match cfg.server.access.auth {
+                vigil::server::Auth::None => "none",
+                vigil::server::Auth::Basic { .. } => "basic",
+                vigil::server::Auth::Bearer { .. } => "bearer",
+            },
+            match cfg.server.access.rate_limit.per_second {
+                0.0 => "none".to_string(),
+                r => format!("{r}/s per client"),
+            }
+        ),
+    ]
+    .join("\n")
 }
 
 fn shutdown_on_signal() -> CancellationToken {
@@ -220,7 +286,11 @@ async fn start_server(
     shared: Shared,
     shutdown: CancellationToken,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let (bound, thread) = server::start(cfg.server_addr, shared, shutdown).await?;
+    let addr = cfg.server.addr;
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("the HTTP server cannot listen on {addr} (server.addr)"))?;
+    let bound = listener.local_addr()?;
+    let thread = server::start(listener, shared, &cfg.server, shutdown)?;
     tracing::info!("open http://{bound}/ for the page, http://{bound}/docs for the API");
     Ok(thread)
 }
@@ -239,7 +309,15 @@ async fn stop_server(http: std::thread::JoinHandle<()>, shutdown: &CancellationT
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let cfg = load_config(cli.config)?;
+    let path = config_path(cli.config);
+    let cfg = Config::load(path.as_deref())?;
+    if let Some(Command::Config {
+        action: ConfigAction::Check,
+    }) = &cli.command
+    {
+        println!("{}", config_summary(path.as_deref(), &cfg));
+        return Ok(());
+    }
     let _telemetry = telemetry::init(&cfg)?;
     // No command means `vigil demo` with its defaults.
     let command = match cli.command {
@@ -260,9 +338,7 @@ async fn main() -> Result<()> {
             };
             let shutdown = shutdown_on_signal();
             // The server is up while the models load (or train): /ready says 503 meanwhile.
-            let shared = Shared::loading()?
-                .with_decisions(&cfg)
-                .with_access(cfg.auth.clone(), cfg.rate_limit);
+            let shared = Shared::loading()?.with_decisions(&cfg);
             let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             let loading = tokio::task::spawn_blocking({
                 let cfg = cfg.clone();
@@ -309,9 +385,7 @@ async fn main() -> Result<()> {
             };
             let shutdown = shutdown_on_signal();
             let mut sim = Simulator::new(seed, anomaly_share, malformed_share);
-            let shared = Shared::loading()?
-                .with_decisions(&cfg)
-                .with_access(cfg.auth.clone(), cfg.rate_limit);
+            let shared = Shared::loading()?.with_decisions(&cfg);
             let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             match warm_up(&cfg, &brokers, &mut sim, history).await {
                 Ok(models) => shared.install(models),
@@ -592,6 +666,8 @@ async fn main() -> Result<()> {
             .await?;
             println!("produced {n} events to {}", cfg.kafka.transactions_topic);
         }
+        // Answered before anything started, above.
+        Command::Config { .. } => {}
     }
     Ok(())
 }

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub publish_failures: IntCounter,
     /// 1 when models are loaded; the gauge's label carries the version.
     pub model_info: IntGaugeVec,
+    /// Always 1; the labels say which build this is.
+    pub build_info: IntGaugeVec,
     /// Unix time the loaded model was trained.
     pub model_created_seconds: IntGauge,
     /// 1 when `/ready` would answer 200.
@@ -206,6 +208,13 @@ impl Metrics {
                 Opts::new("model_info", "Loaded model version (value 1)"),
                 &["version"]
             )?),
+            build_info: register!(IntGaugeVec::new(
+                Opts::new(
+                    "build_info",
+                    "The running build (value 1): version, and the optional Kafka features built in"
+                ),
+                &["version", "features"]
+            )?),
             model_created_seconds: register!(IntGauge::new(
                 "model_created_timestamp_seconds",
                 "Unix time of the newest event the loaded model was trained on"
@@ -248,6 +257,14 @@ impl Metrics {
         for source in ["changelog", "input"] {
             self.state_restore_seconds.with_label_values(&[source]);
         }
+        let features = if cfg!(feature = "gssapi") {
+            "gssapi"
+        } else {
+            ""
+        };
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), features])
+            .set(1);
         for model in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
             self.model_flags.with_label_values(&[model]);
             self.model_scores.with_label_values(&[model]);

@@ -10,11 +10,11 @@
 //! pure function of the input bytes and the artifacts: the same input gives byte-identical files.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, IsTerminal};
+use std::io::BufRead;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -203,66 +203,45 @@ impl Candidate {
     }
 }
 
-/// Progress on stderr: a live line on a terminal, a line every 5 s otherwise.
+/// Progress on stderr: a bar (with the count known, its share and time left) or a counter, drawn
+/// by indicatif on a terminal and drawn not at all elsewhere, where one line at the end says
+/// how it went.
 struct Progress {
-    started: Instant,
-    last: Instant,
-    tty: bool,
+    bar: indicatif::ProgressBar,
 }
 
 impl Progress {
     fn new() -> Self {
-        Self {
-            started: Instant::now(),
-            last: Instant::now(),
-            tty: std::io::stderr().is_terminal(),
-        }
+        let bar = indicatif::ProgressBar::with_draw_target(
+            None,
+            indicatif::ProgressDrawTarget::stderr_with_hz(5),
+        );
+        Self { bar }
     }
 
     fn tick(&mut self, n: u64, total: Option<u64>) {
-        let every = if self.tty {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(5)
-        };
-        if self.last.elapsed() < every {
-            return;
-        }
-        self.last = Instant::now();
-        self.print(n, total);
-    }
-
-    fn print(&self, n: u64, total: Option<u64>) {
-        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-        let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
-        if self.tty {
-            let bar = match total {
-                Some(t) if t > 0 => {
-                    let done = (n.min(t) * 30 / t) as usize;
-                    let eta = (t.saturating_sub(n)) as f64 / rate.max(1e-9);
-                    format!(
-                        "[{}{}] {:>3}% ETA {eta:.0} s ",
-                        "#".repeat(done),
-                        "-".repeat(30 - done),
-                        n.min(t) * 100 / t
-                    )
+        if n == 1 {
+            let template = match total {
+                Some(t) => {
+                    self.bar.set_length(t);
+                    "replay [{bar:30}] {percent:>3}% ETA {eta} {human_pos} of {human_len} events"
                 }
-                _ => String::new(),
+                None => "replay {spinner} {human_pos} events in {elapsed}",
             };
-            eprint!("\r\x1b[2Kreplay {bar}{n}{of} events, {rate:.0}/s");
-        } else {
-            eprintln!("replay: {n}{of} events, {rate:.0}/s");
+            // The templates are fixed and parse; were one not to, the default style stays.
+            if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+                self.bar.set_style(style.progress_chars("#-"));
+            }
         }
+        self.bar.set_position(n);
     }
 
     fn finish(&self, n: u64) {
-        if self.tty {
-            eprintln!();
-        }
+        let elapsed = self.bar.elapsed().as_secs_f64();
+        self.bar.finish_and_clear();
         eprintln!(
-            "replay: {n} events in {:.1} s ({:.0}/s)",
-            self.started.elapsed().as_secs_f64(),
-            n as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+            "replay: {n} events in {elapsed:.1} s ({:.0}/s)",
+            n as f64 / elapsed.max(1e-9)
         );
     }
 }

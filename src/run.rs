@@ -139,8 +139,6 @@ pub struct Shared {
     pub policy: Policy,
     pub top_features: usize,
     pub event_time: EventTimeLimits,
-    /// Authentication and per-client rate limits of the guarded HTTP routes.
-    pub access: Arc<crate::server::Access>,
 }
 
 impl Shared {
@@ -155,7 +153,6 @@ impl Shared {
             policy: Policy::All,
             top_features: 3,
             event_time: EventTimeLimits::default(),
-            access: Arc::new(crate::server::Access::open()),
         })
     }
 
@@ -192,16 +189,6 @@ impl Shared {
         self.policy = cfg.policy;
         self.top_features = cfg.top_features;
         self.event_time = cfg.event_time;
-        self
-    }
-
-    /// The configured authentication and rate limit for the HTTP routes.
-    pub fn with_access(
-        mut self,
-        auth: crate::config::Auth,
-        limit: crate::config::RateLimit,
-    ) -> Self {
-        self.access = Arc::new(crate::server::Access::new(auth, limit));
         self
     }
 

@@ -12,10 +12,15 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use vigil::run::Shared;
-use vigil::server::router;
+use vigil::server::{Access, AccessSettings, Auth, RateLimit, router};
+
+/// The router with no authentication and no rate limit.
+fn app(shared: &Shared) -> axum::Router {
+    router(shared.clone(), Access::open())
+}
 
 async fn get(shared: &Shared, path: &str) -> (StatusCode, String) {
-    let response = router(shared.clone())
+    let response = app(shared)
         .oneshot(Request::get(path).body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -86,7 +91,7 @@ async fn while_the_models_load_ready_and_the_model_routes_answer_503_then_serve_
         assert!(body.contains("the models are loading"), "{path}: {body}");
     }
     let tx = common::kafka::dataset_events()[0].clone();
-    let predict = router(s.clone())
+    let predict = app(&s)
         .oneshot(
             Request::post("/predict")
                 .header("content-type", "application/json")
@@ -159,17 +164,69 @@ async fn metrics_are_prometheus_text_with_the_documented_names() {
         "vigil_processing_seconds_bucket",
         "vigil_accounts_tracked",
         "vigil_model_info{version=",
+        "vigil_build_info{features=\"\",version=",
     ] {
         assert!(body.contains(name), "missing {name}");
     }
 }
 
 #[tokio::test]
-async fn unknown_paths_get_a_json_404() {
-    let (status, body) = get(&shared(), "/nope").await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["error"], "not found");
+async fn unknown_paths_get_a_problem_document_404_listing_the_routes() {
+    let response = app(&shared())
+        .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["status"], 404);
+    assert_eq!(v["title"], "Not Found");
+    assert_eq!(v["detail"], "no route /nope");
+    assert!(v["endpoints"].as_array().is_some_and(|e| !e.is_empty()));
+}
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id_and_large_answers_are_gzipped_for_clients_that_ask() {
+    let s = shared();
+    let call = |headers: &[(&str, &str)]| {
+        let mut r = Request::get("/models");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        app(&s).oneshot(r.body(Body::empty()).unwrap())
+    };
+    let plain = call(&[]).await.unwrap();
+    let id = plain.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert!(plain.headers().get("content-encoding").is_none());
+    let plain_len = plain.into_body().collect().await.unwrap().to_bytes().len();
+    let gzipped = call(&[("accept-encoding", "gzip"), ("x-request-id", "case-42")])
+        .await
+        .unwrap();
+    assert_eq!(
+        gzipped.headers()["x-request-id"],
+        "case-42",
+        "the caller's id is kept"
+    );
+    assert_eq!(gzipped.headers()["content-encoding"], "gzip");
+    let gzipped_len = gzipped
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .len();
+    assert!(
+        gzipped_len * 2 < plain_len,
+        "{gzipped_len} of {plain_len} bytes"
+    );
 }
 
 #[tokio::test]
@@ -214,7 +271,7 @@ async fn post(
     path: &str,
     body: impl Into<Body>,
 ) -> (StatusCode, serde_json::Value) {
-    let response = router(shared.clone())
+    let response = app(shared)
         .oneshot(
             Request::post(path)
                 .header("content-type", "application/json")
@@ -452,7 +509,8 @@ async fn every_kind_of_bad_prediction_request_gets_a_4xx_json_error_naming_what_
     for (path, body, status, field) in cases {
         let (got, v) = post(&s, path, body).await;
         assert_eq!(got, status, "{path}: {v}");
-        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert!(v["detail"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert_eq!(v["status"], got.as_u16(), "{v}");
         if let Some(field) = field {
             assert_eq!(v["field"], field, "{v}");
         }
@@ -522,7 +580,7 @@ async fn recent_alerts_are_newest_first_and_bad_query_parameters_are_named() {
 async fn the_alert_stream_sends_each_published_alert_as_a_server_sent_event_and_ends_at_shutdown() {
     use futures::StreamExt;
     let s = shared();
-    let response = router(s.clone())
+    let response = app(&s)
         .oneshot(Request::get("/alerts/stream").body(Body::empty()).unwrap())
         .await
         .unwrap();
@@ -592,12 +650,16 @@ async fn the_openapi_document_describes_exactly_the_routes_the_server_has() {
     );
 }
 
-async fn get_with(shared: &Shared, path: &str, auth: Option<&str>) -> axum::response::Response {
+async fn get_with(
+    (shared, access): &(Shared, std::sync::Arc<Access>),
+    path: &str,
+    auth: Option<&str>,
+) -> axum::response::Response {
     let mut r = Request::get(path);
     if let Some(a) = auth {
         r = r.header("authorization", a);
     }
-    router(shared.clone())
+    router(shared.clone(), access.clone())
         .oneshot(r.body(Body::empty()).unwrap())
         .await
         .unwrap()
@@ -605,17 +667,16 @@ async fn get_with(shared: &Shared, path: &str, auth: Option<&str>) -> axum::resp
 
 #[tokio::test]
 async fn bearer_and_basic_auth_guard_everything_but_health_readiness_and_metrics() {
-    use vigil::config::{Auth, RateLimit};
-    let open = RateLimit {
-        per_second: 0.0,
-        burst: 1,
+    let with = |auth| {
+        let access = Access::new(AccessSettings {
+            auth,
+            ..AccessSettings::default()
+        });
+        (shared(), access)
     };
-    let s = shared().with_access(
-        Auth::Bearer {
-            token: "0123456789abcdef".into(),
-        },
-        open,
-    );
+    let s = with(Auth::Bearer {
+        token: "0123456789abcdef".into(),
+    });
     let r = get_with(&s, "/models", None).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
@@ -642,13 +703,10 @@ async fn bearer_and_basic_auth_guard_everything_but_health_readiness_and_metrics
         );
     }
 
-    let s = shared().with_access(
-        Auth::Basic {
-            username: "ops".into(),
-            password: "s3cret".into(),
-        },
-        open,
-    );
+    let s = with(Auth::Basic {
+        username: "ops".into(),
+        password: "s3cret".into(),
+    });
     // base64("ops:s3cret")
     assert_eq!(
         get_with(&s, "/docs", Some("Basic b3BzOnMzY3JldA=="))
@@ -663,14 +721,14 @@ async fn bearer_and_basic_auth_guard_everything_but_health_readiness_and_metrics
 
 #[tokio::test]
 async fn a_client_over_its_rate_limit_gets_429_with_retry_after_and_health_is_never_limited() {
-    use vigil::config::{Auth, RateLimit};
-    let s = shared().with_access(
-        Auth::None,
-        RateLimit {
+    let access = Access::new(AccessSettings {
+        rate_limit: RateLimit {
             per_second: 0.5,
             burst: 3,
         },
-    );
+        ..AccessSettings::default()
+    });
+    let s = (shared(), access);
     for _ in 0..3 {
         assert_eq!(get_with(&s, "/models", None).await.status(), StatusCode::OK);
     }
@@ -682,6 +740,46 @@ async fn a_client_over_its_rate_limit_gets_429_with_retry_after_and_health_is_ne
     for _ in 0..10 {
         assert_eq!(get_with(&s, "/health", None).await.status(), StatusCode::OK);
     }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_rate_limit() {
+    use axum::extract::ConnectInfo;
+    let access = Access::new(AccessSettings {
+        rate_limit: RateLimit {
+            per_second: 0.5,
+            burst: 2,
+        },
+        trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+        ..AccessSettings::default()
+    });
+    let s = shared();
+    let call = |peer: &str, forwarded: &str| {
+        let request = Request::get("/models")
+            .header("x-forwarded-for", forwarded)
+            .extension(ConnectInfo(peer.parse::<std::net::SocketAddr>().unwrap()))
+            .body(Body::empty())
+            .unwrap();
+        let app = router(s.clone(), access.clone());
+        async move { app.oneshot(request).await.unwrap().status() }
+    };
+    for _ in 0..2 {
+        assert_eq!(call("10.0.0.5:4000", "203.0.113.1").await, StatusCode::OK);
+    }
+    assert_eq!(
+        call("10.0.0.5:4000", "203.0.113.1").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client through the same proxy has its own allowance.
+    assert_eq!(call("10.0.0.5:4000", "203.0.113.2").await, StatusCode::OK);
+    // Straight from an untrusted peer, a forged header changes nothing.
+    for forged in ["198.51.100.1", "198.51.100.2"] {
+        assert_eq!(call("192.0.2.9:4000", forged).await, StatusCode::OK);
+    }
+    assert_eq!(
+        call("192.0.2.9:4000", "198.51.100.3").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 #[tokio::test]
@@ -710,7 +808,7 @@ async fn a_large_batch_is_scored_in_parallel_and_answered_in_request_order() {
 #[tokio::test]
 async fn a_browser_gets_the_self_contained_page_and_other_clients_the_route_list() {
     let s = shared();
-    let response = router(s.clone())
+    let response = app(&s)
         .oneshot(
             Request::get("/")
                 .header("accept", "text/html,application/xhtml+xml")

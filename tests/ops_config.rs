@@ -2104,3 +2104,31 @@ fn no_change_me_placeholder_reaches_a_service_past_the_preflight_check() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[test]
+fn config_check_accepts_the_shipped_file_and_names_the_key_of_a_bad_override() {
+    let check = |env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        c.args(["config", "check", "-c"])
+            .arg(repo().join("config.yml"))
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let ok = check(&[("VIGIL_SERVER__AUTH__PASSWORD", "not-printed")]);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}");
+    assert!(out.contains("config.yml: valid"), "{out}");
+    assert!(out.contains("VIGIL_SERVER__AUTH__PASSWORD"), "{out}");
+    assert!(
+        !out.contains("not-printed"),
+        "a secret is never printed: {out}"
+    );
+    let bad = check(&[("VIGIL_SERVER__TRUSTED_PROXIES", "[300.0.0.1]")]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("server.trusted_proxies"), "{err}");
+}
