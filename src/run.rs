@@ -69,6 +69,36 @@ pub enum RunError {
     Task(String),
 }
 
+/// Why `POST /models/reload` (or the watch on `models.dir`) kept the models it had.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this instance was not started from a models.dir, so there is nothing to reload")]
+    NoDirectory,
+    #[error("the models are still loading")]
+    Loading,
+    #[error("{dir}: {source}")]
+    Unloadable {
+        dir: std::path::PathBuf,
+        source: ModelError,
+    },
+    #[error(
+        "version {version} was built with features {new} and the stream keeps account state for {running}; restart to change them"
+    )]
+    Incompatible {
+        version: String,
+        new: String,
+        running: String,
+    },
+}
+
+/// A reload's result: the version now installed and the one before.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Reloaded {
+    pub version: String,
+    pub previous: String,
+    pub changed: bool,
+}
+
 /// Loads the model artifact from `dir`, or trains one from the bundled dataset and saves it there.
 pub fn load_or_train(cfg: &Config) -> Result<ModelSet, RunError> {
     let dir: &Path = &cfg.models.dir;
@@ -139,6 +169,13 @@ pub struct Shared {
     pub policy: Policy,
     pub top_features: usize,
     pub event_time: EventTimeLimits,
+    /// Where the models come from, for reloads (`models.dir`, `models.lof.index`).
+    source: Option<(std::path::PathBuf, crate::config::LofIndexKind)>,
+    /// Bumped by every install: a worker compares it before each event and takes the new set
+    /// between two events, so every event is scored by one set.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    /// One reload at a time.
+    reloading: Arc<std::sync::Mutex<()>>,
 }
 
 impl Shared {
@@ -153,6 +190,9 @@ impl Shared {
             policy: Policy::All,
             top_features: 3,
             event_time: EventTimeLimits::default(),
+            source: None,
+            generation: Arc::default(),
+            reloading: Arc::default(),
         })
     }
 
@@ -168,6 +208,7 @@ impl Shared {
             .map(|t| t.timestamp())
             .unwrap_or(0);
         self.metrics.model_created_seconds.set(created);
+        self.metrics.model_info.reset();
         self.metrics
             .model_info
             .with_label_values(&[models.version()])
@@ -175,7 +216,50 @@ impl Shared {
         if let Ok(mut slot) = self.models.write() {
             *slot = Some(Arc::new(models));
         }
+        self.generation.fetch_add(1, Ordering::Release);
         self.status.models_loaded.store(true, Ordering::Relaxed);
+    }
+
+    /// How many times models were installed: a worker that saw another number takes
+    /// [`Self::models`] before its next event.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Reloads `models.dir`: loads and checks the artifact off to the side, then installs it in
+    /// one step, so a request or an event is scored by the old set or the new one and never by
+    /// a part of each. A version already installed is left as it is.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let (dir, index) = self.source.clone().ok_or(ReloadError::NoDirectory)?;
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.models().ok_or(ReloadError::Loading)?;
+        let previous = current.version().to_string();
+        let new = ModelSet::load(&dir, index).map_err(|source| ReloadError::Unloadable {
+            dir: dir.clone(),
+            source,
+        })?;
+        if new.version() == previous {
+            return Ok(Reloaded {
+                version: previous.clone(),
+                previous,
+                changed: false,
+            });
+        }
+        if new.manifest.features != current.manifest.features {
+            return Err(ReloadError::Incompatible {
+                version: new.version().to_string(),
+                new: format!("{:?}", new.manifest.features),
+                running: format!("{:?}", current.manifest.features),
+            });
+        }
+        let version = new.version().to_string();
+        self.install(new);
+        tracing::info!(%version, %previous, dir = %dir.display(), "reloaded models");
+        Ok(Reloaded {
+            version,
+            previous,
+            changed: true,
+        })
     }
 
     /// The loaded models; `None` while they load.
@@ -183,9 +267,10 @@ impl Shared {
         self.models.read().ok()?.clone()
     }
 
-    /// Uses the configured consensus policy, number of explaining features and event-time
-    /// limits.
+    /// Uses the configured consensus policy, number of explaining features, event-time limits
+    /// and the models' directory (for reloads).
     pub fn with_decisions(mut self, cfg: &Config) -> Self {
+        self.source = Some((cfg.models.dir.clone(), cfg.models.lof.index));
         self.policy = cfg.policy;
         self.top_features = cfg.top_features;
         self.event_time = cfg.event_time;
@@ -285,6 +370,8 @@ fn broker_unavailable(e: &KafkaError) -> bool {
 
 struct Worker {
     engine: Engine,
+    /// The [`Shared::generation`] of `engine.models`.
+    models_generation: u64,
     alerts: AlertEncoder,
     kafka: KafkaConfig,
     brokers: String,
@@ -554,6 +641,13 @@ impl Worker {
                     pending.changes = StateChange::snapshot(&state, offset - 1);
                 }
                 state.track_forgotten();
+            }
+            let generation = self.shared.generation();
+            if generation != self.models_generation
+                && let Some(models) = self.shared.models()
+            {
+                self.engine.models = models;
+                self.models_generation = generation;
             }
             let started = Instant::now();
             let outcome = self.engine.process(&mut state, &source, payload, scratch);
@@ -1022,6 +1116,53 @@ async fn alert_encoder(
     Ok(Some(encoder.in_wire_format(id)))
 }
 
+/// How often [`watch_models_dir`] looks at `models.dir`.
+const MODEL_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reloads the models when the manifest in `models.dir` names another version than the one
+/// serving. Polled rather than watched with inotify: a Kubernetes ConfigMap or a volume swaps
+/// the directory by symlink, which file-change events miss, and the manifest is written last,
+/// so a new version is seen only once it is complete. A version that fails to load is reported
+/// once and tried again only when the manifest changes again.
+pub async fn watch_models_dir(shared: Shared, shutdown: CancellationToken) {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        version: String,
+    }
+    let Some((dir, _)) = shared.source.clone() else {
+        return;
+    };
+    let manifest = dir.join("manifest.json");
+    let mut refused: Option<String> = None;
+    let mut every = tokio::time::interval(MODEL_WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let Some(on_disk) = std::fs::read(&manifest)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Named>(&b).ok())
+            .map(|n| n.version)
+        else {
+            continue;
+        };
+        let serving = shared.models().map(|m| m.version().to_string());
+        if serving.as_ref() == Some(&on_disk) || refused.as_ref() == Some(&on_disk) {
+            continue;
+        }
+        let reloading = shared.clone();
+        match tokio::task::spawn_blocking(move || reloading.reload()).await {
+            Ok(Ok(_)) => refused = None,
+            Ok(Err(e)) => {
+                tracing::error!(error.message = %e, version = %on_disk, "the new models in models.dir were not loaded; the current ones keep serving");
+                refused = Some(on_disk);
+            }
+            Err(e) => tracing::error!(error.message = %e, "the model reload task failed"),
+        }
+    }
+}
+
 /// Runs the stream processor until `shutdown` is cancelled, then drains and commits.
 pub async fn run_stream(
     cfg: &Config,
@@ -1052,6 +1193,7 @@ pub async fn run_stream(
         );
     }
     shared.status.set_broker_timeout(cfg.kafka.broker_timeout);
+    tokio::spawn(watch_models_dir(shared.clone(), shutdown.clone()));
     let logs = Arc::new(LogThrottle::default());
     let changelog = match &cfg.kafka.changelog_topic {
         Some(topic) => changelog_topic(cfg, brokers, topic, &shutdown).await,
@@ -1113,6 +1255,8 @@ pub async fn run_stream(
         routes.push(events_tx);
         let worker = Worker {
             engine: engine.clone(),
+            // Not yet compared: the first event takes whatever set is installed by then.
+            models_generation: 0,
             alerts: alerts.clone(),
             kafka: cfg.kafka.clone(),
             brokers: brokers.to_string(),

@@ -893,3 +893,126 @@ async fn an_account_shows_its_latest_scores_newest_first() {
         Some(f64::from(*forest as f32))
     );
 }
+
+/// Models of the bundled dataset trained with another forest seed: the same features, another
+/// version.
+fn reseeded_models(seed: u64) -> vigil::models::ModelSet {
+    let mut models = vigil::config::ModelConfig::default();
+    models.forest.seed = seed;
+    vigil::train::train(
+        &vigil::train::bundled_history().unwrap(),
+        &models,
+        &vigil::config::FeatureConfig::default(),
+        vigil::config::Policy::All,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_the_models_in_one_step_while_predictions_keep_being_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let models_dir = dir.path().join("current");
+    let (a, b) = (
+        std::sync::Arc::new(common::trained_models()),
+        std::sync::Arc::new(reseeded_models(7)),
+    );
+    assert_ne!(a.version(), b.version());
+    a.save(&models_dir).unwrap();
+    let cfg =
+        vigil::config::Config::from_yaml(&format!("models:\n  dir: {}\n", models_dir.display()))
+            .unwrap();
+    let s = Shared::loading().unwrap().with_decisions(&cfg);
+    s.install(vigil::models::ModelSet::load(&models_dir, cfg.models.lof.index).unwrap());
+    let tx = dataset_rows(40)[39].clone();
+    let scores_of = |m: &std::sync::Arc<vigil::models::ModelSet>| {
+        let engine = vigil::pipeline::Engine::new(
+            m.clone(),
+            vigil::decode::Decoder::Json,
+            vigil::config::Policy::All,
+            3,
+        );
+        let p = engine.predict(None, &tx, &mut Default::default());
+        (p.verdicts[0].score, p.verdicts[1].score)
+    };
+    let (from_a, from_b) = (scores_of(&a), scores_of(&b));
+    assert_ne!(from_a.0, from_b.0);
+
+    // An unchanged directory is no change.
+    let (status, v) = post(&s, "/models/reload", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["changed"], false);
+
+    // Predictions in a loop while the directory gets the new version and is reloaded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = serde_json::json!({"transactions": [&tx], "as_new_account": true}).to_string();
+    let caller = {
+        let (s, stop, body) = (s.clone(), stop.clone(), body.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (status, v) = post(&s, "/predict", body.clone()).await;
+                assert_eq!(status, StatusCode::OK, "{v}");
+                let m = &v["predictions"][0]["models"];
+                seen.push((
+                    m[0]["score"].as_f64().unwrap(),
+                    m[1]["score"].as_f64().unwrap(),
+                ));
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.save(&models_dir).unwrap();
+    let (status, v) = post(&s, "/models/reload", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["version"], b.version());
+    assert_eq!(v["previous"], a.version());
+    assert_eq!(v["changed"], true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = caller.await.unwrap();
+    // Each answer is one version's, forest and LOF alike; both versions answered.
+    assert!(
+        seen.iter().all(|s| *s == from_a || *s == from_b),
+        "an answer mixed versions"
+    );
+    assert!(
+        seen.contains(&from_a) && seen.contains(&from_b),
+        "{} answers",
+        seen.len()
+    );
+    let (_, metrics) = get(&s, "/metrics").await;
+    assert!(metrics.contains(&format!(
+        "vigil_model_info{{version=\"{}\"}} 1",
+        b.version()
+    )));
+    assert!(
+        !metrics.contains(a.version()),
+        "the old version's series is gone"
+    );
+
+    // A broken directory leaves the models serving; so does one with other features.
+    std::fs::write(models_dir.join("manifest.json"), b"{\"version\": ").unwrap();
+    let (status, v) = post(&s, "/models/reload", Body::empty()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(s.models().unwrap().version(), b.version());
+    let wider = vigil::train::train(
+        &vigil::train::bundled_history().unwrap(),
+        &vigil::config::ModelConfig::default(),
+        &vigil::config::FeatureConfig {
+            window: 5,
+            ..Default::default()
+        },
+        vigil::config::Policy::All,
+    )
+    .unwrap();
+    wider.save(&models_dir).unwrap();
+    let (status, v) = post(&s, "/models/reload", Body::empty()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("restart"), "{v}");
+    assert_eq!(s.models().unwrap().version(), b.version());
+
+    // Without a models.dir there is nothing to reload.
+    let (status, _) = post(&shared(), "/models/reload", Body::empty()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}

@@ -825,3 +825,139 @@ async fn a_changelog_restore_keeps_each_accounts_latest_state_forgets_tombstoned
             .is_none()
     );
 }
+
+/// Offline scoring of `events` in order with one account state, `first` scoring the events
+/// before `switch_at` and `then` the rest: what a stream that reloaded its models between two
+/// events must publish.
+fn offline_alerts_across_a_reload(
+    first: Arc<vigil::models::ModelSet>,
+    then: Arc<vigil::models::ModelSet>,
+    events: &[Transaction],
+    switch_at: usize,
+) -> BTreeMap<String, (f64, f64, String)> {
+    let engine =
+        |m: &Arc<vigil::models::ModelSet>| Engine::new(m.clone(), Decoder::Json, Policy::All, 3);
+    let (before, after) = (engine(&first), engine(&then));
+    let mut state = PartitionState::default();
+    let mut scratch = vigil::models::Scratch::default();
+    let mut out = BTreeMap::new();
+    for (i, tx) in events.iter().enumerate() {
+        let source = vigil::publish::SourceCoordinates {
+            topic: "offline".into(),
+            partition: 0,
+            offset: i as i64,
+            published_at: None,
+        };
+        let engine = if i < switch_at { &before } else { &after };
+        let payload = serde_json::to_vec(tx).unwrap();
+        if let vigil::pipeline::Outcome::Alert(a, s) =
+            engine.process(&mut state, &source, &payload, &mut scratch)
+        {
+            out.insert(
+                a.transaction_id.clone(),
+                (
+                    s.verdicts[0].score,
+                    s.verdicts[1].score,
+                    engine.models.version().to_string(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_model_version_in_models_dir_is_taken_between_two_events_while_predictions_never_fail()
+ {
+    let Some((brokers, t, work, first)) = setup("reload").await else {
+        return;
+    };
+    let models_dir = work.path().join("model");
+    let mut reseeded = vigil::config::ModelConfig::default();
+    reseeded.forest.seed = 7;
+    let then = vigil::train::train(
+        &vigil::train::bundled_history().unwrap(),
+        &reseeded,
+        &vigil::config::FeatureConfig::default(),
+        Policy::All,
+    )
+    .unwrap();
+    let (first, then) = (Arc::new(first), Arc::new(then));
+    assert_ne!(first.version(), then.version());
+
+    let events = dataset_events();
+    let half = events.len() / 2;
+    // The predictions below come as fast as they are answered.
+    let unlimited = [("VIGIL_SERVER__RATE_LIMIT__PER_SECOND", "0")];
+    let mut vigil = spawn_vigil(&brokers, &t, &models_dir, work.path(), &unlimited);
+    produce_events(&brokers, &t.transactions, &events[..half]);
+    assert_eq!(
+        wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120)) as usize,
+        half
+    );
+    let addr = http_addr(work.path(), &t).unwrap();
+
+    // Predictions from another thread, all through the reload.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (stop, addr, tx) = (stop.clone(), addr.clone(), events[0].clone());
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            let mut answered = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client
+                    .post(format!("http://{addr}/predict"))
+                    .json(&tx)
+                    .send()
+                    .unwrap();
+                assert_eq!(r.status(), 200, "{}", r.text().unwrap_or_default());
+                answered += 1;
+            }
+            answered
+        })
+    };
+    // The watch on models.dir sees the new manifest within 5 s.
+    then.save(&models_dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let models: serde_json::Value = reqwest::get(format!("http://{addr}/models"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if models["version"] == then.version() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new version was not taken");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    produce_events(&brokers, &t.transactions, &events[half..]);
+    assert_eq!(
+        wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120)) as usize,
+        events.len()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(caller.join().unwrap() > 0);
+
+    let expected = offline_alerts_across_a_reload(first.clone(), then.clone(), &events, half);
+    let versions: std::collections::BTreeSet<&str> =
+        expected.values().map(|(_, _, v)| v.as_str()).collect();
+    assert_eq!(versions.len(), 2, "both versions alert on the dataset");
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    let live = alerts_by_transaction(&alerts);
+    assert_eq!(
+        live.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "alerted transactions differ from offline scoring across the reload"
+    );
+    for (id, published) in &live {
+        let (forest, lof, version) = &expected[id];
+        for a in published {
+            assert_eq!(a["model_version"].as_str(), Some(version.as_str()), "{id}");
+            assert_eq!(a["models"][0]["score"].as_f64(), Some(*forest), "{id}");
+            assert_eq!(a["models"][1]["score"].as_f64(), Some(*lof), "{id}");
+        }
+    }
+    assert!(sigterm(&mut vigil).success());
+}

@@ -44,11 +44,12 @@ pub use access::{Access, AccessSettings, Auth, RateLimit};
 pub use predict::{BODY_LIMIT, MAX_BATCH};
 pub use problem::ApiError;
 
-const ENDPOINTS: [&str; 13] = [
+const ENDPOINTS: [&str; 14] = [
     "GET /health",
     "GET /ready",
     "GET /models",
     "GET /models/{name}",
+    "POST /models/reload",
     "POST /predict",
     "POST /models/{name}/predict",
     "GET /accounts/{id}",
@@ -118,6 +119,7 @@ fn router_with_timeout(shared: Shared, access: Arc<Access>, timeout: Duration) -
         .route("/", get(index))
         .route("/models", get(models))
         .route("/models/{name}", get(model))
+        .route("/models/reload", post(reload))
         .route("/models/{name}/predict", post(predict::predict_one_model))
         .route("/predict", post(predict::predict))
         .route("/accounts/{id}", get(alerts::account))
@@ -237,6 +239,24 @@ async fn ready(State(s): State<Shared>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// Loads `models.dir` again and installs what it holds, in one step (see [`Shared::reload`]):
+/// 200 with the version now serving and the one before, 409 when the new version needs other
+/// account state than the stream keeps, 422 when the directory holds no usable artifact.
+async fn reload(State(s): State<Shared>) -> Result<Json<crate::run::Reloaded>, ApiError> {
+    use crate::run::ReloadError;
+    let answer = tokio::task::spawn_blocking(move || s.reload())
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed", None))?;
+    answer.map(Json).map_err(|e| {
+        let status = match &e {
+            ReloadError::Loading => StatusCode::SERVICE_UNAVAILABLE,
+            ReloadError::NoDirectory | ReloadError::Incompatible { .. } => StatusCode::CONFLICT,
+            ReloadError::Unloadable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, e.to_string(), None)
+    })
 }
 
 /// 503 while the models load (or train) at start.
