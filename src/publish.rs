@@ -370,13 +370,37 @@ pub struct Pending {
     pub alert: Option<Arc<serde_json::Value>>,
 }
 
-/// The alerts this instance published, for `GET /alerts/recent` (the latest [`FEED_RECENT`])
-/// and `GET /alerts/stream` (each one as it is acknowledged by the broker).
+/// The alerts this instance published, for the page and the live stream: the latest
+/// [`FEED_RECENT`] in memory and each new one as it comes. Each has a position, `<epoch>.<n>`
+/// (the process's start in milliseconds, then a count), the SSE id by which a client that lost
+/// its connection resumes where it was.
 pub struct AlertFeed {
-    recent: std::sync::Mutex<std::collections::VecDeque<Arc<serde_json::Value>>>,
-    live: tokio::sync::broadcast::Sender<Arc<serde_json::Value>>,
+    recent: std::sync::Mutex<Recent>,
+    live: tokio::sync::broadcast::Sender<FeedItem>,
+    epoch: u64,
     /// Cancelled at shutdown, so that open streams end and the server can stop.
     pub closed: tokio_util::sync::CancellationToken,
+}
+
+#[derive(Default)]
+struct Recent {
+    items: std::collections::VecDeque<FeedItem>,
+    published: u64,
+}
+
+/// One alert of the feed and its position.
+#[derive(Debug, Clone)]
+pub struct FeedItem {
+    pub seq: u64,
+    pub alert: Arc<serde_json::Value>,
+}
+
+/// What a subscriber resuming after a position gets: the alerts it missed that are still held,
+/// how many it missed beyond those, and the live ones from there on, with nothing between.
+pub struct Resumed {
+    pub missed: Vec<FeedItem>,
+    pub lost: u64,
+    pub live: tokio::sync::broadcast::Receiver<FeedItem>,
 }
 
 /// Alerts `GET /alerts/recent` can return.
@@ -388,6 +412,9 @@ impl Default for AlertFeed {
             recent: Default::default(),
             // A subscriber that falls this far behind skips ahead (and is told how many it lost).
             live: tokio::sync::broadcast::channel(1024).0,
+            epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             closed: Default::default(),
         }
     }
@@ -395,26 +422,78 @@ impl Default for AlertFeed {
 
 impl AlertFeed {
     pub fn publish(&self, alert: Arc<serde_json::Value>) {
-        if let Ok(mut recent) = self.recent.lock() {
-            if recent.len() == FEED_RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(alert.clone());
+        let Ok(mut recent) = self.recent.lock() else {
+            return;
+        };
+        recent.published += 1;
+        let item = FeedItem {
+            seq: recent.published,
+            alert,
+        };
+        if recent.items.len() == FEED_RECENT {
+            recent.items.pop_front();
         }
-        // No subscribers is not an error.
-        let _ = self.live.send(alert);
+        recent.items.push_back(item.clone());
+        // Sent under the lock, so that a subscriber sees the positions in order and
+        // [`Self::resume`] can split held and live alerts without a gap. No subscribers is
+        // not an error.
+        let _ = self.live.send(item);
     }
 
     /// The latest `n` alerts, newest first.
     pub fn recent(&self, n: usize) -> Vec<Arc<serde_json::Value>> {
         self.recent
             .lock()
-            .map(|r| r.iter().rev().take(n).cloned().collect())
+            .map(|r| {
+                r.items
+                    .iter()
+                    .rev()
+                    .take(n)
+                    .map(|i| i.alert.clone())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<serde_json::Value>> {
-        self.live.subscribe()
+    /// An item's position as a string (the SSE id).
+    pub fn position(&self, item: &FeedItem) -> String {
+        format!("{}.{}", self.epoch, item.seq)
+    }
+
+    /// The live alerts from now on, after those published since `last` (a position this feed
+    /// gave; one of an earlier process, or none, resumes from now).
+    pub fn resume(&self, last: Option<&str>) -> Resumed {
+        let after = last
+            .and_then(|l| l.trim().split_once('.'))
+            .filter(|(epoch, _)| epoch.parse() == Ok(self.epoch))
+            .and_then(|(_, seq)| seq.parse::<u64>().ok());
+        let Ok(recent) = self.recent.lock() else {
+            return Resumed {
+                missed: Vec::new(),
+                lost: 0,
+                live: self.live.subscribe(),
+            };
+        };
+        let live = self.live.subscribe();
+        let Some(after) = after.filter(|&a| a < recent.published) else {
+            return Resumed {
+                missed: Vec::new(),
+                lost: 0,
+                live,
+            };
+        };
+        let missed: Vec<FeedItem> = recent
+            .items
+            .iter()
+            .filter(|i| i.seq > after)
+            .cloned()
+            .collect();
+        let first_held = missed.first().map_or(recent.published + 1, |i| i.seq);
+        Resumed {
+            lost: first_held - after - 1,
+            missed,
+            live,
+        }
     }
 }
 

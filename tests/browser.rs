@@ -241,6 +241,22 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
             },
         );
         browser.screenshot(&shots.join("page-live-alert.png"));
+
+        // A phone-width screen: one column, nothing wider than the screen but the tables that
+        // scroll inside their section.
+        browser.post("/window/rect", json!({"width": 390, "height": 844}));
+        let fits = browser.script(
+            "return [document.documentElement.scrollWidth, window.innerWidth, \
+             getComputedStyle(document.querySelector('main')).gridTemplateColumns.split(' ').length]",
+        );
+        let [page_width, screen_width, columns] =
+            [0, 1, 2].map(|i| fits[i].as_u64().unwrap_or(u64::MAX));
+        assert!(
+            page_width <= screen_width,
+            "the page is {page_width} px wide on {screen_width}"
+        );
+        assert_eq!(columns, 1, "{fits}");
+        browser.screenshot(&shots.join("page-phone.png"));
         let problems = browser.console_problems();
         assert!(problems.is_empty(), "console: {problems:?}");
     });

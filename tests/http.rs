@@ -596,16 +596,112 @@ async fn the_alert_stream_sends_each_published_alert_as_a_server_sent_event_and_
         .unwrap()
         .unwrap();
     let text = String::from_utf8(frame.to_vec()).unwrap();
-    assert!(text.starts_with("event: alert\ndata: "), "{text}");
-    let data: serde_json::Value =
-        serde_json::from_str(text.trim_start_matches("event: alert\ndata: ").trim()).unwrap();
+    let (data, id) = sse_alert(&text);
     assert_eq!(data["alert_id"], "x1");
+    assert!(id.ends_with(".1"), "{text}");
 
     s.alerts.closed.cancel();
     let end = tokio::time::timeout(std::time::Duration::from_secs(5), body.next())
         .await
         .expect("the stream ends at shutdown");
     assert!(end.is_none());
+}
+
+/// An SSE `alert` event's data and id.
+fn sse_alert(text: &str) -> (serde_json::Value, String) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_string()
+    };
+    assert_eq!(field("event: "), "alert", "{text}");
+    (
+        serde_json::from_str(&field("data: ")).unwrap(),
+        field("id: "),
+    )
+}
+
+#[tokio::test]
+async fn a_client_reconnecting_with_last_event_id_gets_what_it_missed_then_the_live_alerts() {
+    let s = shared();
+    let publish = |n: usize| {
+        s.alerts.publish(std::sync::Arc::new(
+            serde_json::json!({ "alert_id": format!("a{n}") }),
+        ))
+    };
+    let open = |last: Option<String>| {
+        let mut r = Request::get("/alerts/stream");
+        if let Some(id) = last {
+            r = r.header("last-event-id", id);
+        }
+        app(&s).oneshot(r.body(Body::empty()).unwrap())
+    };
+    let mut first = open(None).await.unwrap().into_body().into_data_stream();
+    publish(1);
+    let (_, seen) = sse_alert(&next_frame(&mut first).await);
+    drop(first);
+    // Published while the client was away.
+    publish(2);
+    publish(3);
+    let mut again = open(Some(seen))
+        .await
+        .unwrap()
+        .into_body()
+        .into_data_stream();
+    publish(4);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(sse_alert(&next_frame(&mut again).await).0["alert_id"].clone());
+    }
+    assert_eq!(got, ["a2", "a3", "a4"], "none missed, none twice, in order");
+
+    // Further back than the feed holds: told how many are lost, then what is held.
+    for n in 5..=(vigil::publish::FEED_RECENT + 10) {
+        publish(n);
+    }
+    let epoch = seen_epoch(&s);
+    let mut late = open(Some(format!("{epoch}.4")))
+        .await
+        .unwrap()
+        .into_body()
+        .into_data_stream();
+    let text = next_frame(&mut late).await;
+    // 210 published, 200 held (11 to 210): 5 to 10 are lost.
+    assert!(text.starts_with("event: lagged\ndata: 6\n"), "{text}");
+    assert_eq!(sse_alert(&next_frame(&mut late).await).0["alert_id"], "a11");
+    // An id of an earlier process (another epoch) resumes from now.
+    let mut other = open(Some("1.3".into()))
+        .await
+        .unwrap()
+        .into_body()
+        .into_data_stream();
+    publish(999);
+    assert_eq!(
+        sse_alert(&next_frame(&mut other).await).0["alert_id"],
+        "a999"
+    );
+}
+
+/// The next SSE frame of a stream, as text.
+async fn next_frame(body: &mut axum::body::BodyDataStream) -> String {
+    use futures::StreamExt;
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.next())
+        .await
+        .expect("an event within 5 s")
+        .unwrap()
+        .unwrap();
+    String::from_utf8(frame.to_vec()).unwrap()
+}
+
+/// The epoch part of this feed's positions.
+fn seen_epoch(s: &Shared) -> String {
+    let item = vigil::publish::FeedItem {
+        seq: 0,
+        alert: std::sync::Arc::new(serde_json::Value::Null),
+    };
+    let position = s.alerts.position(&item);
+    position.split('.').next().unwrap().to_string()
 }
 
 #[tokio::test]

@@ -4,13 +4,15 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::problem::ApiError;
-use crate::publish::FEED_RECENT;
+use futures::StreamExt as _;
+
+use crate::publish::{FEED_RECENT, FeedItem, Resumed};
 use crate::run::Shared;
 
 pub(super) async fn account(
@@ -92,27 +94,50 @@ pub(super) async fn recent_alerts(
 }
 
 /// Server-Sent Events: `event: alert` with the alert JSON as each one is acknowledged by the
-/// broker; `event: lagged` with how many were skipped if the client reads too slowly.
+/// broker, its position as the event's `id`; `event: lagged` with how many were skipped if the
+/// client reads too slowly or comes back after more than the feed holds. A client that sends
+/// `Last-Event-ID` (a browser's EventSource does on every reconnect) first gets the alerts
+/// published since that one, then the live ones, with none missed or repeated between.
 pub(super) async fn alert_stream(
     State(s): State<Shared>,
+    headers: HeaderMap,
 ) -> Sse<impl futures::Stream<Item = Result<Event, axum::Error>>> {
     let feed = s.alerts.clone();
-    let stream = futures::stream::unfold(feed.subscribe(), move |mut rx| {
-        let closed = feed.closed.clone();
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let Resumed { missed, lost, live } = feed.resume(last.as_deref());
+    let alert = {
+        let feed = feed.clone();
+        move |item: &FeedItem| {
+            Event::default()
+                .event("alert")
+                .id(feed.position(item))
+                .json_data(&*item.alert)
+        }
+    };
+    let lagged = |n: u64| Ok(Event::default().event("lagged").data(n.to_string()));
+    let backlog: Vec<_> = (lost > 0)
+        .then(|| lagged(lost))
+        .into_iter()
+        .chain(missed.iter().map(&alert))
+        .collect();
+    let closed = feed.closed.clone();
+    let live = futures::stream::unfold(live, move |mut rx| {
+        let (closed, alert) = (closed.clone(), alert.clone());
         async move {
             let next = tokio::select! {
                 _ = closed.cancelled() => return None,
                 next = rx.recv() => next,
             };
             let event = match next {
-                Ok(alert) => Event::default().event("alert").json_data(&*alert),
-                Err(RecvError::Lagged(n)) => {
-                    Ok(Event::default().event("lagged").data(n.to_string()))
-                }
+                Ok(item) => alert(&item),
+                Err(RecvError::Lagged(n)) => lagged(n),
                 Err(RecvError::Closed) => return None,
             };
             Some((event, rx))
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(futures::stream::iter(backlog).chain(live)).keep_alive(KeepAlive::default())
 }
