@@ -60,6 +60,9 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     /// Always 1; the labels say which build this is.
     pub build_info: IntGaugeVec,
+    /// Per model feature, the population stability index of the latest scored events against
+    /// the training data (set at each scrape).
+    pub feature_drift: prometheus::GaugeVec,
     /// Unix time the loaded model was trained.
     pub model_created_seconds: IntGauge,
     /// 1 when `/ready` would answer 200.
@@ -214,6 +217,13 @@ impl Metrics {
                     "The running build (value 1): version, and the optional Kafka features built in"
                 ),
                 &["version", "features"]
+            )?),
+            feature_drift: register!(prometheus::GaugeVec::new(
+                Opts::new(
+                    "feature_drift_psi",
+                    "Population stability index of each model feature over the latest 10,000-20,000 scored events against the training data (0.1: moving, 0.25: moved)"
+                ),
+                &["feature"]
             )?),
             model_created_seconds: register!(IntGauge::new(
                 "model_created_timestamp_seconds",

@@ -48,6 +48,8 @@ pub struct Prediction {
 #[derive(Debug, Clone)]
 pub struct Scored {
     pub verdicts: [Verdict; 2],
+    /// What the models were given (for the drift monitor).
+    pub features: Features,
 }
 
 /// Which event times are plausible. One event dated years ahead would otherwise drag its
@@ -217,7 +219,7 @@ impl Engine {
         drop(span);
         let verdicts =
             tracing::trace_span!("models").in_scope(|| self.models.assess(&features, scratch));
-        let scored = Scored { verdicts };
+        let scored = Scored { verdicts, features };
         let _consensus = tracing::trace_span!("consensus").entered();
         let alert = decide(self.policy, &verdicts);
         account.record_score(RecentScore {

@@ -372,6 +372,8 @@ struct Worker {
     engine: Engine,
     /// The [`Shared::generation`] of `engine.models`.
     models_generation: u64,
+    /// Scored events' features not yet handed to the models' drift monitor.
+    drift: crate::models::drift::DriftCounts,
     alerts: AlertEncoder,
     kafka: KafkaConfig,
     brokers: String,
@@ -646,11 +648,18 @@ impl Worker {
             if generation != self.models_generation
                 && let Some(models) = self.shared.models()
             {
+                self.engine.models.drift.hand_over(&mut self.drift);
                 self.engine.models = models;
                 self.models_generation = generation;
             }
             let started = Instant::now();
             let outcome = self.engine.process(&mut state, &source, payload, scratch);
+            if let Outcome::Clean(scored, _) | Outcome::Alert(_, scored) = &outcome {
+                self.engine
+                    .models
+                    .drift
+                    .observe(&mut self.drift, &scored.features);
+            }
             self.shared
                 .metrics
                 .processing_seconds
@@ -1257,6 +1266,7 @@ pub async fn run_stream(
             engine: engine.clone(),
             // Not yet compared: the first event takes whatever set is installed by then.
             models_generation: 0,
+            drift: Default::default(),
             alerts: alerts.clone(),
             kafka: cfg.kafka.clone(),
             brokers: brokers.to_string(),

@@ -755,7 +755,19 @@ fn fit_history(
         &facts.fingerprint[..8.min(facts.fingerprint.len())],
         &settings[..4]
     );
+    // Every feature either model reads, in the order the lists name them.
+    let mut watched: Vec<&String> = forest_numeric.iter().collect();
+    watched.extend(lof_numeric.iter().filter(|n| !forest_numeric.contains(n)));
+    let drift = watched
+        .into_iter()
+        .filter_map(|name| {
+            let i = crate::features::numeric_index(name)?;
+            let values: Vec<f64> = rows.iter().map(|r| r.numeric[i]).collect();
+            Some(crate::models::drift::FeatureBaseline::of(name, &values))
+        })
+        .collect();
     let manifest = Manifest {
+        drift,
         format: MANIFEST_FORMAT,
         version,
         created_at: as_of.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -53,6 +53,11 @@ async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
     let committed = wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120));
     assert_eq!(committed as usize, events.len() + produced_bad);
 
+    let watched = models.manifest.drift.len();
+    assert!(
+        watched > 10,
+        "the manifest has each model feature's baseline"
+    );
     let expected = offline_alerts(models, &events);
     assert!(!expected.is_empty());
     let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
@@ -93,6 +98,25 @@ async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
         );
         assert!(header("source.offset").unwrap().parse::<i64>().is_ok());
     }
+
+    // The traffic is the training data: every model feature's drift index is there and small.
+    let addr = http_addr(work.path(), &t).unwrap();
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let drift: Vec<(&str, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("vigil_feature_drift_psi{feature=\""))
+        .filter_map(|l| {
+            let (feature, value) = l.split_once("\"} ")?;
+            Some((feature, value.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(drift.len(), watched, "{drift:?}");
+    assert!(drift.iter().all(|(_, psi)| *psi < 0.1), "{drift:?}");
 
     assert!(
         sigterm(&mut vigil).success(),

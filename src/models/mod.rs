@@ -5,6 +5,7 @@
 //! thresholds, parameters, training fingerprint), `forest.json` (the flattened forest) and
 //! `lof.json` (the LOF reference set with its k-distances and densities).
 
+pub mod drift;
 pub mod encoding;
 pub mod forest;
 pub mod lof;
@@ -238,6 +239,10 @@ pub struct Manifest {
     pub isolation_forest: ForestSection,
     pub lof: LofSection,
     pub training: TrainingInfo,
+    /// Each model feature's training deciles, for the live drift index (absent in artifacts
+    /// made before it: no drift is reported for them).
+    #[serde(default)]
+    pub drift: Vec<drift::FeatureBaseline>,
 }
 
 /// 2: vigil's own seeded forest with node counts, LOF neighbourhood spreads, the account-relative
@@ -248,6 +253,8 @@ pub const MANIFEST_FORMAT: u32 = 2;
 #[derive(Debug)]
 pub struct ModelSet {
     pub manifest: Manifest,
+    /// Live traffic's features against the training baselines.
+    pub drift: drift::DriftMonitor,
     pub forest: IsolationForest,
     pub lof: Lof,
 }
@@ -376,6 +383,7 @@ impl ModelSet {
         }
         let knn = KnnIndex::build(index, &model.points, model.dims, model.k);
         Ok(Self {
+            drift: drift::DriftMonitor::new(&manifest.drift),
             forest: IsolationForest {
                 encoder: manifest.isolation_forest.encoder.clone(),
                 forest,

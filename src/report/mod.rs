@@ -378,33 +378,9 @@ pub struct FeatureDrift {
 }
 
 /// The population stability index of `scored` against `training`: Σ (q − p) ln(q / p) over bins
-/// cut at the training deciles (fewer when values repeat), each share floored at 1e-4.
-pub fn psi(training: &[f64], scored: &[f64]) -> f64 {
-    if training.is_empty() || scored.is_empty() {
-        return 0.0;
-    }
-    let mut sorted = training.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mut edges: Vec<f64> = (1..10)
-        .map(|d| crate::models::encoding::percentile_sorted(&sorted, f64::from(d) * 10.0))
-        .collect();
-    edges.dedup();
-    let shares = |values: &[f64]| {
-        let mut counts = vec![0usize; edges.len() + 1];
-        for &x in values {
-            counts[edges.partition_point(|&e| e < x)] += 1;
-        }
-        counts
-            .into_iter()
-            .map(|c| (c as f64 / values.len() as f64).max(1e-4))
-            .collect::<Vec<_>>()
-    };
-    shares(training)
-        .iter()
-        .zip(shares(scored))
-        .map(|(p, q)| (q - p) * (q / p).ln())
-        .sum()
-}
+/// cut at the training deciles (fewer when values repeat), each share floored at 1e-4 (the same
+/// index the live drift metric reports).
+pub use crate::models::drift::psi;
 
 impl FeatureDrift {
     pub fn new(feature: &str, training: &[f64], scored: &[f64]) -> Self {

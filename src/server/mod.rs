@@ -340,6 +340,16 @@ async fn method_not_allowed(request: Request) -> ApiError {
 
 async fn metrics(State(s): State<Shared>) -> Response {
     s.metrics.ready.set(i64::from(s.status.ready()));
+    // Computed at the scrape from the serving models' window (a reload starts a new one).
+    s.metrics.feature_drift.reset();
+    if let Some(models) = s.models() {
+        for (feature, psi) in models.drift.psi() {
+            s.metrics
+                .feature_drift
+                .with_label_values(&[feature])
+                .set(psi);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
