@@ -990,27 +990,13 @@ async fn an_account_shows_its_latest_scores_newest_first() {
     );
 }
 
-/// Models of the bundled dataset trained with another forest seed: the same features, another
-/// version.
-fn reseeded_models(seed: u64) -> vigil::models::ModelSet {
-    let mut models = vigil::config::ModelConfig::default();
-    models.forest.seed = seed;
-    vigil::train::train(
-        &vigil::train::bundled_history().unwrap(),
-        &models,
-        &vigil::config::FeatureConfig::default(),
-        vigil::config::Policy::All,
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_swaps_the_models_in_one_step_while_predictions_keep_being_answered() {
     let dir = tempfile::tempdir().unwrap();
     let models_dir = dir.path().join("current");
     let (a, b) = (
         std::sync::Arc::new(common::trained_models()),
-        std::sync::Arc::new(reseeded_models(7)),
+        std::sync::Arc::new(common::reseeded_models(7)),
     );
     assert_ne!(a.version(), b.version());
     a.save(&models_dir).unwrap();

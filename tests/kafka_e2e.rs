@@ -101,12 +101,7 @@ async fn every_event_gets_an_outcome_and_alerts_equal_offline_scoring() {
 
     // The traffic is the training data: every model feature's drift index is there and small.
     let addr = http_addr(work.path(), &t).unwrap();
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&addr).await;
     let drift: Vec<(&str, f64)> = metrics
         .lines()
         .filter_map(|l| l.strip_prefix("vigil_feature_drift_psi{feature=\""))
@@ -897,15 +892,7 @@ async fn a_new_model_version_in_models_dir_is_taken_between_two_events_while_pre
         return;
     };
     let models_dir = work.path().join("model");
-    let mut reseeded = vigil::config::ModelConfig::default();
-    reseeded.forest.seed = 7;
-    let then = vigil::train::train(
-        &vigil::train::bundled_history().unwrap(),
-        &reseeded,
-        &vigil::config::FeatureConfig::default(),
-        Policy::All,
-    )
-    .unwrap();
+    let then = common::reseeded_models(7);
     let (first, then) = (Arc::new(first), Arc::new(then));
     assert_ne!(first.version(), then.version());
 

@@ -242,12 +242,7 @@ async fn events_of_evolved_writer_schemas_score_as_the_base_schema_and_alerts_re
     // The registry's two 503s held the events back (asked again) instead of dead-lettering
     // them; each writer schema was then asked for once per worker at most, and cached.
     let addr = http_addr(work.path(), &t).unwrap();
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&addr).await;
     assert!(
         metrics
             .lines()

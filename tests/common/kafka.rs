@@ -536,15 +536,21 @@ pub fn records_read(brokers: &str, topic: &str, isolation: &str) -> usize {
     n
 }
 
-/// `vigil_events_scored_total` of the vigil serving on `addr`.
-pub async fn scored(addr: &str) -> u64 {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+/// The Prometheus text of the vigil serving on `addr`.
+pub async fn metrics_text(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// `vigil_events_scored_total` of the vigil serving on `addr`.
+pub async fn scored(addr: &str) -> u64 {
+    metrics_text(addr)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix("vigil_events_scored_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap()

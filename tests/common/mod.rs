@@ -17,6 +17,20 @@ pub fn trained_models() -> ModelSet {
     .unwrap()
 }
 
+/// Models of the bundled dataset trained with another forest seed: the same features, another
+/// version.
+pub fn reseeded_models(seed: u64) -> ModelSet {
+    let mut models = ModelConfig::default();
+    models.forest.seed = seed;
+    train(
+        &bundled_history().unwrap(),
+        &models,
+        &FeatureConfig::default(),
+        vigil::config::Policy::All,
+    )
+    .unwrap()
+}
+
 /// Shared server/stream handles over freshly trained models.
 pub fn shared() -> Shared {
     Shared::new(trained_models()).unwrap()
