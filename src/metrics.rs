@@ -60,6 +60,9 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     /// Always 1; the labels say which build this is.
     pub build_info: IntGaugeVec,
+    /// Model reloads by outcome: `loaded` (a new version serves) or `refused` (the old one
+    /// stays).
+    pub model_reloads: IntCounterVec,
     /// Per model feature, the population stability index of the latest scored events against
     /// the training data (set at each scrape).
     pub feature_drift: prometheus::GaugeVec,
@@ -218,6 +221,13 @@ impl Metrics {
                 ),
                 &["version", "features"]
             )?),
+            model_reloads: register!(IntCounterVec::new(
+                Opts::new(
+                    "model_reloads_total",
+                    "Reloads of models.dir that installed a new version (loaded) or kept the serving one (refused)"
+                ),
+                &["outcome"]
+            )?),
             feature_drift: register!(prometheus::GaugeVec::new(
                 Opts::new(
                     "feature_drift_psi",
@@ -275,6 +285,9 @@ impl Metrics {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), features])
             .set(1);
+        for outcome in ["loaded", "refused"] {
+            self.model_reloads.with_label_values(&[outcome]);
+        }
         for model in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
             self.model_flags.with_label_values(&[model]);
             self.model_scores.with_label_values(&[model]);

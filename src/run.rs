@@ -230,6 +230,21 @@ impl Shared {
     /// one step, so a request or an event is scored by the old set or the new one and never by
     /// a part of each. A version already installed is left as it is.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let outcome = self.try_reload();
+        let counted = match &outcome {
+            Ok(r) if r.changed => Some("loaded"),
+            Err(ReloadError::Unloadable { .. } | ReloadError::Incompatible { .. }) => {
+                Some("refused")
+            }
+            _ => None,
+        };
+        if let Some(c) = counted {
+            self.metrics.model_reloads.with_label_values(&[c]).inc();
+        }
+        outcome
+    }
+
+    fn try_reload(&self) -> Result<Reloaded, ReloadError> {
         let (dir, index) = self.source.clone().ok_or(ReloadError::NoDirectory)?;
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.models().ok_or(ReloadError::Loading)?;

@@ -1093,6 +1093,15 @@ async fn a_reload_swaps_the_models_in_one_step_while_predictions_keep_being_answ
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("restart"), "{v}");
     assert_eq!(s.models().unwrap().version(), b.version());
+    let (_, metrics) = get(&s, "/metrics").await;
+    assert!(
+        metrics.contains("vigil_model_reloads_total{outcome=\"loaded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vigil_model_reloads_total{outcome=\"refused\"} 2"),
+        "{metrics}"
+    );
 
     // Without a models.dir there is nothing to reload.
     let (status, _) = post(&shared(), "/models/reload", Body::empty()).await;
