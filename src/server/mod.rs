@@ -2,8 +2,9 @@
 //! - here: the router, its layers (compression, request ids, timeouts, tracing, request
 //!   metrics) and the small routes — `GET /health`, `GET /ready` (503 unless models are
 //!   loaded, the consumer group has given this instance its share and a broker answers),
-//!   `GET /models`, `GET /models/{name}`, `GET /metrics` (Prometheus text), the page and the
-//!   API description;
+//!   `GET /models`, `GET /models/{name}`, `POST /models/reload` (the models in `models.dir`
+//!   installed in one step), `GET /metrics` (Prometheus text), the page and the API
+//!   description;
 //! - [`access`]: authentication and per-client rate limits of every route but health,
 //!   readiness and metrics;
 //! - [`predict`]: `POST /predict` (both models and the consensus) and
@@ -12,7 +13,7 @@
 //! - [`alerts`]: `GET /accounts/{id}`, `GET /alerts/recent` and the live `GET /alerts/stream`;
 //! - [`problem`]: every error answer as an RFC 9457 problem naming the field and the reason.
 //!
-//! It reads shared state and never changes it. Every request is counted by matched route,
+//! It reads shared state and changes nothing but which models serve. Every request is counted by matched route,
 //! method and status (`vigil_http_requests_total`) and carries an `x-request-id` (the caller's,
 //! or a new UUID), echoed in the answer and in the request's tracing span.
 
