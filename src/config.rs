@@ -17,6 +17,7 @@ use crate::features::{CATEGORICAL_FEATURES, NUMERIC_FEATURES};
 pub use crate::pipeline::EventTimeLimits;
 pub use crate::registry::RegistryConfig;
 pub use crate::server::{AccessSettings, Auth, RateLimit, ServerSettings};
+pub use crate::triage::TriageSettings;
 
 /// Errors found while loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,7 @@ pub struct RawTopics {
     pub alerts: String,
     pub dead_letter: String,
     pub changelog: String,
+    pub feedback: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +210,7 @@ pub struct RawConsensus {
 pub struct RawAlerts {
     pub top_features: usize,
     pub encoding: Encoding,
+    pub index_window_days: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -374,6 +377,7 @@ impl Default for RawTopics {
             alerts: "alerts".to_string(),
             dead_letter: "transactions.dead-letter".to_string(),
             changelog: String::new(),
+            feedback: "alerts.feedback".to_string(),
         }
     }
 }
@@ -450,6 +454,7 @@ impl Default for RawAlerts {
         Self {
             top_features: 3,
             encoding: Encoding::Json,
+            index_window_days: 30.0,
         }
     }
 }
@@ -539,6 +544,7 @@ pub struct Config {
     pub policy: Policy,
     pub top_features: usize,
     pub alert_encoding: Encoding,
+    pub triage: TriageSettings,
     pub server: ServerSettings,
     pub log_format: LogFormat,
     pub log_filter: String,
@@ -585,6 +591,17 @@ pub struct FeatureConfig {
     pub state_ttl_secs: i64,
     /// Slots of each frequent-value sketch (IP, location, device, merchant).
     pub frequency_slots: usize,
+}
+
+impl Default for TriageSettings {
+    fn default() -> Self {
+        Self {
+            window: std::time::Duration::from_secs_f64(
+                RawAlerts::default().index_window_days * 86_400.0,
+            ),
+            feedback_topic: RawTopics::default().feedback,
+        }
+    }
 }
 
 impl Default for FeatureConfig {
@@ -918,7 +935,8 @@ impl RawConfig {
             name => name.to_string(),
         };
         let changelog = check_topic("kafka.topics.changelog", &changelog)?;
-        let names = [&transactions, &alerts, &dead_letter, &changelog];
+        let feedback = check_topic("kafka.topics.feedback", &k.topics.feedback)?;
+        let names = [&transactions, &alerts, &dead_letter, &changelog, &feedback];
         if names
             .iter()
             .enumerate()
@@ -926,7 +944,7 @@ impl RawConfig {
         {
             return Err(invalid(
                 "kafka.topics",
-                "transactions, alerts, dead_letter and changelog must be different topics",
+                "transactions, alerts, dead_letter, changelog and feedback must be different topics",
             ));
         }
         for reserved in ["enable.auto.offset.store", "group.id", "bootstrap.servers"] {
@@ -996,6 +1014,13 @@ impl RawConfig {
                 ),
             )
         })?;
+        let window_days = self.alerts.index_window_days;
+        if !(window_days > 0.0 && window_days <= 3_650.0) {
+            return Err(invalid(
+                "alerts.index_window_days",
+                format!("{window_days} is outside (0, 3650]"),
+            ));
+        }
         if self.alerts.top_features > 32 {
             return Err(invalid(
                 "alerts.top_features",
@@ -1105,6 +1130,10 @@ impl RawConfig {
             policy,
             top_features: self.alerts.top_features,
             alert_encoding: self.alerts.encoding,
+            triage: TriageSettings {
+                window: std::time::Duration::from_secs_f64(window_days * 86_400.0),
+                feedback_topic: feedback,
+            },
             server: ServerSettings {
                 addr: server_addr,
                 access: AccessSettings {

@@ -24,6 +24,8 @@
 //! - [`run`]: the async wiring (workers, ackers, restores, transactions, shutdown); [`server`]:
 //!   the side HTTP server (router and small routes; access control, prediction, alerts and
 //!   problem documents in a file each).
+//! - [`triage`]: the analysts' side: an index of the window's alerts rebuilt from the alerts
+//!   topic, and their verdicts on the compacted feedback topic.
 //! - [`train`]: history → models; [`simulate`]: labelled synthetic traffic; [`demo`]: the embedded default.
 //! - [`replay`]: backtests over a topic range or a file through the same per-event path;
 //!   [`backtest`]: the time split (train on the past, score the future, state warm);
@@ -52,3 +54,4 @@ pub mod simulate;
 pub mod state;
 pub mod telemetry;
 pub mod train;
+pub mod triage;

@@ -338,7 +338,7 @@ async fn main() -> Result<()> {
             };
             let shutdown = shutdown_on_signal();
             // The server is up while the models load (or train): /ready says 503 meanwhile.
-            let shared = Shared::loading()?.with_decisions(&cfg);
+            let shared = Shared::loading()?.with_decisions(&cfg)?;
             let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             let loading = tokio::task::spawn_blocking({
                 let cfg = cfg.clone();
@@ -385,7 +385,7 @@ async fn main() -> Result<()> {
             };
             let shutdown = shutdown_on_signal();
             let mut sim = Simulator::new(seed, anomaly_share, malformed_share);
-            let shared = Shared::loading()?.with_decisions(&cfg);
+            let shared = Shared::loading()?.with_decisions(&cfg)?;
             let http = start_server(&cfg, shared.clone(), shutdown.clone()).await?;
             match warm_up(&cfg, &brokers, &mut sim, history).await {
                 Ok(models) => shared.install(models),

@@ -75,6 +75,10 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// HTTP requests by matched route, method and status code.
     pub http_requests: IntCounterVec,
+    /// Alerts in this instance's triage index (the window of the alerts topic).
+    pub alert_index_size: IntGauge,
+    /// Verdicts this instance published, by verdict.
+    pub verdicts: IntCounterVec,
     /// HTTP request latency by matched route.
     pub http_seconds: HistogramVec,
 }
@@ -250,6 +254,17 @@ impl Metrics {
                 ),
                 &["partition"]
             )?),
+            alert_index_size: register!(IntGauge::new(
+                "alert_index_alerts",
+                "Alerts in the triage index: those published within alerts.index_window_days"
+            )?),
+            verdicts: register!(IntCounterVec::new(
+                Opts::new(
+                    "verdicts_total",
+                    "Analysts' verdicts this instance published to the feedback topic"
+                ),
+                &["verdict"]
+            )?),
             http_requests: register!(IntCounterVec::new(
                 Opts::new("http_requests_total", "HTTP requests by route and status"),
                 &["route", "method", "status"]
@@ -285,6 +300,9 @@ impl Metrics {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), features])
             .set(1);
+        for verdict in crate::triage::Verdict::ALL {
+            self.verdicts.with_label_values(&[verdict.as_str()]);
+        }
         for outcome in ["loaded", "refused"] {
             self.model_reloads.with_label_values(&[outcome]);
         }

@@ -47,6 +47,7 @@ use crate::publish::{
 use crate::registry::{RegistryError, SchemaRegistry};
 use crate::state::PartitionState;
 use crate::train::{HistoryError, bundled_history, train};
+use crate::triage::Triage;
 
 /// Errors that stop the stream processor.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,8 @@ pub enum RunError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Triage(#[from] crate::triage::TriageError),
     #[error("a worker task failed: {0}")]
     Task(String),
 }
@@ -165,6 +168,8 @@ pub struct Shared {
     /// Empty while the models load (or train): the server is up meanwhile, `/ready` says so.
     models: Arc<std::sync::RwLock<Option<Arc<ModelSet>>>>,
     pub alerts: Arc<AlertFeed>,
+    /// The alert index and verdicts (filled once the stream reaches the broker).
+    pub triage: Arc<Triage>,
     /// The decision settings predictions use (the stream's own, from the configuration).
     pub policy: Policy,
     pub top_features: usize,
@@ -187,6 +192,7 @@ impl Shared {
             store: Arc::new(StateStore::new()),
             models: Arc::default(),
             alerts: Arc::new(AlertFeed::default()),
+            triage: Arc::new(Triage::new(crate::triage::TriageSettings::default())?),
             policy: Policy::All,
             top_features: 3,
             event_time: EventTimeLimits::default(),
@@ -284,12 +290,13 @@ impl Shared {
 
     /// Uses the configured consensus policy, number of explaining features, event-time limits
     /// and the models' directory (for reloads).
-    pub fn with_decisions(mut self, cfg: &Config) -> Self {
+    pub fn with_decisions(mut self, cfg: &Config) -> Result<Self, RunError> {
+        self.triage = Arc::new(Triage::new(cfg.triage.clone())?);
         self.source = Some((cfg.models.dir.clone(), cfg.models.lof.index));
         self.policy = cfg.policy;
         self.top_features = cfg.top_features;
         self.event_time = cfg.event_time;
-        self
+        Ok(self)
     }
 
     /// An engine over the loaded models, for on-demand predictions; `None` while they load.
@@ -1218,6 +1225,14 @@ pub async fn run_stream(
     }
     shared.status.set_broker_timeout(cfg.kafka.broker_timeout);
     tokio::spawn(watch_models_dir(shared.clone(), shutdown.clone()));
+    tokio::spawn(crate::triage::follow(
+        cfg.kafka.clone(),
+        brokers.to_string(),
+        cfg.alert_encoding,
+        shared.triage.clone(),
+        shared.metrics.clone(),
+        shutdown.clone(),
+    ));
     let logs = Arc::new(LogThrottle::default());
     let changelog = match &cfg.kafka.changelog_topic {
         Some(topic) => changelog_topic(cfg, brokers, topic, &shutdown).await,

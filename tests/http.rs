@@ -1003,7 +1003,7 @@ async fn a_reload_swaps_the_models_in_one_step_while_predictions_keep_being_answ
     let cfg =
         vigil::config::Config::from_yaml(&format!("models:\n  dir: {}\n", models_dir.display()))
             .unwrap();
-    let s = Shared::loading().unwrap().with_decisions(&cfg);
+    let s = Shared::loading().unwrap().with_decisions(&cfg).unwrap();
     s.install(vigil::models::ModelSet::load(&models_dir, cfg.models.lof.index).unwrap());
     let tx = dataset_rows(40)[39].clone();
     let scores_of = |m: &std::sync::Arc<vigil::models::ModelSet>| {

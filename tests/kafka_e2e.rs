@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::eventually;
 use common::kafka::*;
 
 use std::collections::{BTreeMap, HashMap};
@@ -982,4 +983,154 @@ async fn a_new_model_version_in_models_dir_is_taken_between_two_events_while_pre
         }
     }
     assert!(sigterm(&mut vigil).success());
+}
+
+/// The id in a URL path: alert ids hold slashes.
+fn path_id(id: &str) -> String {
+    id.replace('%', "%25").replace('/', "%2F")
+}
+
+/// `GET` on vigil at `addr`, as JSON, once `ok` holds of it (within 60 s).
+async fn get_until(
+    addr: &str,
+    path: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = match reqwest::get(format!("http://{addr}{path}")).await {
+            Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
+            _ => None,
+        };
+        match got {
+            Some(v) if ok(&v) => return v,
+            last if Instant::now() > deadline => panic!("GET {path}: {last:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn analysts_verdicts_go_to_the_compacted_feedback_topic_and_every_instance_and_restart_sees_them()
+ {
+    let Some((brokers, t, work, models)) = setup("triage").await else {
+        return;
+    };
+    let feedback = format!("{}-feedback", t.group);
+    let env = [("VIGIL_KAFKA__TOPICS__FEEDBACK", feedback.as_str())];
+    let events = dataset_events();
+    produce_events(&brokers, &t.transactions, &events);
+    let mut first = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &env);
+    wait_all_committed(&brokers, &t, &mut first, Duration::from_secs(120));
+    let expected = offline_alerts(models, &events).len();
+    assert!(expected > 3);
+    let addr = http_addr(work.path(), &t).unwrap();
+
+    // Every alert the stream published is indexed, unreviewed, and the filters narrow it.
+    let all = get_until(&addr, "/alerts?limit=500", |v| v["total"] == expected).await;
+    let alerts = all["alerts"].as_array().unwrap();
+    let times: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["alert"]["event_time"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    let unreviewed = get_until(&addr, "/alerts?status=unreviewed&limit=1", |_| true).await;
+    assert_eq!(unreviewed["total"], expected);
+    assert_eq!(unreviewed["alerts"].as_array().unwrap().len(), 1);
+    let chosen = &alerts[alerts.len() / 2]["alert"];
+    let (id, account) = (
+        chosen["alert_id"].as_str().unwrap(),
+        chosen["account_id"].as_str().unwrap(),
+    );
+    let of_account = get_until(&addr, &format!("/alerts?account={account}"), |_| true).await;
+    assert!(
+        of_account["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["alert"]["account_id"] == account)
+    );
+    assert!(
+        of_account["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alert"]["alert_id"] == id)
+    );
+
+    // A verdict is answered once the feedback topic has it, keyed by the alert id.
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/alerts/{}/verdict", path_id(id));
+    let answer = client
+        .put(&url)
+        .json(&serde_json::json!({"verdict": "fraud", "note": "customer confirmed: not them", "analyst": "ana"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let recorded: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(recorded["transaction_id"], chosen["transaction_id"]);
+    let bad = client
+        .put(&url)
+        .json(&serde_json::json!({"verdict": "maybe"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+    let on_topic = read_all(&brokers, &feedback, 1, Duration::from_secs(10));
+    assert_eq!(on_topic.len(), 1);
+    assert_eq!(on_topic[0].key(), Some(id.as_bytes()));
+    let published: serde_json::Value =
+        serde_json::from_slice(on_topic[0].payload().unwrap()).unwrap();
+    assert_eq!(published, recorded);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let described = admin
+        .describe_configs(
+            &[rdkafka::admin::ResourceSpecifier::Topic(&feedback)],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let config = described[0].as_ref().unwrap();
+    assert_eq!(
+        config
+            .get("cleanup.policy")
+            .and_then(|e| e.value.as_deref()),
+        Some("compact")
+    );
+
+    // A second instance (its own work directory) indexes the same alerts and reads the verdict.
+    let other = tempfile::tempdir().unwrap();
+    let mut second = spawn_vigil(&brokers, &t, &work.path().join("model"), other.path(), &env);
+    let second_addr = eventually(
+        "the second instance's address",
+        Duration::from_secs(60),
+        || http_addr(other.path(), &t),
+    );
+    let seen = get_until(&second_addr, &format!("/alerts/{}", path_id(id)), |v| {
+        v["verdict"]["verdict"] == "fraud"
+    })
+    .await;
+    assert_eq!(seen["verdict"]["note"], "customer confirmed: not them");
+    assert_eq!(seen["verdict"]["analyst"], "ana");
+    assert!(sigterm(&mut second).success());
+
+    // And so does the first one after a restart: the index is rebuilt from the topics.
+    assert!(sigterm(&mut first).success());
+    let mut again = spawn_vigil(&brokers, &t, &work.path().join("model"), work.path(), &env);
+    let again_addr = eventually(
+        "the restarted instance's address",
+        Duration::from_secs(60),
+        || http_addr(work.path(), &t).filter(|a| *a != addr),
+    );
+    let fraud = get_until(&again_addr, "/alerts?status=fraud", |v| v["total"] == 1).await;
+    assert_eq!(fraud["alerts"][0]["alert"]["alert_id"], id);
+    get_until(&again_addr, "/alerts?status=unreviewed", |v| {
+        v["total"] == expected - 1
+    })
+    .await;
+    assert!(sigterm(&mut again).success());
 }

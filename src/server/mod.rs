@@ -11,9 +11,11 @@
 //!   `POST /models/{name}/predict` (one model) for a list of transactions scored against their
 //!   accounts' live state, read-only;
 //! - [`alerts`]: `GET /accounts/{id}`, `GET /alerts/recent` and the live `GET /alerts/stream`;
+//! - [`triage`]: the alert index — `GET /alerts` (search), `GET /alerts/{id}` — and analysts'
+//!   verdicts, `PUT /alerts/{id}/verdict`;
 //! - [`problem`]: every error answer as an RFC 9457 problem naming the field and the reason.
 //!
-//! It reads shared state and changes nothing but which models serve. Every request is counted by matched route,
+//! It reads shared state and changes nothing but which models serve and the verdicts. Every request is counted by matched route,
 //! method and status (`vigil_http_requests_total`) and carries an `x-request-id` (the caller's,
 //! or a new UUID), echoed in the answer and in the request's tracing span.
 
@@ -21,6 +23,7 @@ pub mod access;
 mod alerts;
 mod predict;
 pub mod problem;
+mod triage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +33,7 @@ use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Path, Request, State
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +48,7 @@ pub use access::{Access, AccessSettings, Auth, RateLimit};
 pub use predict::{BODY_LIMIT, MAX_BATCH};
 pub use problem::ApiError;
 
-const ENDPOINTS: [&str; 14] = [
+const ENDPOINTS: [&str; 17] = [
     "GET /health",
     "GET /ready",
     "GET /models",
@@ -54,8 +57,11 @@ const ENDPOINTS: [&str; 14] = [
     "POST /predict",
     "POST /models/{name}/predict",
     "GET /accounts/{id}",
+    "GET /alerts",
     "GET /alerts/recent",
     "GET /alerts/stream",
+    "GET /alerts/{id}",
+    "PUT /alerts/{id}/verdict",
     "GET /metrics",
     "GET /openapi.json",
     "GET /docs",
@@ -126,6 +132,9 @@ fn router_with_timeout(shared: Shared, access: Arc<Access>, timeout: Duration) -
         .route("/accounts/{id}", get(alerts::account))
         .route("/alerts/recent", get(alerts::recent_alerts))
         .route("/alerts/stream", get(alerts::alert_stream))
+        .route("/alerts", get(triage::search))
+        .route("/alerts/{id}", get(triage::one))
+        .route("/alerts/{id}/verdict", put(triage::decide))
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))
         .route_layer(middleware::from_fn_with_state(access, access::guard));

@@ -50,6 +50,11 @@ impl ApiError {
         self.status
     }
 
+    /// The request field the problem is about, if one.
+    pub fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+
     fn body(self) -> Value {
         let mut body = json!({
             "type": "about:blank",

@@ -1,0 +1,303 @@
+//! Triage routes over the alert index ([`crate::triage`]): `GET /alerts` (search with filters
+//! and paging), `GET /alerts/{id}` (one alert and its verdict) and `PUT /alerts/{id}/verdict`
+//! (an analyst's verdict, answered once the feedback topic has it).
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+
+use super::problem::ApiError;
+use crate::run::Shared;
+use crate::triage::{
+    AlertQuery, Indexed, MAX_NOTE_CHARS, MAX_PAGE, Page, Status, TriageError, Verdict,
+    VerdictRecord,
+};
+
+const PARAMETERS: [&str; 9] = [
+    "account",
+    "from",
+    "to",
+    "min_margin",
+    "severity",
+    "reason",
+    "status",
+    "limit",
+    "offset",
+];
+
+fn bad(field: &str, detail: String) -> ApiError {
+    ApiError::bad_request(detail, Some(field))
+}
+
+fn index_failed(e: &TriageError) -> ApiError {
+    tracing::error!(error.message = %e, "alert index");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the alert index failed",
+        None,
+    )
+}
+
+/// An event time for a filter: RFC 3339, or the dataset's `YYYY-MM-DD HH:MM:SS` (UTC).
+fn time(field: &str, value: &str) -> Result<i64, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| t.timestamp())
+        .ok()
+        .or_else(|| crate::decode::parse_time(value))
+        .ok_or_else(|| {
+            bad(
+                field,
+                format!("`{value}` is not a time (RFC 3339, or YYYY-MM-DD HH:MM:SS in UTC)"),
+            )
+        })
+}
+
+fn query_of(pairs: Vec<(String, String)>) -> Result<AlertQuery, ApiError> {
+    let mut q = AlertQuery {
+        limit: 50,
+        ..AlertQuery::default()
+    };
+    for (name, value) in pairs {
+        let whole = |field: &str, max: usize| {
+            value
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| {
+                    bad(
+                        field,
+                        format!("{field} `{value}` is not a whole number from 0 to {max}"),
+                    )
+                })
+        };
+        match name.as_str() {
+            "account" => q.account = Some(value),
+            "from" => q.from = Some(time("from", &value)?),
+            "to" => q.to = Some(time("to", &value)?),
+            "min_margin" => {
+                q.min_margin = Some(
+                    value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|m| m.is_finite())
+                        .ok_or_else(|| {
+                            bad(
+                                "min_margin",
+                                format!("min_margin `{value}` is not a number"),
+                            )
+                        })?,
+                );
+            }
+            "severity" => match value.as_str() {
+                "low" | "medium" | "high" => q.severity = Some(value),
+                _ => {
+                    return Err(bad(
+                        "severity",
+                        format!("severity `{value}` is not one of low, medium, high"),
+                    ));
+                }
+            },
+            "reason" => q.reason = Some(value),
+            "status" => {
+                q.status = Some(Status::parse(&value).ok_or_else(|| {
+                    bad(
+                        "status",
+                        format!(
+                            "status `{value}` is not one of unreviewed, fraud, legitimate, needs_review"
+                        ),
+                    )
+                })?);
+            }
+            "limit" => {
+                q.limit = whole("limit", MAX_PAGE)?;
+                if q.limit == 0 {
+                    return Err(bad("limit", format!("limit must be from 1 to {MAX_PAGE}")));
+                }
+            }
+            "offset" => q.offset = whole("offset", 1_000_000)?,
+            other => {
+                return Err(bad(
+                    other,
+                    format!(
+                        "unknown query parameter `{other}`; the filters are {}",
+                        PARAMETERS.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// `GET /alerts`: the indexed alerts that match every filter given, newest event first.
+pub(super) async fn search(
+    State(s): State<Shared>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<Page>, ApiError> {
+    let q = query_of(pairs)?;
+    let triage = s.triage.clone();
+    tokio::task::spawn_blocking(move || triage.index.search(&q))
+        .await
+        .map_err(|_| index_failed(&TriageError::NotConnected))?
+        .map(Json)
+        .map_err(|e| index_failed(&e))
+}
+
+fn unknown_alert(id: &str, days: f64) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no alert `{id}` was published in the last {days:.0} days (alerts.index_window_days)"
+        ),
+        Some("id"),
+    )
+}
+
+/// `GET /alerts/{id}`: the alert as published and the latest verdict on it.
+pub(super) async fn one(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Indexed>, ApiError> {
+    let days = s.triage.settings.window.as_secs_f64() / 86_400.0;
+    s.triage
+        .index
+        .get(&id)
+        .map_err(|e| index_failed(&e))?
+        .map(Json)
+        .ok_or_else(|| unknown_alert(&id, days))
+}
+
+/// What an analyst sends: the verdict, a note, and who they are (optional).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct VerdictRequest {
+    verdict: String,
+    #[serde(default)]
+    note: String,
+    #[serde(default)]
+    analyst: Option<String>,
+}
+
+/// `PUT /alerts/{id}/verdict`: publishes the verdict to the feedback topic and answers with it
+/// once the broker has it; the latest verdict on an alert is the one that counts.
+pub(super) async fn decide(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    Json(request): Json<VerdictRequest>,
+) -> Result<Json<VerdictRecord>, ApiError> {
+    let verdict = Verdict::parse(&request.verdict).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "verdict `{}` is not one of fraud, legitimate, needs_review",
+                request.verdict
+            ),
+            Some("verdict"),
+        )
+    })?;
+    if request.note.chars().count() > MAX_NOTE_CHARS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the note is longer than {MAX_NOTE_CHARS} characters"),
+            Some("note"),
+        ));
+    }
+    if request
+        .analyst
+        .as_ref()
+        .is_some_and(|a| a.chars().count() > 100)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the analyst's name is longer than 100 characters",
+            Some("analyst"),
+        ));
+    }
+    let days = s.triage.settings.window.as_secs_f64() / 86_400.0;
+    let alert = s
+        .triage
+        .index
+        .get(&id)
+        .map_err(|e| index_failed(&e))?
+        .ok_or_else(|| unknown_alert(&id, days))?
+        .alert;
+    let field = |k: &str| {
+        alert
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let record = VerdictRecord {
+        alert_id: id,
+        transaction_id: field("transaction_id"),
+        account_id: field("account_id"),
+        verdict,
+        note: request.note,
+        analyst: request.analyst.filter(|a| !a.trim().is_empty()),
+        decided_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        model_version: field("model_version"),
+    };
+    match s.triage.decide(record).await {
+        Ok(record) => {
+            s.metrics
+                .verdicts
+                .with_label_values(&[verdict.as_str()])
+                .inc();
+            Ok(Json(record))
+        }
+        Err(e) => {
+            tracing::warn!(error.message = %e, "a verdict was not published");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the verdict was not recorded: {e}; send it again"),
+                None,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn every_filter_is_read_and_a_bad_one_names_its_field() {
+        let q = query_of(pairs(&[
+            ("account", "AC1"),
+            ("from", "2024-01-01T00:00:00Z"),
+            ("to", "2024-01-02 00:00:00"),
+            ("min_margin", "0.5"),
+            ("severity", "high"),
+            ("reason", "new device"),
+            ("status", "needs_review"),
+            ("limit", "10"),
+            ("offset", "20"),
+        ]))
+        .unwrap();
+        assert_eq!(q.account.as_deref(), Some("AC1"));
+        assert_eq!(q.to.unwrap() - q.from.unwrap(), 86_400);
+        assert_eq!(q.status, Some(Status::Is(Verdict::NeedsReview)));
+        assert_eq!((q.limit, q.offset), (10, 20));
+        for (k, v) in [
+            ("from", "yesterday"),
+            ("min_margin", "NaN"),
+            ("severity", "huge"),
+            ("status", "done"),
+            ("limit", "0"),
+            ("limit", "501"),
+            ("offset", "-1"),
+            ("colour", "red"),
+        ] {
+            let e = query_of(pairs(&[(k, v)])).unwrap_err();
+            assert_eq!(e.field(), Some(k), "{k}={v}");
+        }
+    }
+}

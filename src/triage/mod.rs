@@ -1,0 +1,714 @@
+//! Triage: what analysts work on once an alert is out. It owns
+//! - the **alert index**: the alerts published in the last `alerts.index_window_days`, searchable
+//!   by account, event time, margin, severity, reason and review status, newest first, with
+//!   paging. The alerts topic stays the source of truth: [`follow`] reads it from that far back
+//!   at every start and then keeps up with it, so every instance indexes every alert, whichever
+//!   instance published it;
+//! - **verdicts**: an analyst marks an alert `fraud`, `legitimate` or `needs_review` with a note.
+//!   A verdict is published to the compacted feedback topic keyed by the alert id (the latest
+//!   verdict per alert survives compaction) and read back from it by every instance, at start
+//!   and as it comes; backtests read the same topic for labels ([`VerdictRecord`]).
+//!
+//! The index is SQLite in memory (rusqlite, bundled): searching alerts is filtering and ordering
+//! on a handful of columns with paging, which is what a SQL engine with indexes does well, and an
+//! in-memory database needs no server, no files and no migration, since it is rebuilt from the
+//! topics at start. A window holds what analysts review (alerts are about 1 % of the events), so
+//! memory stays small: about 3 KB per alert, the alert's JSON and its indexed columns.
+
+pub mod follow;
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use serde::{Deserialize, Serialize};
+
+pub use follow::{VerdictPublisher, follow};
+
+/// The triage settings (`alerts.index_window_days`, `kafka.topics.feedback`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TriageSettings {
+    /// Alerts published longer ago than this leave the index (and are not read at start).
+    pub window: Duration,
+    /// The compacted topic of verdicts, keyed by alert id.
+    pub feedback_topic: String,
+}
+
+/// What an analyst concluded about an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Fraud,
+    Legitimate,
+    NeedsReview,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 3] = [Verdict::Fraud, Verdict::Legitimate, Verdict::NeedsReview];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fraud => "fraud",
+            Self::Legitimate => "legitimate",
+            Self::NeedsReview => "needs_review",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// As a backtest label: fraud is a positive, legitimate a negative, and an alert still
+    /// under review says nothing yet.
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Self::Fraud => Some("fraud"),
+            Self::Legitimate => Some("normal"),
+            Self::NeedsReview => None,
+        }
+    }
+}
+
+/// The longest note a verdict keeps, in characters.
+pub const MAX_NOTE_CHARS: usize = 2_000;
+
+/// One verdict as it is published to the feedback topic (JSON, keyed by `alert_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictRecord {
+    pub alert_id: String,
+    pub transaction_id: String,
+    pub account_id: String,
+    pub verdict: Verdict,
+    pub note: String,
+    /// Who gave it, when known (the authenticated user, or what the client said).
+    #[serde(default)]
+    pub analyst: Option<String>,
+    /// RFC 3339, UTC.
+    pub decided_at: String,
+    /// The model version that raised the alert.
+    #[serde(default)]
+    pub model_version: String,
+}
+
+/// Review status, as a search filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// No verdict yet.
+    Unreviewed,
+    Is(Verdict),
+}
+
+impl Status {
+    pub fn parse(s: &str) -> Option<Self> {
+        if s == "unreviewed" {
+            return Some(Self::Unreviewed);
+        }
+        Verdict::parse(s).map(Self::Is)
+    }
+}
+
+/// The most alerts one page holds.
+pub const MAX_PAGE: usize = 500;
+
+/// A search of the index; every filter is optional and they combine with "and".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AlertQuery {
+    pub account: Option<String>,
+    /// Event time, Unix seconds, inclusive.
+    pub from: Option<i64>,
+    /// Event time, Unix seconds, exclusive.
+    pub to: Option<i64>,
+    /// The consensus margin over the thresholds at least this.
+    pub min_margin: Option<f64>,
+    pub severity: Option<String>,
+    /// A word or phrase of the reason, or a feature name among the alert's top features
+    /// (case-insensitive).
+    pub reason: Option<String>,
+    pub status: Option<Status>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// One page of a search: the alerts (as published) with their verdicts, newest event first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// How many alerts match, over all pages.
+    pub total: usize,
+    pub offset: usize,
+    pub limit: usize,
+    pub alerts: Vec<Indexed>,
+}
+
+/// An indexed alert and the latest verdict on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Indexed {
+    pub alert: serde_json::Value,
+    /// Absent before any verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<VerdictRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TriageError {
+    #[error("alert index: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("an alert without {0}")]
+    Incomplete(&'static str),
+    #[error("a record that is not a verdict: {0}")]
+    NotAVerdict(String),
+    #[error("a record that is not an alert: {0}")]
+    NotAnAlert(String),
+    #[error("reading the alerts or feedback topic: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the feedback topic is not reachable yet")]
+    NotConnected,
+    #[error("publishing the verdict: {0}")]
+    Publish(String),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE alerts (
+    alert_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    transaction_id TEXT NOT NULL,
+    event_time INTEGER NOT NULL,
+    published_ms INTEGER NOT NULL,
+    severity TEXT NOT NULL,
+    margin REAL NOT NULL,
+    reason TEXT NOT NULL,
+    features TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX alerts_by_time ON alerts (event_time DESC, alert_id);
+CREATE INDEX alerts_by_account ON alerts (account_id, event_time DESC);
+CREATE INDEX alerts_by_publication ON alerts (published_ms);
+CREATE TABLE verdicts (
+    alert_id TEXT PRIMARY KEY,
+    verdict TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+";
+
+/// The alerts of the window and the verdicts on them.
+pub struct AlertIndex {
+    db: Mutex<Connection>,
+}
+
+impl AlertIndex {
+    pub fn new() -> Result<Self, TriageError> {
+        let db = Connection::open_in_memory()?;
+        db.execute_batch(SCHEMA)?;
+        Ok(Self { db: Mutex::new(db) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (each statement is atomic).
+        self.db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds (or replaces: a redelivered alert has the same id) an alert as published, JSON,
+    /// `published_ms` being its record's timestamp.
+    pub fn add(&self, alert: &serde_json::Value, published_ms: i64) -> Result<(), TriageError> {
+        let text = |k: &'static str| {
+            alert
+                .get(k)
+                .and_then(|v| v.as_str())
+                .ok_or(TriageError::Incomplete(k))
+        };
+        let event_time = crate::decode::parse_time(text("event_time")?)
+            .ok_or(TriageError::Incomplete("event_time"))?;
+        let features: Vec<&str> = alert
+            .get("top_features")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.get("feature")?.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.db().execute(
+            "INSERT OR REPLACE INTO alerts VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                text("alert_id")?,
+                text("account_id")?,
+                text("transaction_id")?,
+                event_time,
+                published_ms,
+                text("severity")?,
+                alert.get("margin").and_then(|v| v.as_f64()).unwrap_or(0.0),
+                alert.get("reason").and_then(|v| v.as_str()).unwrap_or(""),
+                features.join(" "),
+                alert.to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records the latest verdict on an alert (the alert need not be indexed: the feedback
+    /// topic is read alongside the alerts topic, in no particular order between the two).
+    pub fn set_verdict(&self, v: &VerdictRecord) -> Result<(), TriageError> {
+        let body = serde_json::to_string(v).map_err(|e| TriageError::NotAVerdict(e.to_string()))?;
+        self.db().execute(
+            "INSERT OR REPLACE INTO verdicts VALUES (?1, ?2, ?3)",
+            params![v.alert_id, v.verdict.as_str(), body],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the verdict on an alert (a tombstone on the feedback topic).
+    pub fn clear_verdict(&self, alert_id: &str) -> Result<(), TriageError> {
+        self.db().execute(
+            "DELETE FROM verdicts WHERE alert_id = ?1",
+            params![alert_id],
+        )?;
+        Ok(())
+    }
+
+    /// Drops the alerts published before `published_ms` (their verdicts stay: they are few, and
+    /// still labels for backtests).
+    pub fn forget_before(&self, published_ms: i64) -> Result<usize, TriageError> {
+        Ok(self.db().execute(
+            "DELETE FROM alerts WHERE published_ms < ?1",
+            params![published_ms],
+        )?)
+    }
+
+    /// Alerts in the index.
+    pub fn len(&self) -> Result<usize, TriageError> {
+        let n: i64 = self
+            .db()
+            .query_row("SELECT COUNT(*) FROM alerts", [], |r| r.get(0))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> Result<bool, TriageError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// One alert with its verdict.
+    pub fn get(&self, alert_id: &str) -> Result<Option<Indexed>, TriageError> {
+        let row = self
+            .db()
+            .query_row(
+                "SELECT a.body, v.body FROM alerts a LEFT JOIN verdicts v USING (alert_id)
+                 WHERE a.alert_id = ?1",
+                params![alert_id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(alert, verdict)| indexed(&alert, verdict.as_deref())))
+    }
+
+    /// The verdict on an alert, whether or not the alert is still indexed.
+    pub fn verdict(&self, alert_id: &str) -> Result<Option<VerdictRecord>, TriageError> {
+        let body: Option<String> = self
+            .db()
+            .query_row(
+                "SELECT body FROM verdicts WHERE alert_id = ?1",
+                params![alert_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(body.and_then(|b| serde_json::from_str(&b).ok()))
+    }
+
+    /// The alerts matching `q`, newest event first (ties by alert id), one page of them.
+    pub fn search(&self, q: &AlertQuery) -> Result<Page, TriageError> {
+        let mut clauses: Vec<&str> = Vec::new();
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        use rusqlite::types::Value as V;
+        if let Some(a) = &q.account {
+            clauses.push("a.account_id = ?");
+            values.push(V::Text(a.clone()));
+        }
+        if let Some(t) = q.from {
+            clauses.push("a.event_time >= ?");
+            values.push(V::Integer(t));
+        }
+        if let Some(t) = q.to {
+            clauses.push("a.event_time < ?");
+            values.push(V::Integer(t));
+        }
+        if let Some(m) = q.min_margin {
+            clauses.push("a.margin >= ?");
+            values.push(V::Real(m));
+        }
+        if let Some(s) = &q.severity {
+            clauses.push("a.severity = ?");
+            values.push(V::Text(s.clone()));
+        }
+        if let Some(r) = &q.reason {
+            // LIKE is case-insensitive for ASCII; the pattern's own wildcards are escaped.
+            let escaped = r
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            clauses.push(
+                "(a.reason LIKE ? ESCAPE '\\' OR (' ' || a.features || ' ') LIKE ? ESCAPE '\\')",
+            );
+            values.push(V::Text(format!("%{escaped}%")));
+            values.push(V::Text(format!("% {escaped} %")));
+        }
+        match q.status {
+            Some(Status::Unreviewed) => clauses.push("v.verdict IS NULL"),
+            Some(Status::Is(v)) => {
+                clauses.push("v.verdict = ?");
+                values.push(V::Text(v.as_str().into()));
+            }
+            None => {}
+        }
+        let filter = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let from = "FROM alerts a LEFT JOIN verdicts v USING (alert_id)";
+        let db = self.db();
+        let total: i64 = db.query_row(
+            &format!("SELECT COUNT(*) {from} {filter}"),
+            params_from_iter(values.iter()),
+            |r| r.get(0),
+        )?;
+        let limit = q.limit.clamp(1, MAX_PAGE);
+        let mut page_values = values.clone();
+        page_values.push(V::Integer(limit as i64));
+        page_values.push(V::Integer(i64::try_from(q.offset).unwrap_or(i64::MAX)));
+        let mut statement = db.prepare(&format!(
+            "SELECT a.body, v.body {from} {filter}
+             ORDER BY a.event_time DESC, a.alert_id LIMIT ? OFFSET ?"
+        ))?;
+        let rows = statement
+            .query_map(params_from_iter(page_values.iter()), |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page {
+            total: usize::try_from(total).unwrap_or(0),
+            offset: q.offset,
+            limit,
+            alerts: rows.iter().map(|(a, v)| indexed(a, v.as_deref())).collect(),
+        })
+    }
+
+    /// Every verdict recorded, by alert id order.
+    pub fn verdicts(&self) -> Result<Vec<VerdictRecord>, TriageError> {
+        let db = self.db();
+        let mut statement = db.prepare("SELECT body FROM verdicts ORDER BY alert_id")?;
+        let bodies = statement
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(bodies
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect())
+    }
+}
+
+fn indexed(alert: &str, verdict: Option<&str>) -> Indexed {
+    Indexed {
+        alert: serde_json::from_str(alert).unwrap_or(serde_json::Value::Null),
+        verdict: verdict.and_then(|v| serde_json::from_str(v).ok()),
+    }
+}
+
+/// The index, the settings and, once [`follow`] has reached the broker, the verdict publisher:
+/// what the server's triage routes use.
+pub struct Triage {
+    pub index: AlertIndex,
+    pub settings: TriageSettings,
+    publisher: OnceLock<VerdictPublisher>,
+}
+
+impl Triage {
+    pub fn new(settings: TriageSettings) -> Result<Self, TriageError> {
+        Ok(Self {
+            index: AlertIndex::new()?,
+            settings,
+            publisher: OnceLock::new(),
+        })
+    }
+
+    pub(crate) fn connect(&self, publisher: VerdictPublisher) {
+        let _ = self.publisher.set(publisher);
+    }
+
+    /// Publishes `verdict` and, once the broker has it, records it here (the other instances
+    /// read it from the topic).
+    pub async fn decide(&self, verdict: VerdictRecord) -> Result<VerdictRecord, TriageError> {
+        let publisher = self.publisher.get().ok_or(TriageError::NotConnected)?;
+        publisher.publish(&verdict).await?;
+        self.index.set_verdict(&verdict)?;
+        Ok(verdict)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn alert(
+        id: &str,
+        account: &str,
+        time: &str,
+        severity: &str,
+        margin: f64,
+        reason: &str,
+    ) -> serde_json::Value {
+        json!({
+            "alert_id": id,
+            "transaction_id": format!("T-{id}"),
+            "account_id": account,
+            "event_time": time,
+            "severity": severity,
+            "margin": margin,
+            "reason": reason,
+            "top_features": [{"feature": "amount_vs_habit"}, {"feature": "new_device"}],
+            "transaction": {"TransactionAmount": 10.0},
+        })
+    }
+
+    fn verdict(id: &str, v: Verdict) -> VerdictRecord {
+        VerdictRecord {
+            alert_id: id.into(),
+            transaction_id: format!("T-{id}"),
+            account_id: "AC1".into(),
+            verdict: v,
+            note: "checked".into(),
+            analyst: Some("ana".into()),
+            decided_at: "2026-12-07T00:00:00Z".into(),
+            model_version: "v1".into(),
+        }
+    }
+
+    fn index() -> AlertIndex {
+        let index = AlertIndex::new().unwrap();
+        index
+            .add(
+                &alert(
+                    "a1",
+                    "AC1",
+                    "2024-01-01 10:00:00",
+                    "high",
+                    1.5,
+                    "amount 9,800.00 is 14× this account's usual 710.14",
+                ),
+                1_000,
+            )
+            .unwrap();
+        index
+            .add(
+                &alert(
+                    "a2",
+                    "AC2",
+                    "2024-01-02 10:00:00",
+                    "low",
+                    0.1,
+                    "new device D1, first seen on this account",
+                ),
+                2_000,
+            )
+            .unwrap();
+        index
+            .add(
+                &alert(
+                    "a3",
+                    "AC1",
+                    "2024-01-03 10:00:00",
+                    "medium",
+                    0.5,
+                    "5 payments in the last 2 minutes",
+                ),
+                3_000,
+            )
+            .unwrap();
+        index
+    }
+
+    fn ids(page: &Page) -> Vec<&str> {
+        page.alerts
+            .iter()
+            .map(|a| a.alert["alert_id"].as_str().unwrap())
+            .collect()
+    }
+
+    fn query() -> AlertQuery {
+        AlertQuery {
+            limit: 50,
+            ..AlertQuery::default()
+        }
+    }
+
+    #[test]
+    fn every_filter_narrows_the_search_and_results_come_newest_first() {
+        let index = index();
+        assert_eq!(ids(&index.search(&query()).unwrap()), ["a3", "a2", "a1"]);
+        let by = |q: AlertQuery| {
+            ids(&index.search(&q).unwrap())
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            by(AlertQuery {
+                account: Some("AC1".into()),
+                ..query()
+            }),
+            ["a3", "a1"]
+        );
+        let t = |s: &str| crate::decode::parse_time(s).unwrap();
+        assert_eq!(
+            by(AlertQuery {
+                from: Some(t("2024-01-02 00:00:00")),
+                to: Some(t("2024-01-03 10:00:00")),
+                ..query()
+            }),
+            ["a2"]
+        );
+        assert_eq!(
+            by(AlertQuery {
+                min_margin: Some(0.5),
+                ..query()
+            }),
+            ["a3", "a1"]
+        );
+        assert_eq!(
+            by(AlertQuery {
+                severity: Some("high".into()),
+                ..query()
+            }),
+            ["a1"]
+        );
+        assert_eq!(
+            by(AlertQuery {
+                reason: Some("NEW DEVICE".into()),
+                ..query()
+            }),
+            ["a2"]
+        );
+        // A feature name matches the alert's top features, whole.
+        assert_eq!(
+            by(AlertQuery {
+                reason: Some("amount_vs_habit".into()),
+                ..query()
+            })
+            .len(),
+            3
+        );
+        assert!(
+            by(AlertQuery {
+                reason: Some("amount_vs".into()),
+                ..query()
+            })
+            .is_empty()
+        );
+        // LIKE's wildcards in the query are taken literally.
+        assert!(
+            by(AlertQuery {
+                reason: Some("%".into()),
+                ..query()
+            })
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn verdicts_join_their_alerts_and_filter_by_review_status() {
+        let index = index();
+        index.set_verdict(&verdict("a1", Verdict::Fraud)).unwrap();
+        index
+            .set_verdict(&verdict("a2", Verdict::NeedsReview))
+            .unwrap();
+        // A later verdict replaces the earlier one.
+        index
+            .set_verdict(&verdict("a2", Verdict::Legitimate))
+            .unwrap();
+        let status = |s: &str| {
+            ids(&index
+                .search(&AlertQuery {
+                    status: Status::parse(s),
+                    ..query()
+                })
+                .unwrap())
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(status("fraud"), ["a1"]);
+        assert_eq!(status("legitimate"), ["a2"]);
+        assert!(status("needs_review").is_empty());
+        assert_eq!(status("unreviewed"), ["a3"]);
+        let one = index.get("a1").unwrap().unwrap();
+        assert_eq!(one.verdict.unwrap().verdict, Verdict::Fraud);
+        index.clear_verdict("a1").unwrap();
+        assert!(index.get("a1").unwrap().unwrap().verdict.is_none());
+        assert!(index.get("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn pages_split_the_matches_and_the_total_counts_them_all() {
+        let index = index();
+        let page = index
+            .search(&AlertQuery {
+                limit: 2,
+                offset: 0,
+                ..query()
+            })
+            .unwrap();
+        assert_eq!((page.total, ids(&page)), (3, vec!["a3", "a2"]));
+        let page = index
+            .search(&AlertQuery {
+                limit: 2,
+                offset: 2,
+                ..query()
+            })
+            .unwrap();
+        assert_eq!((page.total, ids(&page)), (3, vec!["a1"]));
+    }
+
+    #[test]
+    fn alerts_leave_the_window_by_publication_time_and_their_verdicts_stay() {
+        let index = index();
+        index.set_verdict(&verdict("a1", Verdict::Fraud)).unwrap();
+        assert_eq!(index.forget_before(2_500).unwrap(), 2);
+        assert_eq!(index.len().unwrap(), 1);
+        assert_eq!(
+            index.verdict("a1").unwrap().unwrap().verdict,
+            Verdict::Fraud
+        );
+        assert_eq!(index.verdicts().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_redelivered_alert_replaces_itself_and_an_incomplete_one_is_refused() {
+        let index = index();
+        index
+            .add(
+                &alert("a1", "AC1", "2024-01-01 10:00:00", "high", 2.0, "again"),
+                1_500,
+            )
+            .unwrap();
+        assert_eq!(index.len().unwrap(), 3);
+        let mut broken = alert("a9", "AC1", "2024-01-01 10:00:00", "high", 2.0, "x");
+        broken.as_object_mut().unwrap().remove("account_id");
+        assert!(matches!(
+            index.add(&broken, 1),
+            Err(TriageError::Incomplete("account_id"))
+        ));
+    }
+
+    #[test]
+    fn verdict_names_round_trip_and_map_to_backtest_labels() {
+        for v in Verdict::ALL {
+            assert_eq!(Verdict::parse(v.as_str()), Some(v));
+            assert_eq!(serde_json::to_value(v).unwrap(), v.as_str());
+        }
+        assert_eq!(Verdict::Fraud.label(), Some("fraud"));
+        assert_eq!(Verdict::Legitimate.label(), Some("normal"));
+        assert_eq!(Verdict::NeedsReview.label(), None);
+        assert_eq!(Status::parse("unreviewed"), Some(Status::Unreviewed));
+        assert_eq!(Status::parse("maybe"), None);
+    }
+}
