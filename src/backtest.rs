@@ -15,6 +15,7 @@ use crate::models::{ModelError, ModelSet};
 use crate::replay::{Candidate, Input, Outputs, Recorded, ReplayError, read_file, replay};
 use crate::report::{FeatureDrift, Report, SplitInfo};
 use crate::train::{History, history_from_payloads, in_event_time_order, replay_features, train};
+use crate::triage::VerdictLabels;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BacktestError {
@@ -63,6 +64,7 @@ pub fn run(name: &str, split: Split, cfg: &Config, out: &Path) -> Result<Backtes
     let outputs = Outputs {
         dir: out.to_path_buf(),
         split: Some(info),
+        verdicts: split.verdicts,
     };
     let report = replay(&input, &mut candidates, &outputs)?;
     Ok(Backtest {
@@ -90,6 +92,8 @@ pub struct Split {
     pub encoding: Encoding,
     /// The valid events before `until`, decoded, for training.
     pub training: History,
+    /// Label the scored events by analysts' verdicts instead of their own labels.
+    pub verdicts: Option<VerdictLabels>,
 }
 
 impl Split {
@@ -155,6 +159,7 @@ impl Split {
             events,
             encoding,
             training,
+            verdicts: None,
         }
     }
 

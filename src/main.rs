@@ -34,6 +34,46 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// Where analysts' verdicts come from when they label a replay or backtest.
+#[derive(clap::Args)]
+struct VerdictSource {
+    /// Label the events by analysts' verdicts from a file of feedback records (JSON lines, as
+    /// the feedback topic holds them) instead of their own labels.
+    #[arg(long, value_name = "FILE", conflicts_with = "verdicts_topic")]
+    verdicts: Option<PathBuf>,
+    /// Label the events by the verdicts on the feedback topic [TOPIC default:
+    /// kafka.topics.feedback]; needs kafka.brokers.
+    #[arg(long, value_name = "TOPIC", num_args = 0..=1, default_missing_value = "")]
+    verdicts_topic: Option<String>,
+}
+
+impl VerdictSource {
+    fn read(self, cfg: &Config) -> Result<Option<vigil::triage::VerdictLabels>> {
+        let labels = match (self.verdicts, self.verdicts_topic) {
+            (Some(path), _) => vigil::triage::VerdictLabels::read_file(&path)?,
+            (None, Some(topic)) => {
+                let Some(brokers) = cfg.kafka.brokers.as_deref() else {
+                    bail!(
+                        "--verdicts-topic needs kafka.brokers (e.g. VIGIL_KAFKA__BROKERS=localhost:9092)"
+                    );
+                };
+                let topic = if topic.is_empty() {
+                    cfg.triage.feedback_topic.clone()
+                } else {
+                    topic
+                };
+                vigil::triage::read_verdicts(&cfg.kafka, brokers, &topic)?
+            }
+            (None, None) => return Ok(None),
+        };
+        println!(
+            "labels: analysts' verdicts on {} transactions",
+            labels.len()
+        );
+        Ok(Some(labels))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the stream processor (and the HTTP server) on `kafka.brokers` until SIGTERM or Ctrl-C.
@@ -105,6 +145,8 @@ enum Command {
         /// Where events.csv, report.json and report.html go.
         #[arg(long, default_value = "backtest")]
         out: PathBuf,
+        #[command(flatten)]
+        verdicts: VerdictSource,
     },
     /// Time-split backtest of a labelled file: train on the events before a time, score the
     /// events from it on with the account state warm, and report precision, recall, PR-AUC,
@@ -123,6 +165,8 @@ enum Command {
         /// Where the model (model/), events.csv, report.json and report.html go.
         #[arg(long, default_value = "backtest")]
         out: PathBuf,
+        #[command(flatten)]
+        verdicts: VerdictSource,
     },
     /// Produce simulated transactions to Kafka or to a JSON-lines file.
     Simulate {
@@ -482,7 +526,9 @@ async fn main() -> Result<()> {
             to,
             models,
             out,
+            verdicts,
         } => {
+            let verdicts = verdicts.read(&cfg)?;
             let registry = schema_registry(&cfg)?;
             let dirs = if models.is_empty() {
                 vec![cfg.models.dir.clone()]
@@ -537,6 +583,7 @@ async fn main() -> Result<()> {
                 &Outputs {
                     dir: out.clone(),
                     split: None,
+                    verdicts,
                 },
             )?;
             for m in &report.models {
@@ -567,12 +614,14 @@ async fn main() -> Result<()> {
             train_until,
             train_share,
             out,
+            verdicts,
         } => {
             let cut = match train_until {
                 Some(t) => Cut::At(parse_instant(&t)?),
                 None => Cut::Share(train_share),
             };
-            let split = Split::of_file(&input, cut)?;
+            let mut split = Split::of_file(&input, cut)?;
+            split.verdicts = verdicts.read(&cfg)?;
             let (trained_on, until) = (split.training.events.len(), split.until);
             let done = backtest::run(&input.display().to_string(), split, &cfg, &out)?;
             for note in &done.models.training.notes {

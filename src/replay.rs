@@ -251,6 +251,9 @@ impl Progress {
 pub struct Outputs {
     pub dir: PathBuf,
     pub split: Option<crate::report::SplitInfo>,
+    /// Label events by analysts' verdicts (the feedback topic, or a file of its records)
+    /// instead of their own labels; events without a verdict are then unlabelled.
+    pub verdicts: Option<crate::triage::VerdictLabels>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ReplayError + '_ {
@@ -625,7 +628,13 @@ pub fn replay(
             return Ok(());
         }
         let outcomes: Vec<ModelOutcome> = outcomes.into_iter().flatten().collect();
-        let record = EventRecord::new(e);
+        let mut record = EventRecord::new(e);
+        if let Some(verdicts) = &out.verdicts {
+            record.label = outcomes
+                .first()
+                .and_then(|o| verdicts.label_of(&o.transaction_id))
+                .map(str::to_string);
+        }
         record
             .write_csv(&mut csv, candidates, &outcomes)
             .map_err(csv_err)?;

@@ -1134,3 +1134,153 @@ async fn analysts_verdicts_go_to_the_compacted_feedback_topic_and_every_instance
     .await;
     assert!(sigterm(&mut again).success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backtest_labelled_by_the_feedback_topic_equals_one_labelled_by_the_same_verdicts_in_a_file()
+ {
+    let Some(brokers) = common::test_brokers() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let vigil = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(args)
+            .current_dir(work.path())
+            .env("VIGIL_KAFKA__BROKERS", &brokers)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vigil {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    vigil(&[
+        "simulate",
+        "--count",
+        "6000",
+        "--accounts",
+        "300",
+        "--seed",
+        "11",
+        "--out",
+        "s.jsonl",
+    ]);
+    vigil(&["backtest", "--input", "s.jsonl", "--out", "own"]);
+
+    // An analyst's verdict on every alert of that backtest: right on most, wrong on every
+    // seventh, one still under review, one changed mind (the later verdict counts).
+    let mut rows = csv::Reader::from_path(work.path().join("own/events.csv")).unwrap();
+    let alerted: Vec<(String, String)> = rows
+        .deserialize::<HashMap<String, String>>()
+        .map(Result::unwrap)
+        .filter(|r| r["alert"] == "1")
+        .map(|r| (r["transaction_id"].clone(), r["label"].clone()))
+        .collect();
+    assert!(alerted.len() > 20, "{} alerts", alerted.len());
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    for (i, (tx, label)) in alerted.iter().enumerate() {
+        let right = if label == "normal" {
+            "legitimate"
+        } else {
+            "fraud"
+        };
+        let wrong = if label == "normal" {
+            "fraud"
+        } else {
+            "legitimate"
+        };
+        let verdict = match i {
+            0 => "needs_review",
+            _ if i % 7 == 3 => wrong,
+            _ => right,
+        };
+        if i == 1 {
+            records.push(serde_json::json!({"alert_id": format!("bt/{tx}"), "transaction_id": tx,
+                "account_id": "", "verdict": wrong, "note": "first look", "decided_at": "2026-12-01T10:00:00Z", "model_version": ""}));
+        }
+        records.push(
+            serde_json::json!({"alert_id": format!("bt/{tx}"), "transaction_id": tx,
+            "account_id": "", "verdict": verdict, "note": "", "analyst": "ana",
+            "decided_at": "2026-12-01T11:00:00Z", "model_version": ""}),
+        );
+    }
+    let topic = format!("e2e-verdicts-{}", std::process::id());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let compacted =
+        NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    for r in admin
+        .create_topics(&[compacted], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let p = producer(&brokers);
+    for r in &records {
+        produce(
+            &p,
+            &topic,
+            r["alert_id"].as_str().unwrap(),
+            &serde_json::to_vec(r).unwrap(),
+        );
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    std::fs::write(work.path().join("verdicts.jsonl"), lines.join("\n")).unwrap();
+
+    let said = vigil(&[
+        "backtest",
+        "--input",
+        "s.jsonl",
+        "--out",
+        "by-topic",
+        "--verdicts-topic",
+        &topic,
+    ]);
+    assert!(
+        said.contains(&format!("verdicts on {} transactions", alerted.len())),
+        "{said}"
+    );
+    vigil(&[
+        "backtest",
+        "--input",
+        "s.jsonl",
+        "--out",
+        "by-file",
+        "--verdicts",
+        "verdicts.jsonl",
+    ]);
+    let labels = |dir: &str| {
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(work.path().join(dir).join("report.json")).unwrap(),
+        )
+        .unwrap();
+        report["models"][0]["labels"].clone()
+    };
+    let (by_topic, by_file) = (labels("by-topic"), labels("by-file"));
+    assert_eq!(by_topic, by_file);
+    // Only the reviewed alerts are labelled: every labelled event is an alert, and the
+    // precision is the share the analyst called fraud.
+    let c = &by_topic["consensus"];
+    let called_fraud = records
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| *i != 1 && r["verdict"] == "fraud")
+        .count() as u64;
+    assert_eq!(c["tp"].as_u64().unwrap(), called_fraud);
+    assert_eq!(
+        c["tp"].as_u64().unwrap() + c["fp"].as_u64().unwrap(),
+        alerted.len() as u64 - 1
+    );
+    assert_eq!(c["fn"].as_u64().unwrap() + c["tn"].as_u64().unwrap(), 0);
+    assert_ne!(
+        by_topic,
+        labels("own"),
+        "the verdicts, not the simulator's labels, count"
+    );
+}

@@ -4,12 +4,13 @@
 //! joined and nothing is committed, so every instance reads everything and the stream's group
 //! never notices.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureRecord;
@@ -278,4 +279,64 @@ impl AlertDecoder {
             .map_err(|e| not_an_alert(e.to_string()))?;
         serde_json::Value::try_from(value).map_err(|e| not_an_alert(e.to_string()))
     }
+}
+
+/// Every verdict on the feedback `topic` as labels: each partition read to its end, the latest
+/// record per alert id kept (a tombstone withdraws a verdict), as compaction would leave it.
+/// Blocking.
+pub fn read_verdicts(
+    kafka: &KafkaConfig,
+    brokers: &str,
+    topic: &str,
+) -> Result<super::VerdictLabels, TriageError> {
+    let consumer: BaseConsumer = client_config(kafka, brokers)
+        .set(
+            "group.id",
+            format!("{}-verdicts-{}", kafka.group_id, std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(TriageError::NoTopic(topic.to_string()));
+    }
+    let mut latest: HashMap<String, Option<VerdictRecord>> = HashMap::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+        consumer.assign(&tpl)?;
+        loop {
+            let m = match consumer.poll(timeout) {
+                Some(Ok(m)) => m,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut).into()),
+            };
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let record = match m.payload() {
+                None => None,
+                Some(bytes) => Some(
+                    serde_json::from_slice::<VerdictRecord>(bytes)
+                        .map_err(|e| TriageError::NotAVerdict(e.to_string()))?,
+                ),
+            };
+            latest.insert(key, record);
+            if m.offset() + 1 >= high {
+                break;
+            }
+        }
+    }
+    Ok(super::VerdictLabels::from_latest(latest))
 }

@@ -17,13 +17,15 @@
 
 pub mod follow;
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
-pub use follow::{VerdictPublisher, follow};
+pub use follow::{VerdictPublisher, follow, read_verdicts};
 
 /// The triage settings (`alerts.index_window_days`, `kafka.topics.feedback`).
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +166,14 @@ pub enum TriageError {
     NotConnected,
     #[error("publishing the verdict: {0}")]
     Publish(String),
+    #[error("{}, line {line}: {message}", path.display())]
+    File {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("the feedback topic `{0}` does not exist")]
+    NoTopic(String),
 }
 
 const SCHEMA: &str = "
@@ -444,6 +454,81 @@ impl Triage {
     }
 }
 
+/// Analysts' verdicts as labels for backtests and replays, by transaction id: the latest verdict
+/// on an alert of the transaction (`fraud` a positive, `legitimate` a negative); `needs_review`
+/// and events without a verdict are left unlabelled. Built from the feedback topic
+/// ([`follow::read_verdicts`]) or from a file of the same records, one JSON object a line
+/// ([`VerdictLabels::read_file`]): the same verdicts give the same labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VerdictLabels {
+    by_transaction: HashMap<String, Verdict>,
+}
+
+impl VerdictLabels {
+    /// From the latest record per alert id (`None`: a tombstone, the verdict withdrawn).
+    pub fn from_latest(by_alert: HashMap<String, Option<VerdictRecord>>) -> Self {
+        let mut latest: HashMap<String, VerdictRecord> = HashMap::new();
+        for record in by_alert.into_values().flatten() {
+            match latest.get(&record.transaction_id) {
+                Some(seen) if seen.decided_at > record.decided_at => {}
+                _ => {
+                    latest.insert(record.transaction_id.clone(), record);
+                }
+            }
+        }
+        Self {
+            by_transaction: latest.into_iter().map(|(tx, r)| (tx, r.verdict)).collect(),
+        }
+    }
+
+    /// Records in the order they were published (a later one on an alert replaces an earlier).
+    pub fn from_records(records: impl IntoIterator<Item = VerdictRecord>) -> Self {
+        Self::from_latest(
+            records
+                .into_iter()
+                .map(|r| (r.alert_id.clone(), Some(r)))
+                .collect(),
+        )
+    }
+
+    /// A file of verdict records, one JSON object a line, in the order they were given (blank
+    /// lines skipped).
+    pub fn read_file(path: &Path) -> Result<Self, TriageError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TriageError::File {
+            path: path.to_path_buf(),
+            line: 0,
+            message: e.to_string(),
+        })?;
+        let mut records = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            records.push(serde_json::from_str(line).map_err(|e| TriageError::File {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: e.to_string(),
+            })?);
+        }
+        Ok(Self::from_records(records))
+    }
+
+    /// The label of a transaction: `fraud`, `normal`, or none.
+    pub fn label_of(&self, transaction_id: &str) -> Option<&'static str> {
+        self.by_transaction.get(transaction_id)?.label()
+    }
+
+    /// Transactions with a verdict (needs_review included).
+    pub fn len(&self) -> usize {
+        self.by_transaction.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_transaction.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -710,5 +795,49 @@ mod tests {
         assert_eq!(Verdict::NeedsReview.label(), None);
         assert_eq!(Status::parse("unreviewed"), Some(Status::Unreviewed));
         assert_eq!(Status::parse("maybe"), None);
+    }
+
+    #[test]
+    fn labels_follow_the_latest_verdict_per_alert_and_leave_reviews_and_tombstones_unlabelled() {
+        let mut later = verdict("a1", Verdict::Legitimate);
+        later.decided_at = "2026-12-08T00:00:00Z".into();
+        let labels = VerdictLabels::from_records([
+            verdict("a1", Verdict::Fraud),
+            later,
+            verdict("a2", Verdict::Fraud),
+            verdict("a3", Verdict::NeedsReview),
+        ]);
+        assert_eq!(labels.label_of("T-a1"), Some("normal"));
+        assert_eq!(labels.label_of("T-a2"), Some("fraud"));
+        assert_eq!(labels.label_of("T-a3"), None);
+        assert_eq!(labels.label_of("T-none"), None);
+        let withdrawn = VerdictLabels::from_latest(HashMap::from([
+            ("a2".to_string(), None),
+            ("a1".to_string(), Some(verdict("a1", Verdict::Fraud))),
+        ]));
+        assert_eq!(withdrawn.label_of("T-a2"), None);
+        assert_eq!(withdrawn.len(), 1);
+    }
+
+    #[test]
+    fn a_file_of_verdicts_reads_like_the_topic_and_a_bad_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("verdicts.jsonl");
+        let lines: Vec<String> = [
+            verdict("a1", Verdict::Fraud),
+            verdict("a2", Verdict::Legitimate),
+        ]
+        .iter()
+        .map(|v| serde_json::to_string(v).unwrap())
+        .collect();
+        std::fs::write(&path, format!("{}\n\n{}\n", lines[0], lines[1])).unwrap();
+        let labels = VerdictLabels::read_file(&path).unwrap();
+        assert_eq!(
+            (labels.label_of("T-a1"), labels.label_of("T-a2")),
+            (Some("fraud"), Some("normal"))
+        );
+        std::fs::write(&path, format!("{}\nnot json\n", lines[0])).unwrap();
+        let e = VerdictLabels::read_file(&path).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
     }
 }
