@@ -157,6 +157,7 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
     };
     let p = format!("browser-{}", std::process::id());
     let (tx_topic, alerts, dlq) = (format!("{p}-tx"), format!("{p}-alerts"), format!("{p}-dlq"));
+    let feedback = format!("{p}-feedback");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()
@@ -183,6 +184,7 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
         ("VIGIL_KAFKA__TOPICS__TRANSACTIONS", tx_topic.as_str()),
         ("VIGIL_KAFKA__TOPICS__ALERTS", alerts.as_str()),
         ("VIGIL_KAFKA__TOPICS__DEAD_LETTER", dlq.as_str()),
+        ("VIGIL_KAFKA__TOPICS__FEEDBACK", feedback.as_str()),
     ];
     let (_vigil, addr) =
         tokio::task::block_in_place(|| start_vigil(&saved_models(), dir.path(), &["run"], &env));
@@ -241,6 +243,79 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
             },
         );
         browser.screenshot(&shots.join("page-live-alert.png"));
+
+        // Triage: filter the index by the account, open the alert, see both models against
+        // their thresholds and the account's timeline, and mark it fraud with a note.
+        browser.script("document.getElementById('f-account').value = 'AC00128'; return null");
+        eventually(
+            "the alert in the triage list",
+            Duration::from_secs(60),
+            || {
+                browser.click("#triage-search");
+                std::thread::sleep(Duration::from_millis(300));
+                let rows = browser
+                    .script("return document.querySelectorAll('#triage-list tbody tr').length");
+                (rows.as_u64() == Some(1)).then_some(())
+            },
+        );
+        browser.click("#triage-list tbody tr");
+        eventually(
+            "the alert's detail and timeline",
+            Duration::from_secs(20),
+            || {
+                let ready = browser.script(
+                "return document.querySelectorAll('#detail-models tr[data-model]').length === 2 \
+                 && !!document.getElementById('timeline-current') \
+                 && document.querySelectorAll('#timeline polyline').length === 2",
+            );
+                (ready == true).then_some(())
+            },
+        );
+        let detail = browser
+            .script("return document.getElementById('alert-detail').innerText")
+            .as_str()
+            .unwrap()
+            .to_string();
+        for needed in [
+            "isolation_forest",
+            "lof",
+            "threshold",
+            "TXBROWSER01",
+            "Not reviewed yet",
+        ] {
+            assert!(detail.contains(needed), "no {needed} in {detail}");
+        }
+        browser.click("#verdict-fraud");
+        browser.script(
+            "document.getElementById('verdict-note').value = 'called the customer: not them'; \
+            document.getElementById('verdict-analyst').value = 'ana'; return null",
+        );
+        browser.click("#verdict-submit");
+        eventually("the verdict recorded", Duration::from_secs(20), || {
+            let said = browser.script("return document.getElementById('detail-verdict').innerText");
+            said.as_str()
+                .is_some_and(|t| t.contains("fraud") && t.contains("called the customer"))
+                .then_some(())
+        });
+        browser.script("document.getElementById('triage').scrollIntoView(); return null");
+        browser.screenshot(&shots.join("page-triage.png"));
+        let http = reqwest::blocking::Client::new();
+        let judged: Value = http
+            .get(format!("http://{addr}/alerts?status=fraud"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(judged["total"], 1, "{judged}");
+        assert_eq!(
+            judged["alerts"][0]["alert"]["transaction_id"],
+            "TXBROWSER01"
+        );
+        let on_topic = common::kafka::read_all(&brokers, &feedback, 1, Duration::from_secs(10));
+        let record: Value =
+            serde_json::from_slice(rdkafka::Message::payload(&on_topic[0]).unwrap()).unwrap();
+        assert_eq!(record["verdict"], "fraud");
+        assert_eq!(record["note"], "called the customer: not them");
 
         // A phone-width screen: one column, nothing wider than the screen but the tables that
         // scroll inside their section.
