@@ -297,6 +297,16 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
                 .is_some_and(|t| t.contains("fraud") && t.contains("called the customer"))
                 .then_some(())
         });
+        // The verdict measures the model: one judged alert, all fraud.
+        browser.click("#calibrate-button");
+        let summary = eventually("the calibration", Duration::from_secs(20), || {
+            let t = browser.script("const e = document.getElementById('calibration-summary'); return e ? e.innerText : null");
+            t.as_str().map(str::to_string)
+        });
+        assert!(
+            summary.contains("1 judged (1 fraud, 0 legitimate"),
+            "{summary}"
+        );
         browser.script("document.getElementById('triage').scrollIntoView(); return null");
         browser.screenshot(&shots.join("page-triage.png"));
         let http = reqwest::blocking::Client::new();

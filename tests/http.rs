@@ -1107,3 +1107,97 @@ async fn a_reload_swaps_the_models_in_one_step_while_predictions_keep_being_answ
     let (status, _) = post(&shared(), "/models/reload", Body::empty()).await;
     assert_eq!(status, StatusCode::CONFLICT);
 }
+
+#[tokio::test]
+async fn calibration_measures_precision_from_verdicts_and_finds_the_threshold_for_a_target() {
+    use vigil::triage::{Verdict, VerdictRecord};
+    let s = shared();
+    // Thirty alerts over two days: the LOF scores of the frauds above those of the false alarms.
+    for i in 0..30 {
+        let (score, verdict) = match i {
+            0..10 => (3.0 + f64::from(i) * 0.1, Some(Verdict::Fraud)),
+            10..20 => (1.5 + f64::from(i) * 0.01, Some(Verdict::Legitimate)),
+            _ => (2.0, None),
+        };
+        let id = format!("a{i}");
+        let alert = serde_json::json!({
+            "alert_id": id, "transaction_id": format!("T{i}"), "account_id": "AC1",
+            "event_time": format!("2024-01-0{}T10:00:00Z", 1 + i % 2), "severity": "low",
+            "margin": 0.1, "reason": "", "top_features": [],
+            "models": [{"model": "isolation_forest", "score": 0.6 + f64::from(i) * 0.001}, {"model": "lof", "score": score}],
+        });
+        s.triage.index.add(&alert, 1).unwrap();
+        if let Some(verdict) = verdict {
+            s.triage
+                .index
+                .set_verdict(&VerdictRecord {
+                    alert_id: id,
+                    transaction_id: format!("T{i}"),
+                    account_id: "AC1".into(),
+                    verdict,
+                    note: String::new(),
+                    analyst: None,
+                    decided_at: "2026-12-07T00:00:00Z".into(),
+                    model_version: String::new(),
+                })
+                .unwrap();
+        }
+    }
+    let (status, body) = get(&s, "/models/lof/calibration").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            c["alerts"].as_u64(),
+            c["judged"].as_u64(),
+            c["fraud"].as_u64()
+        ),
+        (Some(30), Some(20), Some(10))
+    );
+    assert_eq!(c["precision"]["value"], 0.5);
+    assert_eq!(c["by_day"].as_array().unwrap().len(), 2);
+    assert!(c.get("suggestion").is_none());
+
+    let (_, body) = get(&s, "/models/lof/calibration?target_precision=0.7").await;
+    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let t = c["suggestion"]["threshold"].as_f64().unwrap();
+    assert!(t > 1.69 && t < 2.0, "{c}");
+    assert_eq!(c["suggestion"]["frauds_kept"], 10);
+    assert!(c["suggestion"]["precision"]["low"].as_f64().unwrap() >= 0.7);
+
+    let (_, body) = get(&s, "/models/isolation_forest/calibration?alerts_per_day=5").await;
+    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(c["suggestion"]["alerts"], 10, "{c}");
+    // The ten highest forest scores are alerts 20 to 29, scored 0.620 to 0.629.
+    let t = c["suggestion"]["threshold"].as_f64().unwrap();
+    assert!((t - 0.6195).abs() < 1e-9, "{t}");
+
+    for (path, status, field) in [
+        (
+            "/models/lof/calibration?target_precision=1.5",
+            StatusCode::BAD_REQUEST,
+            "target_precision",
+        ),
+        (
+            "/models/lof/calibration?alerts_per_day=-1",
+            StatusCode::BAD_REQUEST,
+            "alerts_per_day",
+        ),
+        (
+            "/models/lof/calibration?target_precision=0.5&alerts_per_day=3",
+            StatusCode::BAD_REQUEST,
+            "alerts_per_day",
+        ),
+        (
+            "/models/lof/calibration?colour=red",
+            StatusCode::BAD_REQUEST,
+            "colour",
+        ),
+        ("/models/ridge/calibration", StatusCode::NOT_FOUND, "name"),
+    ] {
+        let (got, body) = get(&s, path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(problem["field"], field, "{path}");
+    }
+}

@@ -11,8 +11,8 @@
 //!   `POST /models/{name}/predict` (one model) for a list of transactions scored against their
 //!   accounts' live state, read-only;
 //! - [`alerts`]: `GET /accounts/{id}`, `GET /alerts/recent` and the live `GET /alerts/stream`;
-//! - [`triage`]: the alert index — `GET /alerts` (search), `GET /alerts/{id}` — and analysts'
-//!   verdicts, `PUT /alerts/{id}/verdict`;
+//! - [`triage`]: the alert index — `GET /alerts` (search), `GET /alerts/{id}` — analysts'
+//!   verdicts, `PUT /alerts/{id}/verdict`, and `GET /models/{name}/calibration` from them;
 //! - [`problem`]: every error answer as an RFC 9457 problem naming the field and the reason.
 //!
 //! It reads shared state and changes nothing but which models serve and the verdicts. Every request is counted by matched route,
@@ -48,7 +48,7 @@ pub use access::{Access, AccessSettings, Auth, RateLimit};
 pub use predict::{BODY_LIMIT, MAX_BATCH};
 pub use problem::ApiError;
 
-const ENDPOINTS: [&str; 17] = [
+const ENDPOINTS: [&str; 18] = [
     "GET /health",
     "GET /ready",
     "GET /models",
@@ -56,6 +56,7 @@ const ENDPOINTS: [&str; 17] = [
     "POST /models/reload",
     "POST /predict",
     "POST /models/{name}/predict",
+    "GET /models/{name}/calibration",
     "GET /accounts/{id}",
     "GET /alerts",
     "GET /alerts/recent",
@@ -128,6 +129,7 @@ fn router_with_timeout(shared: Shared, access: Arc<Access>, timeout: Duration) -
         .route("/models/{name}", get(model))
         .route("/models/reload", post(reload))
         .route("/models/{name}/predict", post(predict::predict_one_model))
+        .route("/models/{name}/calibration", get(triage::calibration))
         .route("/predict", post(predict::predict))
         .route("/accounts/{id}", get(alerts::account))
         .route("/alerts/recent", get(alerts::recent_alerts))

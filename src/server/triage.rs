@@ -1,6 +1,8 @@
 //! Triage routes over the alert index ([`crate::triage`]): `GET /alerts` (search with filters
-//! and paging), `GET /alerts/{id}` (one alert and its verdict) and `PUT /alerts/{id}/verdict`
-//! (an analyst's verdict, answered once the feedback topic has it).
+//! and paging), `GET /alerts/{id}` (one alert and its verdict), `PUT /alerts/{id}/verdict`
+//! (an analyst's verdict, answered once the feedback topic has it) and
+//! `GET /models/{name}/calibration` (the model's precision by the verdicts, and the threshold
+//! for a target precision or alert budget).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -8,7 +10,9 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use super::problem::ApiError;
+use crate::models::{ISOLATION_FOREST, LOF};
 use crate::run::Shared;
+use crate::triage::calibration::{Calibration, Target, calibrate};
 use crate::triage::{
     AlertQuery, Indexed, MAX_NOTE_CHARS, MAX_PAGE, Page, Status, TriageError, Verdict,
     VerdictRecord,
@@ -256,6 +260,69 @@ pub(super) async fn decide(
             ))
         }
     }
+}
+
+fn target_of(pairs: Vec<(String, String)>) -> Result<Option<Target>, ApiError> {
+    let mut target = None;
+    for (name, value) in pairs {
+        let number = value.parse::<f64>().ok().filter(|x| x.is_finite());
+        let parsed = match name.as_str() {
+            "target_precision" => number
+                .filter(|p| *p > 0.0 && *p < 1.0)
+                .map(Target::Precision)
+                .ok_or_else(|| {
+                    bad(
+                        "target_precision",
+                        format!("target_precision `{value}` is not a number between 0 and 1"),
+                    )
+                }),
+            "alerts_per_day" => number
+                .filter(|n| *n > 0.0)
+                .map(Target::AlertsPerDay)
+                .ok_or_else(|| {
+                    bad(
+                        "alerts_per_day",
+                        format!("alerts_per_day `{value}` is not a positive number"),
+                    )
+                }),
+            other => Err(bad(
+                other,
+                format!(
+                    "unknown query parameter `{other}`; give target_precision or alerts_per_day"
+                ),
+            )),
+        }?;
+        if target.replace(parsed).is_some() {
+            return Err(bad(
+                &name,
+                "give one of target_precision and alerts_per_day, once".into(),
+            ));
+        }
+    }
+    Ok(target)
+}
+
+/// `GET /models/{name}/calibration`: how precise the model's alerts were by the analysts'
+/// verdicts (overall and per day), and with `target_precision` or `alerts_per_day` the
+/// threshold that meets it. Changes nothing.
+pub(super) async fn calibration(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<Calibration>, ApiError> {
+    let target = target_of(pairs)?;
+    let models = s.models().ok_or_else(super::models_loading)?;
+    let (model, threshold) = match name.as_str() {
+        ISOLATION_FOREST => (ISOLATION_FOREST, models.manifest.isolation_forest.threshold),
+        LOF => (LOF, models.manifest.lof.threshold),
+        _ => return Err(super::unknown_model(&name)),
+    };
+    let triage = s.triage.clone();
+    let alerts = tokio::task::spawn_blocking(move || triage.index.scores(model))
+        .await
+        .map_err(|_| index_failed(&TriageError::NotConnected))?
+        .map_err(|e| index_failed(&e))?;
+    Ok(Json(calibrate(model, threshold, &alerts, target)))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! topics at start. A window holds what analysts review (alerts are about 1 % of the events), so
 //! memory stays small: about 3 KB per alert, the alert's JSON and its indexed columns.
 
+pub mod calibration;
 pub mod follow;
 
 use std::collections::HashMap;
@@ -69,6 +70,15 @@ impl Verdict {
             Self::NeedsReview => None,
         }
     }
+}
+
+/// An indexed alert as calibration sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoredAlert {
+    pub score: f64,
+    /// Unix seconds.
+    pub event_time: i64,
+    pub verdict: Option<Verdict>,
 }
 
 /// The longest note a verdict keeps, in characters.
@@ -187,6 +197,8 @@ CREATE TABLE alerts (
     margin REAL NOT NULL,
     reason TEXT NOT NULL,
     features TEXT NOT NULL,
+    forest_score REAL,
+    lof_score REAL,
     body TEXT NOT NULL
 );
 CREATE INDEX alerts_by_time ON alerts (event_time DESC, alert_id);
@@ -238,8 +250,18 @@ impl AlertIndex {
                     .collect()
             })
             .unwrap_or_default();
+        let score = |model: &str| {
+            alert
+                .get("models")
+                .and_then(|m| m.as_array())
+                .and_then(|m| {
+                    m.iter()
+                        .find(|v| v.get("model").and_then(|n| n.as_str()) == Some(model))
+                })
+                .and_then(|v| v.get("score")?.as_f64())
+        };
         self.db().execute(
-            "INSERT OR REPLACE INTO alerts VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT OR REPLACE INTO alerts VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 text("alert_id")?,
                 text("account_id")?,
@@ -250,6 +272,8 @@ impl AlertIndex {
                 alert.get("margin").and_then(|v| v.as_f64()).unwrap_or(0.0),
                 alert.get("reason").and_then(|v| v.as_str()).unwrap_or(""),
                 features.join(" "),
+                score(crate::models::ISOLATION_FOREST),
+                score(crate::models::LOF),
                 alert.to_string(),
             ],
         )?;
@@ -400,6 +424,34 @@ impl AlertIndex {
             limit,
             alerts: rows.iter().map(|(a, v)| indexed(a, v.as_deref())).collect(),
         })
+    }
+
+    /// Each indexed alert's score by `model` (`isolation_forest` or `lof`), event time and
+    /// verdict, for calibration.
+    pub fn scores(&self, model: &str) -> Result<Vec<ScoredAlert>, TriageError> {
+        let column = if model == crate::models::LOF {
+            "lof_score"
+        } else {
+            "forest_score"
+        };
+        let db = self.db();
+        let mut statement = db.prepare(&format!(
+            "SELECT a.{column}, a.event_time, v.verdict FROM alerts a LEFT JOIN verdicts v USING (alert_id)
+             WHERE a.{column} IS NOT NULL"
+        ))?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok(ScoredAlert {
+                    score: r.get(0)?,
+                    event_time: r.get(1)?,
+                    verdict: r
+                        .get::<_, Option<String>>(2)?
+                        .as_deref()
+                        .and_then(Verdict::parse),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     /// Every verdict recorded, by alert id order.
