@@ -214,6 +214,27 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
         }
         let reasons = browser.script("return document.querySelectorAll('#reasons li').length");
         assert_eq!(reasons, 3);
+        // It was the form's fields (a choice for each enumeration); the JSON is one click away
+        // and says the same.
+        let choices = browser.script(
+            "return [...document.querySelectorAll('#tx-fields select')].map(s => s.dataset.field + ':' + s.options.length)",
+        );
+        assert_eq!(
+            choices,
+            json!(["TransactionType:2", "Channel:3", "CustomerOccupation:4"])
+        );
+        browser.script(
+            "document.getElementById('f-tx-TransactionAmount').value = '12.5'; return null",
+        );
+        browser.click("#tx-view");
+        let shown = browser.script(
+            "const t = document.getElementById('tx'); return [t.hidden, JSON.parse(t.value).TransactionAmount, document.getElementById('tx-fields').hidden]",
+        );
+        assert_eq!(shown, json!([false, 12.5, true]));
+        browser.click("#tx-view");
+        browser.script(
+            "document.getElementById('f-tx-TransactionAmount').value = '9800'; return null",
+        );
         browser.screenshot(&shots.join("page-check.png"));
 
         // An anomalous event through the real broker appears in the live view.
