@@ -224,6 +224,22 @@ impl Shared {
         }
         self.generation.fetch_add(1, Ordering::Release);
         self.status.models_loaded.store(true, Ordering::Relaxed);
+        self.apply_thresholds();
+    }
+
+    /// Serves each model of the loaded version with the threshold an operator decided for it
+    /// (the feedback topic's threshold decisions), or with its trained one.
+    pub fn apply_thresholds(&self) {
+        let Some(models) = self.models() else { return };
+        for name in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
+            let decided = self.triage.threshold_decision(models.version(), name);
+            if let Some(threshold) = models.threshold_of(name) {
+                match decided {
+                    Some(d) => threshold.set(d.threshold),
+                    None => threshold.reset(),
+                }
+            }
+        }
     }
 
     /// How many times models were installed: a worker that saw another number takes
@@ -1233,6 +1249,17 @@ pub async fn run_stream(
         shared.metrics.clone(),
         shutdown.clone(),
     ));
+    // Threshold decisions from the feedback topic (another instance's, or this one's before a
+    // restart) take effect as they arrive.
+    let (apply, stop) = (shared.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = apply.triage.thresholds_changed.notified() => apply.apply_thresholds(),
+            }
+        }
+    });
     let logs = Arc::new(LogThrottle::default());
     let changelog = match &cfg.kafka.changelog_topic {
         Some(topic) => changelog_topic(cfg, brokers, topic, &shutdown).await,

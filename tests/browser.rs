@@ -328,6 +328,19 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
             summary.contains("1 judged (1 fraud, 0 legitimate"),
             "{summary}"
         );
+        // A budget of one alert a day keeps the one alert: the threshold serving now, so there
+        // is nothing to apply (PUT/DELETE /models/{name}/threshold are tested in kafka_e2e).
+        browser.script("document.getElementById('c-budget').value = '1'; return null");
+        browser.click("#calibrate-button");
+        let suggestion = eventually("a suggested threshold", Duration::from_secs(20), || {
+            let t = browser.script("const e = document.getElementById('calibration-suggestion'); return e ? e.innerText : null");
+            t.as_str().map(str::to_string)
+        });
+        assert!(suggestion.contains("would keep 1 alerts"), "{suggestion}");
+        assert_eq!(
+            browser.script("return !!document.getElementById('threshold-apply')"),
+            false
+        );
         browser.script("document.getElementById('triage').scrollIntoView(); return null");
         browser.screenshot(&shots.join("page-triage.png"));
         let http = reqwest::blocking::Client::new();

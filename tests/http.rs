@@ -126,7 +126,7 @@ async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
     assert_eq!(forest["sample_size"], 256);
     assert_eq!(
         forest["threshold"].as_f64(),
-        Some(s.models().unwrap().forest.threshold)
+        Some(s.models().unwrap().forest.threshold.get())
     );
     assert_eq!(
         forest["columns"].as_array().unwrap().len(),
@@ -539,7 +539,7 @@ async fn each_model_is_described_by_name_and_an_unknown_name_is_a_json_404() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         v["threshold"].as_f64(),
-        Some(s.models().unwrap().forest.threshold)
+        Some(s.models().unwrap().forest.threshold.get())
     );
     let (status, body) = get(&s, "/models/lof").await;
     assert_eq!(status, StatusCode::OK);

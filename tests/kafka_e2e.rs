@@ -1102,6 +1102,35 @@ async fn analysts_verdicts_go_to_the_compacted_feedback_topic_and_every_instance
         Some("compact")
     );
 
+    // A threshold decision: recorded on the feedback topic, then served.
+    let lof_threshold = |addr: String| async move {
+        get_until(&addr, "/models/lof", |_| true).await["threshold"]
+            .as_f64()
+            .unwrap()
+    };
+    let trained = lof_threshold(addr.clone()).await;
+    let threshold_url = format!("http://{addr}/models/lof/threshold");
+    let decided = client
+        .put(&threshold_url)
+        .json(&serde_json::json!({"threshold": 99.0, "note": "calibrated on the verdicts", "analyst": "ana"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 200);
+    let decided: serde_json::Value = decided.json().await.unwrap();
+    assert_eq!(
+        (decided["previous"].as_f64(), decided["threshold"].as_f64()),
+        (Some(trained), Some(99.0))
+    );
+    assert_eq!(lof_threshold(addr.clone()).await, 99.0);
+    let unexplained = client
+        .put(&threshold_url)
+        .json(&serde_json::json!({"threshold": 2.0, "note": " "}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unexplained.status(), 422);
+
     // A second instance (its own work directory) indexes the same alerts and reads the verdict.
     let other = tempfile::tempdir().unwrap();
     let mut second = spawn_vigil(&brokers, &t, &work.path().join("model"), other.path(), &env);
@@ -1116,7 +1145,7 @@ async fn analysts_verdicts_go_to_the_compacted_feedback_topic_and_every_instance
     .await;
     assert_eq!(seen["verdict"]["note"], "customer confirmed: not them");
     assert_eq!(seen["verdict"]["analyst"], "ana");
-    assert!(sigterm(&mut second).success());
+    get_until(&second_addr, "/models/lof", |m| m["threshold"] == 99.0).await;
 
     // And so does the first one after a restart: the index is rebuilt from the topics.
     assert!(sigterm(&mut first).success());
@@ -1132,6 +1161,20 @@ async fn analysts_verdicts_go_to_the_compacted_feedback_topic_and_every_instance
         v["total"] == expected - 1
     })
     .await;
+    get_until(&again_addr, "/models/lof", |m| m["threshold"] == 99.0).await;
+    // Withdrawn on one instance, the trained threshold serves again on both.
+    let reset = client
+        .delete(format!("http://{again_addr}/models/lof/threshold"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200);
+    assert_eq!(lof_threshold(again_addr.clone()).await, trained);
+    get_until(&second_addr, "/models/lof", |m| {
+        m["threshold"].as_f64() == Some(trained)
+    })
+    .await;
+    assert!(sigterm(&mut second).success());
     assert!(sigterm(&mut again).success());
 }
 

@@ -89,6 +89,41 @@ pub trait Detector: Send + Sync {
     }
 }
 
+/// A detector's threshold: the one it was trained with, or one set live by an operator
+/// ([`Threshold::set`]) until [`Threshold::reset`]. Read once per event; an event sees the old
+/// value or the new one, never anything in between.
+#[derive(Debug)]
+pub struct Threshold {
+    trained: f64,
+    serving: std::sync::atomic::AtomicU64,
+}
+
+impl Threshold {
+    pub fn new(trained: f64) -> Self {
+        Self {
+            trained,
+            serving: std::sync::atomic::AtomicU64::new(trained.to_bits()),
+        }
+    }
+
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.serving.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn set(&self, threshold: f64) {
+        self.serving
+            .store(threshold.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn reset(&self) {
+        self.set(self.trained);
+    }
+
+    pub fn trained(&self) -> f64 {
+        self.trained
+    }
+}
+
 /// One model's opinion of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Verdict {
@@ -106,7 +141,7 @@ pub struct Verdict {
 pub struct IsolationForest {
     pub encoder: Encoder,
     pub forest: FlatForest,
-    pub threshold: f64,
+    pub threshold: Threshold,
     pub median: f64,
 }
 
@@ -118,7 +153,7 @@ impl Detector for IsolationForest {
         &self.encoder
     }
     fn threshold(&self) -> f64 {
-        self.threshold
+        self.threshold.get()
     }
     fn median(&self) -> f64 {
         self.median
@@ -134,7 +169,7 @@ pub struct Lof {
     pub encoder: Encoder,
     pub model: LofModel,
     pub index: KnnIndex,
-    pub threshold: f64,
+    pub threshold: Threshold,
     pub median: f64,
 }
 
@@ -146,7 +181,7 @@ impl Detector for Lof {
         &self.encoder
     }
     fn threshold(&self) -> f64 {
-        self.threshold
+        self.threshold.get()
     }
     fn median(&self) -> f64 {
         self.median
@@ -323,6 +358,15 @@ impl ModelSet {
         &self.manifest.version
     }
 
+    /// The threshold of the model named `name`, if it is one of the two.
+    pub fn threshold_of(&self, name: &str) -> Option<&Threshold> {
+        match name {
+            ISOLATION_FOREST => Some(&self.forest.threshold),
+            LOF => Some(&self.lof.threshold),
+            _ => None,
+        }
+    }
+
     /// Writes the artifact into `dir` (created if needed), manifest last so that a directory
     /// with a manifest is always complete.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
@@ -387,14 +431,14 @@ impl ModelSet {
             forest: IsolationForest {
                 encoder: manifest.isolation_forest.encoder.clone(),
                 forest,
-                threshold: manifest.isolation_forest.threshold,
+                threshold: Threshold::new(manifest.isolation_forest.threshold),
                 median: manifest.isolation_forest.training_scores.p50,
             },
             lof: Lof {
                 encoder: manifest.lof.encoder.clone(),
                 model,
                 index: knn,
-                threshold: manifest.lof.threshold,
+                threshold: Threshold::new(manifest.lof.threshold),
                 median: manifest.lof.training_scores.p50,
             },
             manifest,

@@ -521,7 +521,7 @@ impl ReportBuilder {
             .iter()
             .map(|c| {
                 let m = c.models();
-                let (tf, tl) = (m.forest.threshold, m.lof.threshold);
+                let (tf, tl) = (m.forest.threshold.get(), m.lof.threshold.get());
                 Acc {
                     report: ModelReport {
                         name: c.name.clone(),

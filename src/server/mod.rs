@@ -12,7 +12,8 @@
 //!   accounts' live state, read-only;
 //! - [`alerts`]: `GET /accounts/{id}`, `GET /alerts/recent` and the live `GET /alerts/stream`;
 //! - [`triage`]: the alert index — `GET /alerts` (search), `GET /alerts/{id}` — analysts'
-//!   verdicts, `PUT /alerts/{id}/verdict`, and `GET /models/{name}/calibration` from them;
+//!   verdicts, `PUT /alerts/{id}/verdict`, `GET /models/{name}/calibration` from them, and
+//!   `PUT`/`DELETE /models/{name}/threshold` to act on it;
 //! - [`problem`]: every error answer as an RFC 9457 problem naming the field and the reason.
 //!
 //! It reads shared state and changes nothing but which models serve and the verdicts. Every request is counted by matched route,
@@ -48,7 +49,7 @@ pub use access::{Access, AccessSettings, Auth, RateLimit};
 pub use predict::{BODY_LIMIT, MAX_BATCH};
 pub use problem::ApiError;
 
-const ENDPOINTS: [&str; 18] = [
+const ENDPOINTS: [&str; 20] = [
     "GET /health",
     "GET /ready",
     "GET /models",
@@ -57,6 +58,8 @@ const ENDPOINTS: [&str; 18] = [
     "POST /predict",
     "POST /models/{name}/predict",
     "GET /models/{name}/calibration",
+    "PUT /models/{name}/threshold",
+    "DELETE /models/{name}/threshold",
     "GET /accounts/{id}",
     "GET /alerts",
     "GET /alerts/recent",
@@ -130,6 +133,10 @@ fn router_with_timeout(shared: Shared, access: Arc<Access>, timeout: Duration) -
         .route("/models/reload", post(reload))
         .route("/models/{name}/predict", post(predict::predict_one_model))
         .route("/models/{name}/calibration", get(triage::calibration))
+        .route(
+            "/models/{name}/threshold",
+            put(triage::set_threshold).delete(triage::reset_threshold),
+        )
         .route("/predict", post(predict::predict))
         .route("/accounts/{id}", get(alerts::account))
         .route("/alerts/recent", get(alerts::recent_alerts))
@@ -289,7 +296,8 @@ fn model_entry(models: &ModelSet, name: &str) -> Option<serde_json::Value> {
             "version": m.version,
             "parameters": m.isolation_forest.params,
             "sample_size": m.isolation_forest.sample_size,
-            "threshold": m.isolation_forest.threshold,
+            "threshold": models.forest.threshold.get(),
+            "trained_threshold": m.isolation_forest.threshold,
             "training_scores": m.isolation_forest.training_scores,
             "columns": m.isolation_forest.encoder.columns,
         })),
@@ -299,7 +307,8 @@ fn model_entry(models: &ModelSet, name: &str) -> Option<serde_json::Value> {
             "parameters": m.lof.params,
             "k": m.lof.k,
             "index": models.lof.index.kind(),
-            "threshold": m.lof.threshold,
+            "threshold": models.lof.threshold.get(),
+            "trained_threshold": m.lof.threshold,
             "training_scores": m.lof.training_scores,
             "columns": m.lof.encoder.columns,
         })),

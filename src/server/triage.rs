@@ -2,7 +2,8 @@
 //! and paging), `GET /alerts/{id}` (one alert and its verdict), `PUT /alerts/{id}/verdict`
 //! (an analyst's verdict, answered once the feedback topic has it) and
 //! `GET /models/{name}/calibration` (the model's precision by the verdicts, and the threshold
-//! for a target precision or alert budget).
+//! for a target precision or alert budget), and `PUT`/`DELETE /models/{name}/threshold` (serve
+//! the model with another threshold, recorded on the feedback topic, or the trained one again).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -14,8 +15,8 @@ use crate::models::{ISOLATION_FOREST, LOF};
 use crate::run::Shared;
 use crate::triage::calibration::{Calibration, Target, calibrate};
 use crate::triage::{
-    AlertQuery, Indexed, MAX_NOTE_CHARS, MAX_PAGE, Page, Status, TriageError, Verdict,
-    VerdictRecord,
+    AlertQuery, Indexed, MAX_NOTE_CHARS, MAX_PAGE, Page, Status, ThresholdDecision, TriageError,
+    Verdict, VerdictRecord,
 };
 
 const PARAMETERS: [&str; 9] = [
@@ -313,8 +314,8 @@ pub(super) async fn calibration(
     let target = target_of(pairs)?;
     let models = s.models().ok_or_else(super::models_loading)?;
     let (model, threshold) = match name.as_str() {
-        ISOLATION_FOREST => (ISOLATION_FOREST, models.manifest.isolation_forest.threshold),
-        LOF => (LOF, models.manifest.lof.threshold),
+        ISOLATION_FOREST => (ISOLATION_FOREST, models.forest.threshold.get()),
+        LOF => (LOF, models.lof.threshold.get()),
         _ => return Err(super::unknown_model(&name)),
     };
     let triage = s.triage.clone();
@@ -323,6 +324,104 @@ pub(super) async fn calibration(
         .map_err(|_| index_failed(&TriageError::NotConnected))?
         .map_err(|e| index_failed(&e))?;
     Ok(Json(calibrate(model, threshold, &alerts, target)))
+}
+
+/// What an operator sends to change a threshold.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ThresholdRequest {
+    threshold: f64,
+    note: String,
+    #[serde(default)]
+    analyst: Option<String>,
+}
+
+fn threshold_not_recorded(e: &TriageError) -> ApiError {
+    tracing::warn!(error.message = %e, "a threshold decision was not published");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the threshold was not changed: {e}; send it again"),
+        None,
+    )
+}
+
+/// `PUT /models/{name}/threshold`: serves the model of the loaded version with `threshold` from
+/// now on, on every instance (the decision is published to the feedback topic first, and only
+/// then applied); answered with the decision, which names the threshold it replaced.
+pub(super) async fn set_threshold(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+    Json(request): Json<ThresholdRequest>,
+) -> Result<Json<ThresholdDecision>, ApiError> {
+    let models = s.models().ok_or_else(super::models_loading)?;
+    let Some(current) = models.threshold_of(&name) else {
+        return Err(super::unknown_model(&name));
+    };
+    if !request.threshold.is_finite() {
+        return Err(ApiError::unprocessable(
+            "the threshold is not a finite number",
+            Some("threshold"),
+        ));
+    }
+    if request.note.trim().is_empty() || request.note.chars().count() > MAX_NOTE_CHARS {
+        return Err(ApiError::unprocessable(
+            format!("say why, in a note of 1 to {MAX_NOTE_CHARS} characters"),
+            Some("note"),
+        ));
+    }
+    if request
+        .analyst
+        .as_ref()
+        .is_some_and(|a| a.chars().count() > 100)
+    {
+        return Err(ApiError::unprocessable(
+            "the analyst's name is longer than 100 characters",
+            Some("analyst"),
+        ));
+    }
+    let decision = ThresholdDecision {
+        model: name.clone(),
+        model_version: models.version().to_string(),
+        threshold: request.threshold,
+        previous: current.get(),
+        note: request.note,
+        analyst: request.analyst.filter(|a| !a.trim().is_empty()),
+        decided_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    let key = ThresholdDecision::key(models.version(), &name);
+    s.triage
+        .decide_threshold(&key, Some(decision.clone()))
+        .await
+        .map_err(|e| threshold_not_recorded(&e))?;
+    s.apply_thresholds();
+    tracing::info!(model = %name, version = %decision.model_version, threshold = decision.threshold,
+        previous = decision.previous, analyst = ?decision.analyst, note = %decision.note, "threshold changed");
+    Ok(Json(decision))
+}
+
+/// `DELETE /models/{name}/threshold`: the model's trained threshold serves again, on every
+/// instance; answered with the threshold now serving.
+pub(super) async fn reset_threshold(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let models = s.models().ok_or_else(super::models_loading)?;
+    let Some(current) = models.threshold_of(&name) else {
+        return Err(super::unknown_model(&name));
+    };
+    let key = ThresholdDecision::key(models.version(), &name);
+    s.triage
+        .decide_threshold(&key, None)
+        .await
+        .map_err(|e| threshold_not_recorded(&e))?;
+    s.apply_thresholds();
+    tracing::info!(model = %name, version = %models.version(), threshold = current.get(), "threshold reset to the trained one");
+    Ok(Json(serde_json::json!({
+        "model": name,
+        "model_version": models.version(),
+        "threshold": current.get(),
+        "trained_threshold": current.trained(),
+    })))
 }
 
 #[cfg(test)]

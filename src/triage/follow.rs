@@ -33,13 +33,21 @@ impl VerdictPublisher {
     /// Returns once the broker has the verdict (acks=all, idempotent), or says why not.
     pub async fn publish(&self, v: &VerdictRecord) -> Result<(), TriageError> {
         let payload = serde_json::to_vec(v).map_err(|e| TriageError::NotAVerdict(e.to_string()))?;
+        self.publish_record(&v.alert_id, Some(&payload)).await
+    }
+
+    /// Any record of the feedback topic (`None`: a tombstone), acknowledged by the broker.
+    pub async fn publish_record(
+        &self,
+        key: &str,
+        payload: Option<&[u8]>,
+    ) -> Result<(), TriageError> {
+        let mut record = FutureRecord::to(&self.topic).key(key.as_bytes());
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
         self.producer
-            .send(
-                FutureRecord::to(&self.topic)
-                    .key(v.alert_id.as_bytes())
-                    .payload(&payload),
-                Duration::from_secs(10),
-            )
+            .send(record, Duration::from_secs(10))
             .await
             .map(|_| ())
             .map_err(|(e, _)| TriageError::Publish(e.to_string()))
@@ -145,6 +153,16 @@ pub async fn follow(
 
 fn take_verdict(triage: &Triage, m: &BorrowedMessage<'_>) -> Result<(), TriageError> {
     let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+    if key.starts_with(super::THRESHOLD_KEY_PREFIX) {
+        let decision = m
+            .payload()
+            .map(serde_json::from_slice::<super::ThresholdDecision>)
+            .transpose()
+            .map_err(|e| TriageError::NotAVerdict(e.to_string()))?;
+        triage.record_threshold(&key, decision);
+        triage.thresholds_changed.notify_one();
+        return Ok(());
+    }
     match m.payload() {
         None => triage.index.clear_verdict(&key),
         Some(bytes) => {
@@ -325,6 +343,14 @@ pub fn read_verdicts(
                 None => return Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut).into()),
             };
             let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let last = m.offset() + 1 >= high;
+            if key.starts_with(super::THRESHOLD_KEY_PREFIX) {
+                // A threshold decision, not a verdict.
+                if last {
+                    break;
+                }
+                continue;
+            }
             let record = match m.payload() {
                 None => None,
                 Some(bytes) => Some(
@@ -333,7 +359,7 @@ pub fn read_verdicts(
                 ),
             };
             latest.insert(key, record);
-            if m.offset() + 1 >= high {
+            if last {
                 break;
             }
         }

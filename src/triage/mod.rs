@@ -102,6 +102,35 @@ pub struct VerdictRecord {
     pub model_version: String,
 }
 
+/// An operator's decision to serve one model of one version with another threshold (typically
+/// from [`calibration`]), as the feedback topic holds it under [`ThresholdDecision::key`]; a
+/// tombstone under the same key withdraws it and the trained threshold serves again. Every
+/// instance follows the topic, so every instance and every restart serves the same threshold,
+/// and a new model version starts from its own trained one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdDecision {
+    pub model: String,
+    pub model_version: String,
+    pub threshold: f64,
+    /// The threshold it replaced.
+    pub previous: f64,
+    /// Why (required: the record is the audit trail).
+    pub note: String,
+    #[serde(default)]
+    pub analyst: Option<String>,
+    /// RFC 3339, UTC.
+    pub decided_at: String,
+}
+
+/// Keys of threshold decisions on the feedback topic (alert ids are hexadecimal).
+pub const THRESHOLD_KEY_PREFIX: &str = "threshold/";
+
+impl ThresholdDecision {
+    pub fn key(model_version: &str, model: &str) -> String {
+        format!("{THRESHOLD_KEY_PREFIX}{model_version}/{model}")
+    }
+}
+
 /// Review status, as a search filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -481,6 +510,10 @@ pub struct Triage {
     pub index: AlertIndex,
     pub settings: TriageSettings,
     publisher: OnceLock<VerdictPublisher>,
+    /// Threshold decisions in force, by key.
+    thresholds: Mutex<HashMap<String, ThresholdDecision>>,
+    /// Wakes whoever applies thresholds when a decision arrives from the topic.
+    pub thresholds_changed: tokio::sync::Notify,
 }
 
 impl Triage {
@@ -489,6 +522,8 @@ impl Triage {
             index: AlertIndex::new()?,
             settings,
             publisher: OnceLock::new(),
+            thresholds: Mutex::new(HashMap::new()),
+            thresholds_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -503,6 +538,49 @@ impl Triage {
         publisher.publish(&verdict).await?;
         self.index.set_verdict(&verdict)?;
         Ok(verdict)
+    }
+
+    /// Publishes a threshold decision (or, with `None`, withdraws the one under `key`) and, once
+    /// the broker has it, records it here.
+    pub async fn decide_threshold(
+        &self,
+        key: &str,
+        decision: Option<ThresholdDecision>,
+    ) -> Result<(), TriageError> {
+        let publisher = self.publisher.get().ok_or(TriageError::NotConnected)?;
+        let payload = decision
+            .as_ref()
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| TriageError::NotAVerdict(e.to_string()))?;
+        publisher.publish_record(key, payload.as_deref()).await?;
+        self.record_threshold(key, decision);
+        Ok(())
+    }
+
+    /// Records a threshold decision read from the topic (`None`: withdrawn).
+    pub(crate) fn record_threshold(&self, key: &str, decision: Option<ThresholdDecision>) {
+        let mut thresholds = self
+            .thresholds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match decision {
+            Some(d) => thresholds.insert(key.to_string(), d),
+            None => thresholds.remove(key),
+        };
+    }
+
+    /// The decision in force for `model` of `model_version`, if any.
+    pub fn threshold_decision(
+        &self,
+        model_version: &str,
+        model: &str,
+    ) -> Option<ThresholdDecision> {
+        self.thresholds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ThresholdDecision::key(model_version, model))
+            .cloned()
     }
 }
 
