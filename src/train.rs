@@ -836,7 +836,10 @@ mod tests {
         assert!((110..=140).contains(&f), "forest flagged {f}");
         // LOF's threshold is the same quantile of every training row's score: leave-one-out
         // for the rows kept in its reference set, as new events for the ones cleaning removed.
-        assert_eq!(set.lof.threshold.get(), set.manifest.lof.training_scores.p95);
+        assert_eq!(
+            set.lof.threshold.get(),
+            set.manifest.lof.training_scores.p95
+        );
         let removed = rows.len() - set.lof.model.training_lof.len();
         assert!(
             (150..=300).contains(&removed),

@@ -750,15 +750,12 @@ async fn a_changelog_restore_keeps_each_accounts_latest_state_forgets_tombstoned
         .set("bootstrap.servers", &brokers)
         .create()
         .unwrap();
-    let described = admin
-        .describe_configs(
-            &[rdkafka::admin::ResourceSpecifier::Topic(&topic)],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    let entries = described[0].as_ref().unwrap().entry_map();
-    assert_eq!(entries["cleanup.policy"].value.as_deref(), Some("compact"));
+    assert_eq!(
+        topic_setting(&brokers, &topic, "cleanup.policy")
+            .await
+            .as_deref(),
+        Some("compact")
+    );
     let metadata = admin
         .inner()
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
@@ -1083,22 +1080,10 @@ async fn analysts_verdicts_go_to_the_compacted_feedback_topic_and_every_instance
     let published: serde_json::Value =
         serde_json::from_slice(on_topic[0].payload().unwrap()).unwrap();
     assert_eq!(published, recorded);
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    let described = admin
-        .describe_configs(
-            &[rdkafka::admin::ResourceSpecifier::Topic(&feedback)],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    let config = described[0].as_ref().unwrap();
     assert_eq!(
-        config
-            .get("cleanup.policy")
-            .and_then(|e| e.value.as_deref()),
+        topic_setting(&brokers, &feedback, "cleanup.policy")
+            .await
+            .as_deref(),
         Some("compact")
     );
 
@@ -1185,20 +1170,8 @@ async fn a_backtest_labelled_by_the_feedback_topic_equals_one_labelled_by_the_sa
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let vigil = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .args(args)
-            .current_dir(work.path())
-            .env("VIGIL_KAFKA__BROKERS", &brokers)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "vigil {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let env = [("VIGIL_KAFKA__BROKERS", brokers.as_str())];
+    let vigil = |args: &[&str]| common::vigil_command(args, work.path(), &env);
     vigil(&[
         "simulate",
         "--count",

@@ -11,17 +11,7 @@ use std::process::Command;
 use common::{repo, saved_models, tool};
 
 fn vigil(args: &[&str], dir: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "vigil {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::vigil_command(args, dir, &[])
 }
 
 /// A labelled simulated file and a backtest of it with the shared test model.

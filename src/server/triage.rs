@@ -149,6 +149,17 @@ pub(super) async fn search(
         .map_err(|e| index_failed(&e))
 }
 
+/// Who gave a verdict or decision: a name of at most 100 characters, or nobody.
+fn analyst_of(analyst: Option<String>) -> Result<Option<String>, ApiError> {
+    match analyst {
+        Some(a) if a.chars().count() > 100 => Err(ApiError::unprocessable(
+            "the analyst's name is longer than 100 characters",
+            Some("analyst"),
+        )),
+        a => Ok(a.filter(|a| !a.trim().is_empty())),
+    }
+}
+
 fn unknown_alert(id: &str, days: f64) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -208,17 +219,7 @@ pub(super) async fn decide(
             Some("note"),
         ));
     }
-    if request
-        .analyst
-        .as_ref()
-        .is_some_and(|a| a.chars().count() > 100)
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "the analyst's name is longer than 100 characters",
-            Some("analyst"),
-        ));
-    }
+    let analyst = analyst_of(request.analyst)?;
     let days = s.triage.settings.window.as_secs_f64() / 86_400.0;
     let alert = s
         .triage
@@ -240,7 +241,7 @@ pub(super) async fn decide(
         account_id: field("account_id"),
         verdict,
         note: request.note,
-        analyst: request.analyst.filter(|a| !a.trim().is_empty()),
+        analyst,
         decided_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         model_version: field("model_version"),
     };
@@ -369,23 +370,14 @@ pub(super) async fn set_threshold(
             Some("note"),
         ));
     }
-    if request
-        .analyst
-        .as_ref()
-        .is_some_and(|a| a.chars().count() > 100)
-    {
-        return Err(ApiError::unprocessable(
-            "the analyst's name is longer than 100 characters",
-            Some("analyst"),
-        ));
-    }
+    let analyst = analyst_of(request.analyst)?;
     let decision = ThresholdDecision {
         model: name.clone(),
         model_version: models.version().to_string(),
         threshold: request.threshold,
         previous: current.get(),
         note: request.note,
-        analyst: request.analyst.filter(|a| !a.trim().is_empty()),
+        analyst,
         decided_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
     let key = ThresholdDecision::key(models.version(), &name);

@@ -573,3 +573,20 @@ pub fn config_for(brokers: &str, t: &Topics) -> vigil::config::Config {
     ))
     .unwrap()
 }
+
+/// One setting of `topic` as the broker describes it.
+pub async fn topic_setting(brokers: &str, topic: &str, key: &str) -> Option<String> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let described = admin
+        .describe_configs(
+            &[rdkafka::admin::ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let config = described[0].as_ref().unwrap();
+    config.get(key).and_then(|e| e.value.clone())
+}

@@ -194,3 +194,20 @@ pub fn saved_models() -> std::path::PathBuf {
     root.path().join("current")
 }
 pub mod kafka;
+
+/// Runs the `vigil` command in `dir` with `envs` and returns what it printed; panics with its
+/// stderr when it fails.
+pub fn vigil_command(args: &[&str], dir: &std::path::Path, envs: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(args)
+        .current_dir(dir)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vigil {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
