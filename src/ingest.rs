@@ -316,7 +316,7 @@ impl LogThrottle {
     pub fn error(&self, error: KafkaError, reason: &str) {
         let kind = format!("error {:?}", error.rdkafka_error_code());
         if let Some(held_back) = self.admit(&kind) {
-            tracing::error!(target: "librdkafka", %error, held_back, "{reason}");
+            tracing::event!(target: "librdkafka", tracing::Level::ERROR, error.message = %error, held_back, "{reason}");
         }
     }
 }

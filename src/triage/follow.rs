@@ -24,6 +24,7 @@ use crate::ingest::{KafkaProducer, client_config};
 use crate::metrics::Metrics;
 
 /// Publishes verdicts to the feedback topic, keyed by alert id.
+#[derive(Clone)]
 pub struct VerdictPublisher {
     producer: KafkaProducer,
     topic: String,
@@ -87,10 +88,10 @@ pub async fn follow(
         pause = (pause * 2).min(Duration::from_secs(30));
     }
     match crate::run::producer(&kafka, &brokers) {
-        Ok(producer) => triage.connect(VerdictPublisher {
+        Ok(producer) => triage.connect(Some(VerdictPublisher {
             producer,
             topic: feedback.clone(),
-        }),
+        })),
         Err(e) => tracing::error!(error.message = %e, "no producer for verdicts"),
     }
     let consumer: StreamConsumer = match client_config(&kafka, &brokers)
@@ -117,7 +118,10 @@ pub async fn follow(
     let mut problems = 0u64;
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                triage.connect(None);
+                return;
+            }
             _ = check.tick() => {
                 if let Err(e) = assign_new_partitions(&consumer, &[&alerts, &feedback], &mut assigned, triage.settings.window) {
                     tracing::debug!(error.message = %e, "alert index: partitions not assigned yet");
@@ -227,7 +231,7 @@ fn assign_new_partitions(
     if new.count() > 0 {
         consumer.incremental_assign(&new)?;
         tracing::info!(
-            partitions = new.count(),
+            partition_count = new.count(),
             "alert index: following new partitions"
         );
     }

@@ -20,7 +20,7 @@ pub mod follow;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
@@ -509,7 +509,9 @@ fn indexed(alert: &str, verdict: Option<&str>) -> Indexed {
 pub struct Triage {
     pub index: AlertIndex,
     pub settings: TriageSettings,
-    publisher: OnceLock<VerdictPublisher>,
+    /// Set while [`follow`] runs (dropped when it stops: a client that outlives the cluster it
+    /// talks to only logs that the cluster is gone).
+    publisher: Mutex<Option<VerdictPublisher>>,
     /// Threshold decisions in force, by key.
     thresholds: Mutex<HashMap<String, ThresholdDecision>>,
     /// Wakes whoever applies thresholds when a decision arrives from the topic.
@@ -521,20 +523,31 @@ impl Triage {
         Ok(Self {
             index: AlertIndex::new()?,
             settings,
-            publisher: OnceLock::new(),
+            publisher: Mutex::new(None),
             thresholds: Mutex::new(HashMap::new()),
             thresholds_changed: tokio::sync::Notify::new(),
         })
     }
 
-    pub(crate) fn connect(&self, publisher: VerdictPublisher) {
-        let _ = self.publisher.set(publisher);
+    pub(crate) fn connect(&self, publisher: Option<VerdictPublisher>) {
+        *self
+            .publisher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = publisher;
+    }
+
+    fn publisher(&self) -> Result<VerdictPublisher, TriageError> {
+        self.publisher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(TriageError::NotConnected)
     }
 
     /// Publishes `verdict` and, once the broker has it, records it here (the other instances
     /// read it from the topic).
     pub async fn decide(&self, verdict: VerdictRecord) -> Result<VerdictRecord, TriageError> {
-        let publisher = self.publisher.get().ok_or(TriageError::NotConnected)?;
+        let publisher = self.publisher()?;
         publisher.publish(&verdict).await?;
         self.index.set_verdict(&verdict)?;
         Ok(verdict)
@@ -547,7 +560,7 @@ impl Triage {
         key: &str,
         decision: Option<ThresholdDecision>,
     ) -> Result<(), TriageError> {
-        let publisher = self.publisher.get().ok_or(TriageError::NotConnected)?;
+        let publisher = self.publisher()?;
         let payload = decision
             .as_ref()
             .map(serde_json::to_vec)
