@@ -79,6 +79,7 @@ pub struct RawTopics {
     pub dead_letter: String,
     pub changelog: String,
     pub feedback: String,
+    pub shadow: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +161,7 @@ pub struct RawFeatures {
 #[serde(deny_unknown_fields, default)]
 pub struct RawModels {
     pub dir: PathBuf,
+    pub challenger_dir: PathBuf,
     pub target_alert_rate: f64,
     pub cleaning_passes: usize,
     pub max_training_events: usize,
@@ -378,6 +380,7 @@ impl Default for RawTopics {
             dead_letter: "transactions.dead-letter".to_string(),
             changelog: String::new(),
             feedback: "alerts.feedback".to_string(),
+            shadow: "alerts.shadow".to_string(),
         }
     }
 }
@@ -406,6 +409,7 @@ impl Default for RawModels {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("models/current"),
+            challenger_dir: PathBuf::new(),
             target_alert_rate: 0.0,
             cleaning_passes: 2,
             max_training_events: 50_000,
@@ -569,6 +573,8 @@ pub struct KafkaConfig {
     pub group_id: String,
     pub transactions_topic: String,
     pub alerts_topic: String,
+    /// Where a challenger's alerts go while it scores in shadow.
+    pub shadow_topic: String,
     pub dead_letter_topic: String,
     pub client: BTreeMap<String, String>,
     pub restore_state: bool,
@@ -618,6 +624,9 @@ impl Default for FeatureConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub dir: PathBuf,
+    /// A second artifact that scores every event in shadow (its alerts go to
+    /// `kafka.topics.shadow`) until it is promoted; `None`: no challenger.
+    pub challenger_dir: Option<PathBuf>,
     pub forest_features: FeatureLists,
     pub lof_features: FeatureLists,
     /// When above 0, both thresholds sit at the same training quantile, chosen so that the
@@ -867,8 +876,17 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
             format!("{} is outside 1..=1000", l.neighbors),
         ));
     }
+    let challenger_dir =
+        (!m.challenger_dir.as_os_str().is_empty()).then(|| m.challenger_dir.clone());
+    if challenger_dir.as_ref() == Some(&m.dir) {
+        return Err(invalid(
+            "models.challenger_dir",
+            "is models.dir: a challenger is another version, in a directory of its own",
+        ));
+    }
     Ok(ModelConfig {
         dir: m.dir.clone(),
+        challenger_dir,
         forest_features,
         lof_features,
         cleaning_passes: if m.cleaning_passes > 5 {
@@ -936,7 +954,15 @@ impl RawConfig {
         };
         let changelog = check_topic("kafka.topics.changelog", &changelog)?;
         let feedback = check_topic("kafka.topics.feedback", &k.topics.feedback)?;
-        let names = [&transactions, &alerts, &dead_letter, &changelog, &feedback];
+        let shadow = check_topic("kafka.topics.shadow", &k.topics.shadow)?;
+        let names = [
+            &transactions,
+            &alerts,
+            &dead_letter,
+            &changelog,
+            &feedback,
+            &shadow,
+        ];
         if names
             .iter()
             .enumerate()
@@ -944,7 +970,7 @@ impl RawConfig {
         {
             return Err(invalid(
                 "kafka.topics",
-                "transactions, alerts, dead_letter, changelog and feedback must be different topics",
+                "transactions, alerts, dead_letter, changelog, feedback and shadow must be different topics",
             ));
         }
         for reserved in ["enable.auto.offset.store", "group.id", "bootstrap.servers"] {
@@ -1106,6 +1132,7 @@ impl RawConfig {
                 group_id: k.group_id.clone(),
                 transactions_topic: transactions,
                 alerts_topic: alerts,
+                shadow_topic: shadow,
                 dead_letter_topic: dead_letter,
                 client: k.client.clone(),
                 restore_state: k.restore_state,

@@ -99,6 +99,7 @@ struct Open {
     offsets: HashMap<i32, i64>,
     alerts: Vec<Arc<serde_json::Value>>,
     dead_letters: u64,
+    shadow_alerts: u64,
     changelog_records: u64,
     consumed: Vec<Instant>,
     /// A record of this transaction was refused: it must be aborted, not committed.
@@ -182,6 +183,8 @@ pub struct EventRecords<'a> {
     pub assignment: u64,
     pub kind: OutcomeKind,
     pub outcome: Option<FutureRecord<'a, [u8], [u8]>>,
+    /// A challenger's alert for the shadow topic.
+    pub shadow: Option<FutureRecord<'a, [u8], [u8]>>,
     pub changes: &'a [crate::changelog::StateChange],
     pub changelog: Option<&'a str>,
     pub alert: Option<Arc<serde_json::Value>>,
@@ -223,8 +226,9 @@ impl Transactions {
     /// Waits (blocking) while a commit runs or the producer's queue is full.
     pub fn add(&self, status: &GroupStatus, event: EventRecords<'_>) -> Result<bool, KafkaError> {
         let _gate = self.open_gate();
+        let shadow_alert = event.shadow.is_some();
         let sent = status.while_owned(event.partition, event.assignment, || {
-            if let Some(mut record) = event.outcome {
+            for mut record in event.outcome.into_iter().chain(event.shadow) {
                 loop {
                     match self.producer.send_result(record) {
                         Ok(_) => break,
@@ -268,6 +272,7 @@ impl Transactions {
                     OutcomeKind::Alert | OutcomeKind::Clean => {}
                 }
                 open.alerts.extend(event.alert);
+                open.shadow_alerts += u64::from(shadow_alert);
                 if event.changelog.is_some() {
                     open.changelog_records += event.changes.len() as u64;
                 }
@@ -401,6 +406,7 @@ impl Transactions {
         let m = &self.metrics;
         m.alerts.inc_by(open.alerts.len() as u64);
         m.dead_letters.inc_by(open.dead_letters);
+        m.shadow_alerts.inc_by(open.shadow_alerts);
         m.changelog_records.inc_by(open.changelog_records);
         for alert in open.alerts {
             self.feed.publish(alert);

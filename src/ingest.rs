@@ -28,6 +28,60 @@ use crate::metrics::Metrics;
 use crate::pipeline::Engine;
 use crate::state::PartitionState;
 
+/// How many partitions [`ensure_topic`] gives a topic it creates.
+#[derive(Debug, Clone, Copy)]
+pub enum Partitions<'a> {
+    Fixed(usize),
+    /// As many as this topic has (one when it does not exist).
+    Like(&'a str),
+}
+
+/// Creates `topic` with `partitions` and `config` (the broker's default replication) unless
+/// it exists; whether it created it.
+pub async fn ensure_topic(
+    kafka: &KafkaConfig,
+    brokers: &str,
+    topic: &str,
+    partitions: Partitions<'_>,
+    config: &[(&str, &str)],
+) -> Result<bool, KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        client_config(kafka, brokers).create()?;
+    let count = |name: &str| -> Result<usize, KafkaError> {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(10))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
+    };
+    if count(topic)? > 0 {
+        return Ok(false);
+    }
+    let partitions = match partitions {
+        Partitions::Fixed(n) => n,
+        Partitions::Like(other) => count(other)?.max(1),
+    };
+    let mut new = NewTopic::new(
+        topic,
+        i32::try_from(partitions).unwrap_or(i32::MAX),
+        TopicReplication::Fixed(-1),
+    );
+    for &(k, v) in config {
+        new = new.set(k, v);
+    }
+    for result in admin.create_topics(&[new], &AdminOptions::new()).await? {
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(true)
+}
+
 /// Per-partition account state of this instance, shared read-only with the HTTP server.
 pub type StateStore = DashMap<i32, PartitionState>;
 

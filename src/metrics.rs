@@ -60,6 +60,13 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     /// Always 1; the labels say which build this is.
     pub build_info: IntGaugeVec,
+    /// 1 while a challenger scores in shadow; the label carries its version.
+    pub challenger_info: IntGaugeVec,
+    /// Events the champion and the shadow challenger both scored, by how their decisions
+    /// compare (`both_alert`, `both_clean`, `champion_only`, `challenger_only`).
+    pub shadow_decisions: IntCounterVec,
+    /// Shadow alerts acknowledged by the broker.
+    pub shadow_alerts: IntCounter,
     /// Model reloads by outcome: `loaded` (a new version serves) or `refused` (the old one
     /// stays).
     pub model_reloads: IntCounterVec,
@@ -225,6 +232,24 @@ impl Metrics {
                 ),
                 &["version", "features"]
             )?),
+            challenger_info: register!(IntGaugeVec::new(
+                Opts::new(
+                    "challenger_info",
+                    "Version of the challenger scoring in shadow (value 1; absent without one)"
+                ),
+                &["version"]
+            )?),
+            shadow_decisions: register!(IntCounterVec::new(
+                Opts::new(
+                    "shadow_decisions_total",
+                    "Events scored by the champion and the shadow challenger, by how their decisions compare"
+                ),
+                &["agreement"]
+            )?),
+            shadow_alerts: register!(IntCounter::new(
+                "shadow_alerts_published_total",
+                "Challenger alerts acknowledged by the broker on the shadow topic"
+            )?),
             model_reloads: register!(IntCounterVec::new(
                 Opts::new(
                     "model_reloads_total",
@@ -305,6 +330,10 @@ impl Metrics {
         }
         for outcome in ["loaded", "refused"] {
             self.model_reloads.with_label_values(&[outcome]);
+        }
+        for agreement in crate::pipeline::Agreement::ALL {
+            self.shadow_decisions
+                .with_label_values(&[agreement.as_str()]);
         }
         for model in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
             self.model_flags.with_label_values(&[model]);

@@ -50,6 +50,53 @@ pub struct Scored {
     pub verdicts: [Verdict; 2],
     /// What the models were given (for the drift monitor).
     pub features: Features,
+    /// The challenger's decision on the same features, when one runs in shadow.
+    pub shadow: Option<Shadow>,
+}
+
+/// What a challenger, scoring in shadow, decided about an event the champion scored: its
+/// verdicts and, when the policy alerts on them, the alert it would have published (named by
+/// its own version, explained by its own models).
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    pub verdicts: [Verdict; 2],
+    pub alert: Option<Box<Alert>>,
+}
+
+/// How a champion's and a challenger's decisions on one event compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agreement {
+    BothAlert,
+    BothClean,
+    ChampionOnly,
+    ChallengerOnly,
+}
+
+impl Agreement {
+    pub const ALL: [Self; 4] = [
+        Self::BothAlert,
+        Self::BothClean,
+        Self::ChampionOnly,
+        Self::ChallengerOnly,
+    ];
+
+    pub fn of(champion_alerts: bool, challenger_alerts: bool) -> Self {
+        match (champion_alerts, challenger_alerts) {
+            (true, true) => Self::BothAlert,
+            (false, false) => Self::BothClean,
+            (true, false) => Self::ChampionOnly,
+            (false, true) => Self::ChallengerOnly,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BothAlert => "both_alert",
+            Self::BothClean => "both_clean",
+            Self::ChampionOnly => "champion_only",
+            Self::ChallengerOnly => "challenger_only",
+        }
+    }
 }
 
 /// Which event times are plausible. One event dated years ahead would otherwise drag its
@@ -132,6 +179,9 @@ fn span(secs: i64) -> String {
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub models: Arc<ModelSet>,
+    /// A second model set scoring every valid event in shadow: its decisions are reported
+    /// ([`Scored::shadow`]) and change nothing else. It must use the same state parameters.
+    pub challenger: Option<Arc<ModelSet>>,
     pub decoder: Decoder,
     pub policy: Policy,
     pub top_features: usize,
@@ -147,6 +197,7 @@ impl Engine {
     ) -> Self {
         Self {
             models,
+            challenger: None,
             decoder,
             policy,
             top_features,
@@ -219,29 +270,67 @@ impl Engine {
         drop(span);
         let verdicts =
             tracing::trace_span!("models").in_scope(|| self.models.assess(&features, scratch));
-        let scored = Scored { verdicts, features };
-        let _consensus = tracing::trace_span!("consensus").entered();
+        let consensus = tracing::trace_span!("consensus").entered();
         let alert = decide(self.policy, &verdicts);
+        // Explained against the state before this event, then the event joins the state.
+        let alert = alert.then(|| {
+            let neighbours = &scratch.neighbours;
+            self.alert(
+                &self.models,
+                verdicts,
+                &features,
+                account,
+                &tx,
+                source,
+                neighbours,
+            )
+        });
+        drop(consensus);
+        let shadow = self.challenger.as_ref().map(|challenger| {
+            let _shadow = tracing::trace_span!("shadow").entered();
+            let verdicts = challenger.assess(&features, scratch);
+            let alert = decide(self.policy, &verdicts).then(|| {
+                let neighbours = &scratch.neighbours;
+                let a = self.alert(
+                    challenger, verdicts, &features, account, &tx, source, neighbours,
+                );
+                Box::new(a)
+            });
+            Shadow { verdicts, alert }
+        });
         account.record_score(RecentScore {
             time: tx.time,
             forest: verdicts[0].score as f32,
             lof: verdicts[1].score as f32,
-            alert,
+            alert: alert.is_some(),
         });
-        if !alert {
-            account.update(&tx, &cfg);
-            return Outcome::Clean(scored, Box::new(tx));
-        }
-        // Explained against the state before this event, then the event joins the state.
-        let top = self.models.explain(
-            &features,
-            account,
-            &tx,
-            &cfg,
-            self.top_features,
-            &scratch.neighbours,
-        );
         account.update(&tx, &cfg);
+        let scored = Scored {
+            verdicts,
+            features,
+            shadow,
+        };
+        match alert {
+            Some(alert) => Outcome::Alert(Box::new(alert), scored),
+            None => Outcome::Clean(scored, Box::new(tx)),
+        }
+    }
+
+    /// The alert `models` raise on `tx` with `verdicts`, explained against `account` (its state
+    /// before the event) and LOF's `neighbours` of the event.
+    #[allow(clippy::too_many_arguments)]
+    fn alert(
+        &self,
+        models: &ModelSet,
+        verdicts: [Verdict; 2],
+        features: &Features,
+        account: &AccountState,
+        tx: &Transaction,
+        source: &SourceCoordinates,
+        neighbours: &[(f64, u32)],
+    ) -> Alert {
+        let cfg = self.features();
+        let top = models.explain(features, account, tx, cfg, self.top_features, neighbours);
         let margin = margin(self.policy, &verdicts);
         let reason = if top.is_empty() {
             "the models score it above their thresholds".to_string()
@@ -254,23 +343,22 @@ impl Engine {
         let event_time = chrono::DateTime::<Utc>::from_timestamp(tx.time, 0)
             .unwrap_or_default()
             .to_rfc3339_opts(SecondsFormat::Secs, true);
-        let alert = Alert {
-            alert_id: alert_id(source, self.models.version()),
+        Alert {
+            alert_id: alert_id(source, models.version()),
             transaction_id: tx.transaction_id.clone(),
             account_id: tx.account_id.clone(),
             event_time,
             detected_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
             source: source.clone(),
             policy: self.policy.as_str(),
-            model_version: self.models.version().to_string(),
+            model_version: models.version().to_string(),
             models: verdicts.to_vec(),
             severity: severity(margin),
             margin,
             reason,
             top_features: top,
-            transaction: tx,
-        };
-        Outcome::Alert(Box::new(alert), scored)
+            transaction: tx.clone(),
+        }
     }
 
     /// Scores `tx` against `account` (its live state, read-only) as the stream would if the
@@ -466,6 +554,89 @@ mod tests {
             kept == clean,
             "a rejected event changed other events' scores"
         );
+    }
+
+    /// An alert as JSON without the moment it was made.
+    fn timeless(alert: &Alert) -> serde_json::Value {
+        let mut v = serde_json::to_value(alert).unwrap();
+        v.as_object_mut().unwrap().remove("detected_at");
+        v
+    }
+
+    #[test]
+    fn a_challenger_in_shadow_decides_as_it_would_serving_and_changes_nothing_the_champion_does() {
+        let champion = engine();
+        let mut reseeded = ModelConfig::default();
+        reseeded.forest.seed = 7;
+        let features = FeatureConfig::default();
+        let history = bundled_history().unwrap();
+        let challenger = Arc::new(train(&history, &reseeded, &features, Policy::All).unwrap());
+        assert_ne!(challenger.version(), champion.models.version());
+        let shadowed = Engine {
+            challenger: Some(challenger.clone()),
+            ..champion.clone()
+        };
+        let serving = Engine {
+            models: challenger,
+            ..champion.clone()
+        };
+        let mut sim = Simulator::new(5, 0.03, 0.01);
+        let mut states: [PartitionState; 3] = Default::default();
+        let mut scratch = Scratch::default();
+        let mut agreement = std::collections::BTreeMap::new();
+        for offset in 0..4_000 {
+            let payload = sim.next_event().payload;
+            let source = SourceCoordinates {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+                published_at: None,
+            };
+            let [a, b, c] = &mut states;
+            let (alone, with_shadow, as_champion) = (
+                champion.process(a, &source, &payload, &mut scratch),
+                shadowed.process(b, &source, &payload, &mut scratch),
+                serving.process(c, &source, &payload, &mut scratch),
+            );
+            let (scored, alert, shadow) = match (alone, with_shadow) {
+                (Outcome::Invalid(a), Outcome::Invalid(b)) => {
+                    assert_eq!(a.to_string(), b.to_string());
+                    assert!(matches!(as_champion, Outcome::Invalid(_)));
+                    continue;
+                }
+                (Outcome::Clean(a, _), Outcome::Clean(mut b, _)) => {
+                    (a.verdicts == b.verdicts, None, b.shadow.take())
+                }
+                (Outcome::Alert(a, sa), Outcome::Alert(b, mut sb)) => {
+                    assert_eq!(timeless(&a), timeless(&b), "offset {offset}");
+                    (sa.verdicts == sb.verdicts, Some(a), sb.shadow.take())
+                }
+                _ => panic!("the challenger changed the champion's decision at offset {offset}"),
+            };
+            assert!(scored, "offset {offset}");
+            let shadow = shadow.expect("every valid event is scored in shadow");
+            let (verdicts, challenger_alert) = match as_champion {
+                Outcome::Clean(s, _) => (s.verdicts, None),
+                Outcome::Alert(a, s) => (s.verdicts, Some(a)),
+                Outcome::Invalid(e) => panic!("{e}"),
+            };
+            assert_eq!(shadow.verdicts, verdicts, "offset {offset}");
+            assert_eq!(
+                shadow.alert.as_deref().map(timeless),
+                challenger_alert.as_deref().map(timeless),
+                "offset {offset}"
+            );
+            let agreed = Agreement::of(alert.is_some(), shadow.alert.is_some());
+            *agreement.entry(agreed.as_str()).or_insert(0) += 1;
+        }
+        for kind in [
+            "both_alert",
+            "both_clean",
+            "champion_only",
+            "challenger_only",
+        ] {
+            assert!(agreement.get(kind) > Some(&0), "{agreement:?}");
+        }
     }
 
     #[test]

@@ -368,6 +368,8 @@ pub struct Pending {
     pub span: tracing::Span,
     /// The alert as JSON, for the alert feed once the broker has it.
     pub alert: Option<Arc<serde_json::Value>>,
+    /// Whether one of `deliveries` is a challenger's alert to the shadow topic.
+    pub shadow_alert: bool,
 }
 
 /// The alerts this instance published, for the page and the live stream: the latest

@@ -38,7 +38,7 @@ use crate::ingest::{
 };
 use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelSet, Scratch};
-use crate::pipeline::{Engine, EventTimeLimits, Outcome, Scored};
+use crate::pipeline::{Agreement, Engine, EventTimeLimits, Outcome, Scored};
 use crate::publish::{
     ALERT_AVSC, AlertEncoder, AlertFeed, DEAD_LETTER_MAX_ERROR, EncodeError, OutcomeKind, Pending,
     PublishError, Retry, SourceCoordinates, bounded_text, dead_letter_headers, dead_letter_payload,
@@ -77,6 +77,15 @@ pub enum RunError {
 pub enum ReloadError {
     #[error("this instance was not started from a models.dir, so there is nothing to reload")]
     NoDirectory,
+    #[error(
+        "no challenger is scoring in shadow (set models.challenger_dir to a directory holding another version)"
+    )]
+    NoChallenger,
+    #[error("cannot write the promoted version to {dir}: {source}")]
+    Unwritable {
+        dir: std::path::PathBuf,
+        source: ModelError,
+    },
     #[error("the models are still loading")]
     Loading,
     #[error("{dir}: {source}")]
@@ -94,12 +103,52 @@ pub enum ReloadError {
     },
 }
 
-/// A reload's result: the version now installed and the one before.
+/// A reload's result: the version now installed and the one before, and the challenger now
+/// scoring in shadow, if any.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Reloaded {
     pub version: String,
     pub previous: String,
     pub changed: bool,
+    pub challenger: Option<String>,
+}
+
+/// A promotion's result: the challenger's version now decides; the one it replaced.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Promoted {
+    pub version: String,
+    pub previous: String,
+}
+
+/// How the champion's and the challenger's decisions compared since the challenger began to
+/// shadow (the Prometheus counter `vigil_shadow_decisions_total` keeps counting across
+/// challengers; this is the one `GET /models` reports).
+#[derive(Debug, Default)]
+pub struct ShadowTally([std::sync::atomic::AtomicU64; 4]);
+
+impl ShadowTally {
+    fn count(&self, agreement: Agreement) {
+        self.0[agreement as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn reset(&self) {
+        for n in &self.0 {
+            n.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Each kind of agreement with its count.
+    pub fn counts(&self) -> [(Agreement, u64); 4] {
+        Agreement::ALL.map(|a| (a, self.0[a as usize].load(Ordering::Relaxed)))
+    }
+}
+
+/// The model sets serving: the champion decides, a challenger (when there is one) scores every
+/// event in shadow. Swapped together, so a worker never takes one without the other.
+#[derive(Default)]
+struct Serving {
+    champion: Option<Arc<ModelSet>>,
+    challenger: Option<Arc<ModelSet>>,
 }
 
 /// Loads the model artifact from `dir`, or trains one from the bundled dataset and saves it there.
@@ -165,8 +214,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub status: Arc<GroupStatus>,
     pub store: Arc<StateStore>,
-    /// Empty while the models load (or train): the server is up meanwhile, `/ready` says so.
-    models: Arc<std::sync::RwLock<Option<Arc<ModelSet>>>>,
+    /// No champion while the models load (or train): the server is up meanwhile, `/ready` says
+    /// so.
+    serving: Arc<std::sync::RwLock<Serving>>,
     pub alerts: Arc<AlertFeed>,
     /// The alert index and verdicts (filled once the stream reaches the broker).
     pub triage: Arc<Triage>,
@@ -176,11 +226,15 @@ pub struct Shared {
     pub event_time: EventTimeLimits,
     /// Where the models come from, for reloads (`models.dir`, `models.lof.index`).
     source: Option<(std::path::PathBuf, crate::config::LofIndexKind)>,
+    /// Where a challenger comes from (`models.challenger_dir`).
+    challenger_dir: Option<std::path::PathBuf>,
     /// Bumped by every install: a worker compares it before each event and takes the new set
     /// between two events, so every event is scored by one set.
     generation: Arc<std::sync::atomic::AtomicU64>,
     /// One reload at a time.
     reloading: Arc<std::sync::Mutex<()>>,
+    /// The current challenger's agreement with the champion.
+    pub shadow_tally: Arc<ShadowTally>,
 }
 
 impl Shared {
@@ -190,15 +244,17 @@ impl Shared {
             metrics: Metrics::new()?,
             status: Arc::new(GroupStatus::default()),
             store: Arc::new(StateStore::new()),
-            models: Arc::default(),
+            serving: Arc::default(),
             alerts: Arc::new(AlertFeed::default()),
             triage: Arc::new(Triage::new(crate::triage::TriageSettings::default())?),
             policy: Policy::All,
             top_features: 3,
             event_time: EventTimeLimits::default(),
             source: None,
+            challenger_dir: None,
             generation: Arc::default(),
             reloading: Arc::default(),
+            shadow_tally: Arc::default(),
         })
     }
 
@@ -208,35 +264,67 @@ impl Shared {
         Ok(shared)
     }
 
-    /// Makes `models` the loaded ones: their metrics, the model routes and readiness.
+    /// Makes `models` the loaded ones: their metrics, the model routes and readiness. A
+    /// challenger of the same version stops shadowing: it is the champion now.
     pub fn install(&self, models: ModelSet) {
-        let created = chrono::DateTime::parse_from_rfc3339(&models.manifest.created_at)
-            .map(|t| t.timestamp())
-            .unwrap_or(0);
-        self.metrics.model_created_seconds.set(created);
-        self.metrics.model_info.reset();
-        self.metrics
-            .model_info
-            .with_label_values(&[models.version()])
-            .set(1);
-        if let Ok(mut slot) = self.models.write() {
-            *slot = Some(Arc::new(models));
-        }
-        self.generation.fetch_add(1, Ordering::Release);
-        self.status.models_loaded.store(true, Ordering::Relaxed);
-        self.apply_thresholds();
+        self.swap(|serving| {
+            if serving
+                .challenger
+                .as_ref()
+                .is_some_and(|c| c.version() == models.version())
+            {
+                serving.challenger = None;
+            }
+            serving.champion = Some(Arc::new(models));
+        });
     }
 
-    /// Serves each model of the loaded version with the threshold an operator decided for it
+    /// Changes what serves in one step, then updates the model metrics, the thresholds and
+    /// readiness, and tells the workers.
+    fn swap(&self, change: impl FnOnce(&mut Serving)) {
+        let (champion, challenger) = {
+            let mut serving = self.serving.write().unwrap_or_else(|e| e.into_inner());
+            let shadowing = serving.challenger.as_ref().map(|c| c.version().to_string());
+            change(&mut serving);
+            if serving.challenger.as_ref().map(|c| c.version()) != shadowing.as_deref() {
+                self.shadow_tally.reset();
+            }
+            (serving.champion.clone(), serving.challenger.clone())
+        };
+        if let Some(models) = &champion {
+            let created = chrono::DateTime::parse_from_rfc3339(&models.manifest.created_at)
+                .map(|t| t.timestamp())
+                .unwrap_or(0);
+            self.metrics.model_created_seconds.set(created);
+            self.metrics.model_info.reset();
+            self.metrics
+                .model_info
+                .with_label_values(&[models.version()])
+                .set(1);
+            self.status.models_loaded.store(true, Ordering::Relaxed);
+        }
+        self.metrics.challenger_info.reset();
+        if let Some(c) = &challenger {
+            self.metrics
+                .challenger_info
+                .with_label_values(&[c.version()])
+                .set(1);
+        }
+        self.apply_thresholds();
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Serves each model of the serving versions with the threshold an operator decided for it
     /// (the feedback topic's threshold decisions), or with its trained one.
     pub fn apply_thresholds(&self) {
-        let Some(models) = self.models() else { return };
-        for name in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
-            let decided = self.triage.threshold_decision(models.version(), name);
-            if let Some(threshold) = models.threshold_of(name) {
-                match decided {
-                    Some(d) => threshold.set(d.threshold),
-                    None => threshold.reset(),
+        for models in [self.models(), self.challenger()].into_iter().flatten() {
+            for name in [crate::models::ISOLATION_FOREST, crate::models::LOF] {
+                let decided = self.triage.threshold_decision(models.version(), name);
+                if let Some(threshold) = models.threshold_of(name) {
+                    match decided {
+                        Some(d) => threshold.set(d.threshold),
+                        None => threshold.reset(),
+                    }
                 }
             }
         }
@@ -252,7 +340,10 @@ impl Shared {
     /// one step, so a request or an event is scored by the old set or the new one and never by
     /// a part of each. A version already installed is left as it is.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
-        let outcome = self.try_reload();
+        let outcome = self.try_reload().and_then(|mut reloaded| {
+            reloaded.challenger = self.reload_challenger()?;
+            Ok(reloaded)
+        });
         let counted = match &outcome {
             Ok(r) if r.changed => Some("loaded"),
             Err(ReloadError::Unloadable { .. } | ReloadError::Incompatible { .. }) => {
@@ -271,24 +362,24 @@ impl Shared {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.models().ok_or(ReloadError::Loading)?;
         let previous = current.version().to_string();
+        let unchanged = Reloaded {
+            version: previous.clone(),
+            previous: previous.clone(),
+            changed: false,
+            challenger: None,
+        };
+        // Loading builds LOF's index: not worth it for the version already serving.
+        if ModelSet::version_in(&dir).as_deref() == Some(previous.as_str()) {
+            return Ok(unchanged);
+        }
         let new = ModelSet::load(&dir, index).map_err(|source| ReloadError::Unloadable {
             dir: dir.clone(),
             source,
         })?;
         if new.version() == previous {
-            return Ok(Reloaded {
-                version: previous.clone(),
-                previous,
-                changed: false,
-            });
+            return Ok(unchanged);
         }
-        if new.manifest.features != current.manifest.features {
-            return Err(ReloadError::Incompatible {
-                version: new.version().to_string(),
-                new: format!("{:?}", new.manifest.features),
-                running: format!("{:?}", current.manifest.features),
-            });
-        }
+        compatible(&new, &current)?;
         let version = new.version().to_string();
         self.install(new);
         tracing::info!(%version, %previous, dir = %dir.display(), "reloaded models");
@@ -296,12 +387,96 @@ impl Shared {
             version,
             previous,
             changed: true,
+            challenger: None,
         })
     }
 
-    /// The loaded models; `None` while they load.
+    /// Loads the challenger in `models.challenger_dir` when it holds a version other than the
+    /// ones serving; stops the shadow when it holds none or the champion's. Returns the
+    /// challenger's version, if one shadows now.
+    pub fn reload_challenger(&self) -> Result<Option<String>, ReloadError> {
+        let (Some(dir), Some((_, index))) = (self.challenger_dir.clone(), self.source.clone())
+        else {
+            return Ok(None);
+        };
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let champion = self.models().ok_or(ReloadError::Loading)?;
+        let current = self.challenger();
+        let on_disk = ModelSet::version_in(&dir);
+        if on_disk.is_none() || on_disk.as_deref() == Some(champion.version()) {
+            if let Some(stopped) = current {
+                self.swap(|serving| serving.challenger = None);
+                tracing::info!(version = stopped.version(), dir = %dir.display(),
+                    "the challenger stopped scoring in shadow: its directory holds no other version");
+            }
+            return Ok(None);
+        }
+        if let Some(c) = current.filter(|c| Some(c.version()) == on_disk.as_deref()) {
+            return Ok(Some(c.version().to_string()));
+        }
+        let new = ModelSet::load(&dir, index).map_err(|source| ReloadError::Unloadable {
+            dir: dir.clone(),
+            source,
+        })?;
+        compatible(&new, &champion)?;
+        let version = new.version().to_string();
+        self.swap(|serving| serving.challenger = Some(Arc::new(new)));
+        self.metrics
+            .model_reloads
+            .with_label_values(&["loaded"])
+            .inc();
+        tracing::info!(%version, champion = champion.version(), dir = %dir.display(),
+            "a challenger scores every event in shadow; its alerts go to the shadow topic");
+        Ok(Some(version))
+    }
+
+    /// Makes the challenger the champion in one step: its artifact is written to `models.dir`
+    /// first (so a restart, and every instance watching that directory, serves it too), then
+    /// it decides every event from the next one on, and nothing shadows until another version
+    /// appears in `models.challenger_dir`.
+    pub fn promote(&self) -> Result<Promoted, ReloadError> {
+        let (dir, _) = self.source.clone().ok_or(ReloadError::NoDirectory)?;
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let champion = self.models().ok_or(ReloadError::Loading)?;
+        let challenger = self.challenger().ok_or(ReloadError::NoChallenger)?;
+        challenger
+            .save(&dir)
+            .map_err(|source| ReloadError::Unwritable {
+                dir: dir.clone(),
+                source,
+            })?;
+        self.swap(|serving| {
+            serving.champion = serving.challenger.take();
+        });
+        self.metrics
+            .model_reloads
+            .with_label_values(&["loaded"])
+            .inc();
+        let promoted = Promoted {
+            version: challenger.version().to_string(),
+            previous: champion.version().to_string(),
+        };
+        tracing::info!(version = %promoted.version, previous = %promoted.previous, dir = %dir.display(),
+            "the challenger was promoted: it decides from now on");
+        Ok(promoted)
+    }
+
+    /// The loaded models (the champion); `None` while they load.
     pub fn models(&self) -> Option<Arc<ModelSet>> {
-        self.models.read().ok()?.clone()
+        self.serving.read().ok()?.champion.clone()
+    }
+
+    /// The challenger scoring in shadow, if any.
+    pub fn challenger(&self) -> Option<Arc<ModelSet>> {
+        self.serving.read().ok()?.challenger.clone()
+    }
+
+    /// Both, read together.
+    fn serving(&self) -> (Option<Arc<ModelSet>>, Option<Arc<ModelSet>>) {
+        match self.serving.read() {
+            Ok(s) => (s.champion.clone(), s.challenger.clone()),
+            Err(_) => (None, None),
+        }
     }
 
     /// Uses the configured consensus policy, number of explaining features, event-time limits
@@ -309,6 +484,7 @@ impl Shared {
     pub fn with_decisions(mut self, cfg: &Config) -> Result<Self, RunError> {
         self.triage = Arc::new(Triage::new(cfg.triage.clone())?);
         self.source = Some((cfg.models.dir.clone(), cfg.models.lof.index));
+        self.challenger_dir = cfg.models.challenger_dir.clone();
         self.policy = cfg.policy;
         self.top_features = cfg.top_features;
         self.event_time = cfg.event_time;
@@ -332,6 +508,19 @@ impl Shared {
             .iter()
             .find_map(|p| p.accounts.get(id).map(|a| (*p.key(), a.clone())))
     }
+}
+
+/// Whether `new` can replace or shadow `serving`: the stream keeps one account state, built with
+/// `serving`'s state parameters.
+fn compatible(new: &ModelSet, serving: &ModelSet) -> Result<(), ReloadError> {
+    if new.manifest.features == serving.manifest.features {
+        return Ok(());
+    }
+    Err(ReloadError::Incompatible {
+        version: new.version().to_string(),
+        new: format!("{:?}", new.manifest.features),
+        running: format!("{:?}", serving.manifest.features),
+    })
 }
 
 /// The state of `partition` just before `offset`. Blocking.
@@ -655,6 +844,7 @@ impl Worker {
             consumed_at,
             span: tracing::Span::none(),
             alert: None,
+            shadow_alert: false,
         };
         match self.ensure_state(partition, offset, assignment).await {
             Ready::Process => {}
@@ -674,7 +864,7 @@ impl Worker {
             published_at: crate::ingest::published_at(msg),
         };
         let payload = msg.payload().unwrap_or_default();
-        let outcome = {
+        let mut outcome = {
             let mut state = self.shared.store.entry(partition).or_default();
             if self.changelog.is_some() {
                 if self.snapshot_due.remove(&partition) {
@@ -684,10 +874,11 @@ impl Worker {
             }
             let generation = self.shared.generation();
             if generation != self.models_generation
-                && let Some(models) = self.shared.models()
+                && let (Some(models), challenger) = self.shared.serving()
             {
                 self.engine.models.drift.hand_over(&mut self.drift);
                 self.engine.models = models;
+                self.engine.challenger = challenger;
                 self.models_generation = generation;
             }
             let started = Instant::now();
@@ -717,6 +908,34 @@ impl Worker {
             }
             outcome
         };
+        let shadow = match &mut outcome {
+            Outcome::Clean(scored, _) | Outcome::Alert(_, scored) => scored.shadow.take(),
+            Outcome::Invalid(_) => None,
+        };
+        let champion_alerts = matches!(outcome, Outcome::Alert(..));
+        let shadow_alert = shadow.and_then(|shadow| {
+            let agreement = Agreement::of(champion_alerts, shadow.alert.is_some());
+            self.shared
+                .metrics
+                .shadow_decisions
+                .with_label_values(&[agreement.as_str()])
+                .inc();
+            self.shared.shadow_tally.count(agreement);
+            shadow.alert
+        });
+        let shadow_body = match &shadow_alert {
+            Some(alert) => Some(self.alerts.encode(alert)?),
+            None => None,
+        };
+        let shadow_record = shadow_alert
+            .as_ref()
+            .zip(shadow_body.as_ref())
+            .map(|(a, body)| {
+                FutureRecord::to(&self.kafka.shadow_topic)
+                    .key(a.account_id.as_bytes())
+                    .payload(body.as_slice())
+            });
+        pending.shadow_alert = shadow_record.is_some();
         // Set by the alert arm only, and borrowed by its record.
         let (alert_body, alert_key): (Vec<u8>, String);
         let (kind, record) = match outcome {
@@ -782,6 +1001,7 @@ impl Worker {
                 assignment,
                 kind,
                 outcome: record,
+                shadow: shadow_record,
                 changes: &pending.changes,
                 changelog: self.changelog.as_deref(),
                 alert: pending.alert.take(),
@@ -792,7 +1012,7 @@ impl Worker {
             }
             return Ok(None);
         }
-        if let Some(record) = record {
+        for record in record.into_iter().chain(shadow_record) {
             pending.deliveries.push(
                 enqueue(&self.producer, record)
                     .instrument(tracing::trace_span!("publish"))
@@ -953,6 +1173,9 @@ async fn acknowledge(
         if let Some(alert) = &p.alert {
             feed.publish(alert.clone());
         }
+        if p.shadow_alert {
+            metrics.shadow_alerts.inc();
+        }
         match p.kind {
             OutcomeKind::Alert => metrics.alerts.inc(),
             OutcomeKind::DeadLetter => metrics.dead_letters.inc(),
@@ -1094,6 +1317,42 @@ async fn changelog_topic(
     }
 }
 
+/// Makes sure the shadow topic exists before a challenger can publish to it (as many
+/// partitions as the alerts topic when vigil creates it), waiting for a broker that is away
+/// (1 s, doubling to 30 s); `false` if the instance is stopping first. A challenger must not
+/// hold the stream back: a topic that cannot be made is an error at start, not a stalled
+/// partition later.
+async fn shadow_topic(
+    cfg: &Config,
+    brokers: &str,
+    shutdown: &CancellationToken,
+) -> Result<bool, RunError> {
+    let topic = cfg.kafka.shadow_topic.as_str();
+    let like = crate::ingest::Partitions::Like(&cfg.kafka.alerts_topic);
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match crate::ingest::ensure_topic(&cfg.kafka, brokers, topic, like, &[]).await {
+            Ok(created) => {
+                if created {
+                    tracing::info!(
+                        topic,
+                        "created the shadow topic for the challenger's alerts"
+                    );
+                }
+                return Ok(true);
+            }
+            Err(e) if broker_unavailable(&e) => tracing::warn!(topic, error.message = %e,
+                retry_in_s = pause.as_secs(), "cannot reach the broker to check the shadow topic yet"),
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Calls the schema registry off the runtime's threads until it answers (a request that fails
 /// waits 1 s, doubling to 30 s, and is logged once per wait); `None` if `shutdown` came first.
 /// A registry outage so holds back the events that need it rather than turning them into dead
@@ -1166,43 +1425,43 @@ async fn alert_encoder(
 /// How often [`watch_models_dir`] looks at `models.dir`.
 const MODEL_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Reloads the models when the manifest in `models.dir` names another version than the one
-/// serving. Polled rather than watched with inotify: a Kubernetes ConfigMap or a volume swaps
+/// Reloads when the manifest in `models.dir` names another version than the one serving, or
+/// the one in `models.challenger_dir` another than the challenger's (appeared, changed or
+/// gone). Polled rather than watched with inotify: a Kubernetes ConfigMap or a volume swaps
 /// the directory by symlink, which file-change events miss, and the manifest is written last,
-/// so a new version is seen only once it is complete. A version that fails to load is reported
-/// once and tried again only when the manifest changes again.
+/// so a new version is seen only once it is complete. Versions that fail to load are reported
+/// once and tried again only when a manifest changes again.
 pub async fn watch_models_dir(shared: Shared, shutdown: CancellationToken) {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        version: String,
-    }
     let Some((dir, _)) = shared.source.clone() else {
         return;
     };
-    let manifest = dir.join("manifest.json");
-    let mut refused: Option<String> = None;
+    let challenger_dir = shared.challenger_dir.clone();
+    let mut refused: Option<(Option<String>, Option<String>)> = None;
     let mut every = tokio::time::interval(MODEL_WATCH_INTERVAL);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        let Some(on_disk) = std::fs::read(&manifest)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Named>(&b).ok())
-            .map(|n| n.version)
-        else {
+        let Some(champion) = ModelSet::version_in(&dir) else {
             continue;
         };
-        let serving = shared.models().map(|m| m.version().to_string());
-        if serving.as_ref() == Some(&on_disk) || refused.as_ref() == Some(&on_disk) {
+        let challenger = challenger_dir.as_deref().and_then(ModelSet::version_in);
+        let (serving, shadowing) = shared.serving();
+        let serving = serving.map(|m| m.version().to_string());
+        let shadowing = shadowing.map(|m| m.version().to_string());
+        // A challenger directory holding the champion's version shadows nothing.
+        let wanted = challenger.clone().filter(|c| *c != champion);
+        let on_disk = (Some(champion), challenger);
+        if (serving == on_disk.0 && shadowing == wanted) || refused.as_ref() == Some(&on_disk) {
             continue;
         }
         let reloading = shared.clone();
         match tokio::task::spawn_blocking(move || reloading.reload()).await {
             Ok(Ok(_)) => refused = None,
             Ok(Err(e)) => {
-                tracing::error!(error.message = %e, version = %on_disk, "the new models in models.dir were not loaded; the current ones keep serving");
+                tracing::error!(error.message = %e, version = on_disk.0.as_deref(), challenger = on_disk.1.as_deref(),
+                    "the new models were not loaded; the current ones keep serving");
                 refused = Some(on_disk);
             }
             Err(e) => tracing::error!(error.message = %e, "the model reload task failed"),
@@ -1240,6 +1499,9 @@ pub async fn run_stream(
         );
     }
     shared.status.set_broker_timeout(cfg.kafka.broker_timeout);
+    if cfg.models.challenger_dir.is_some() && !shadow_topic(cfg, brokers, &shutdown).await? {
+        return Ok(());
+    }
     tokio::spawn(watch_models_dir(shared.clone(), shutdown.clone()));
     tokio::spawn(crate::triage::follow(
         cfg.kafka.clone(),

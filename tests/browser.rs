@@ -186,8 +186,31 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
         ("VIGIL_KAFKA__TOPICS__DEAD_LETTER", dlq.as_str()),
         ("VIGIL_KAFKA__TOPICS__FEEDBACK", feedback.as_str()),
     ];
+    // A challenger of another seed scores in shadow.
+    let challenger = common::reseeded_models(7);
+    let challenger_dir = dir.path().join("challenger");
+    challenger.save(&challenger_dir).unwrap();
+    let models_dir = dir.path().join("current");
+    // Its own copy of the champion: the promotion below writes there.
+    std::fs::create_dir_all(&models_dir).unwrap();
+    for file in std::fs::read_dir(saved_models()).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), models_dir.join(file.file_name())).unwrap();
+    }
+    let shadow = format!("{p}-shadow");
+    let env = [
+        env.as_slice(),
+        &[
+            (
+                "VIGIL_MODELS__CHALLENGER_DIR",
+                challenger_dir.to_str().unwrap(),
+            ),
+            ("VIGIL_KAFKA__TOPICS__SHADOW", shadow.as_str()),
+        ],
+    ]
+    .concat();
     let (_vigil, addr) =
-        tokio::task::block_in_place(|| start_vigil(&saved_models(), dir.path(), &["run"], &env));
+        tokio::task::block_in_place(|| start_vigil(&models_dir, dir.path(), &["run"], &env));
 
     tokio::task::block_in_place(|| {
         let browser = Browser::start(&chromedriver, &chromium, &dir.path().join("profile"));
@@ -360,6 +383,39 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
             serde_json::from_slice(rdkafka::Message::payload(&on_topic[0]).unwrap()).unwrap();
         assert_eq!(record["verdict"], "fraud");
         assert_eq!(record["note"], "called the customer: not them");
+
+        // The challenger in shadow: how often it agrees, and one click (confirmed) promotes it.
+        browser.script("loadModels(); return null");
+        let agreement = eventually(
+            "the challenger's agreement",
+            Duration::from_secs(30),
+            || {
+                let t = browser.script("const e = document.getElementById('challenger-agreement'); return e ? e.innerText : null");
+                t.as_str()
+                    .filter(|t| t.starts_with("Agrees on"))
+                    .map(str::to_string)
+            },
+        );
+        assert!(agreement.contains("only the challenger"), "{agreement}");
+        browser.script("document.getElementById('challenger').scrollIntoView(); return null");
+        browser.screenshot(&shots.join("page-challenger.png"));
+        browser.script("window.confirm = () => true; return null");
+        browser.click("#challenger-promote");
+        eventually(
+            "the promoted version serving",
+            Duration::from_secs(30),
+            || {
+                let t = browser.script("return document.getElementById('models').innerText");
+                let shown = t.as_str().unwrap_or_default();
+                (shown.contains(&format!("version {}", challenger.version()))
+                    && browser.script("return !document.getElementById('challenger')") == true)
+                    .then_some(())
+            },
+        );
+        assert_eq!(
+            vigil::models::ModelSet::version_in(&models_dir).as_deref(),
+            Some(challenger.version())
+        );
 
         // A phone-width screen: one column, nothing wider than the screen but the tables that
         // scroll inside their section.

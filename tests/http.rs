@@ -1109,6 +1109,63 @@ async fn a_reload_swaps_the_models_in_one_step_while_predictions_keep_being_answ
 }
 
 #[tokio::test]
+async fn a_challenger_built_for_other_account_state_is_refused_and_nothing_is_promoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (models_dir, challenger_dir) = (dir.path().join("current"), dir.path().join("next"));
+    common::trained_models().save(&models_dir).unwrap();
+    let cfg = vigil::config::Config::from_yaml(&format!(
+        "models:\n  dir: {}\n  challenger_dir: {}\n",
+        models_dir.display(),
+        challenger_dir.display()
+    ))
+    .unwrap();
+    let s = Shared::loading().unwrap().with_decisions(&cfg).unwrap();
+    s.install(vigil::models::ModelSet::load(&models_dir, cfg.models.lof.index).unwrap());
+
+    // An empty challenger directory shadows nothing, and there is nothing to promote.
+    let (status, v) = post(&s, "/models/reload", Body::empty()).await;
+    assert_eq!(
+        (status, &v["challenger"]),
+        (StatusCode::OK, &serde_json::Value::Null),
+        "{v}"
+    );
+    let (status, v) = post(&s, "/models/challenger/promote", Body::empty()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("challenger_dir"),
+        "{v}"
+    );
+
+    // A version trained with another window would read account state the stream does not keep.
+    vigil::train::train(
+        &vigil::train::bundled_history().unwrap(),
+        &vigil::config::ModelConfig::default(),
+        &vigil::config::FeatureConfig {
+            window: 5,
+            ..Default::default()
+        },
+        vigil::config::Policy::All,
+    )
+    .unwrap()
+    .save(&challenger_dir)
+    .unwrap();
+    let (status, v) = post(&s, "/models/reload", Body::empty()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(s.challenger().is_none());
+    let (_, models) = get(&s, "/models").await;
+    let models: serde_json::Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["challenger"], serde_json::Value::Null);
+
+    // The challenger directory cannot be the serving one.
+    let same = format!(
+        "models:\n  dir: {0}\n  challenger_dir: {0}\n",
+        models_dir.display()
+    );
+    let e = vigil::config::Config::from_yaml(&same).unwrap_err();
+    assert!(e.to_string().contains("models.challenger_dir"), "{e}");
+}
+
+#[tokio::test]
 async fn calibration_measures_precision_from_verdicts_and_finds_the_threshold_for_a_target() {
     use vigil::triage::{Verdict, VerdictRecord};
     let s = shared();

@@ -982,6 +982,205 @@ async fn a_new_model_version_in_models_dir_is_taken_between_two_events_while_pre
     assert!(sigterm(&mut vigil).success());
 }
 
+/// `name{label="value"}`'s value in Prometheus text, 0 when the series is absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_challenger_scores_every_event_in_shadow_and_one_call_promotes_it_to_decide() {
+    let Some((brokers, t, work, first)) = setup("shadow").await else {
+        return;
+    };
+    let (models_dir, challenger_dir) = (work.path().join("model"), work.path().join("challenger"));
+    let then = common::reseeded_models(7);
+    then.save(&challenger_dir).unwrap();
+    let (first, then) = (Arc::new(first), Arc::new(then));
+    let shadow_topic = format!("{}-shadow", t.group);
+    let env = [
+        (
+            "VIGIL_MODELS__CHALLENGER_DIR",
+            challenger_dir.to_str().unwrap(),
+        ),
+        ("VIGIL_KAFKA__TOPICS__SHADOW", shadow_topic.as_str()),
+    ];
+    let mut vigil = spawn_vigil(&brokers, &t, &models_dir, work.path(), &env);
+    let addr = eventually("the HTTP address", Duration::from_secs(60), || {
+        http_addr(work.path(), &t)
+    });
+    let models = get_until(&addr, "/models", |m| m["challenger"].is_object()).await;
+    assert_eq!(models["version"], first.version());
+    assert_eq!(models["challenger"]["version"], then.version());
+    assert!(metrics_text(&addr).await.contains(&format!(
+        "vigil_challenger_info{{version=\"{}\"}} 1",
+        then.version()
+    )));
+
+    // The challenger scores the first half in shadow; the champion decides.
+    let events = dataset_events();
+    let half = events.len() / 2;
+    produce_events(&brokers, &t.transactions, &events[..half]);
+    assert_eq!(
+        wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120)) as usize,
+        half
+    );
+    let champion =
+        offline_alerts_across_a_reload(first.clone(), first.clone(), &events[..half], half);
+    let challenger =
+        offline_alerts_across_a_reload(then.clone(), then.clone(), &events[..half], half);
+    assert!(!challenger.is_empty() && champion != challenger);
+    let shadow = alerts_by_transaction(&read_all(
+        &brokers,
+        &shadow_topic,
+        challenger.len(),
+        Duration::from_secs(30),
+    ));
+    assert_eq!(
+        shadow.keys().collect::<Vec<_>>(),
+        challenger.keys().collect::<Vec<_>>(),
+        "the shadow topic holds other alerts than the challenger makes offline"
+    );
+    for (id, published) in &shadow {
+        let (forest, lof, version) = &challenger[id];
+        assert_eq!(published.len(), 1, "{id}");
+        assert_eq!(
+            published[0]["model_version"].as_str(),
+            Some(version.as_str())
+        );
+        assert_eq!(published[0]["models"][0]["score"].as_f64(), Some(*forest));
+        assert_eq!(published[0]["models"][1]["score"].as_f64(), Some(*lof));
+    }
+    let live = alerts_by_transaction(&read_all(
+        &brokers,
+        &t.alerts,
+        champion.len(),
+        Duration::from_secs(30),
+    ));
+    assert_eq!(
+        live.keys().collect::<Vec<_>>(),
+        champion.keys().collect::<Vec<_>>()
+    );
+
+    // How their decisions compare, counted event by event.
+    let both = champion
+        .keys()
+        .filter(|id| challenger.contains_key(*id))
+        .count();
+    let metrics = metrics_text(&addr).await;
+    let agreement = |a: &str| {
+        sample(
+            &metrics,
+            &format!("vigil_shadow_decisions_total{{agreement=\"{a}\"}}"),
+        )
+    };
+    assert_eq!(agreement("both_alert"), both as f64);
+    assert_eq!(agreement("champion_only"), (champion.len() - both) as f64);
+    assert_eq!(
+        agreement("challenger_only"),
+        (challenger.len() - both) as f64
+    );
+    assert_eq!(
+        agreement("both_clean"),
+        (half - champion.len() - challenger.len() + both) as f64
+    );
+    assert_eq!(
+        sample(&metrics, "vigil_shadow_alerts_published_total"),
+        challenger.len() as f64
+    );
+    let models = get_until(&addr, "/models", |m| m["challenger"].is_object()).await;
+    let tally = &models["challenger"]["agreement"];
+    for a in [
+        "both_alert",
+        "both_clean",
+        "champion_only",
+        "challenger_only",
+    ] {
+        assert_eq!(tally[a].as_f64(), Some(agreement(a)), "{a}: {tally}");
+    }
+
+    // One call, and the challenger decides from the next event on, here and after a restart.
+    let client = reqwest::Client::new();
+    let promoted: serde_json::Value = client
+        .post(format!("http://{addr}/models/challenger/promote"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(promoted["version"], then.version());
+    assert_eq!(promoted["previous"], first.version());
+    assert_eq!(
+        vigil::models::ModelSet::version_in(&models_dir).as_deref(),
+        Some(then.version())
+    );
+    let models: serde_json::Value = reqwest::get(format!("http://{addr}/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["version"], then.version());
+    assert!(models["challenger"].is_null(), "{models}");
+    let again = client
+        .post(format!("http://{addr}/models/challenger/promote"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    produce_events(&brokers, &t.transactions, &events[half..]);
+    assert_eq!(
+        wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120)) as usize,
+        events.len()
+    );
+    let expected = offline_alerts_across_a_reload(first.clone(), then.clone(), &events, half);
+    let live = alerts_by_transaction(&read_all(
+        &brokers,
+        &t.alerts,
+        expected.len(),
+        Duration::from_secs(30),
+    ));
+    assert_eq!(
+        live.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (id, published) in &live {
+        assert_eq!(
+            published[0]["model_version"].as_str(),
+            Some(expected[id].2.as_str()),
+            "{id}"
+        );
+    }
+    // Nothing shadows now: the challenger's directory holds the version serving.
+    let metrics = metrics_text(&addr).await;
+    assert_eq!(
+        sample(&metrics, "vigil_shadow_alerts_published_total"),
+        challenger.len() as f64
+    );
+    assert!(!metrics.contains("vigil_challenger_info{"), "{metrics}");
+    assert!(sigterm(&mut vigil).success());
+    let mut restarted = spawn_vigil(&brokers, &t, &models_dir, work.path(), &env);
+    let addr = eventually(
+        "the restarted HTTP address",
+        Duration::from_secs(60),
+        || {
+            let listening = log_lines(work.path(), &t)
+                .into_iter()
+                .filter(|l| l["message"] == "HTTP server listening")
+                .count();
+            (listening == 2)
+                .then(|| http_addr(work.path(), &t))
+                .flatten()
+        },
+    );
+    let models = get_until(&addr, "/models", |m| m["version"] == then.version()).await;
+    assert!(models["challenger"].is_null(), "{models}");
+    assert!(sigterm(&mut restarted).success());
+}
+
 /// The id in a URL path: alert ids hold slashes.
 fn path_id(id: &str) -> String {
     id.replace('%', "%25").replace('/', "%2F")

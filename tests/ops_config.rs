@@ -1469,6 +1469,7 @@ fn topics_conf_creates_the_topics_vigil_is_configured_with() {
         cfg.kafka.alerts_topic.clone(),
         cfg.kafka.dead_letter_topic.clone(),
         cfg.triage.feedback_topic.clone(),
+        cfg.kafka.shadow_topic.clone(),
     ]);
     assert_eq!(names, wanted);
 }

@@ -294,13 +294,19 @@ pub struct ModelSet {
     pub lof: Lof,
 }
 
+/// Writes `name` in `dir` whole or not at all (a temporary file renamed over it), so that a
+/// reader of a directory being written — another instance's watch, a reload — sees each file
+/// complete.
 fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), ModelError> {
     let path = dir.join(name);
     let bytes = serde_json::to_vec(value).map_err(|source| ModelError::Json {
         path: path.clone(),
         source,
     })?;
-    std::fs::write(&path, bytes).map_err(|source| ModelError::Io { path, source })
+    let partial = dir.join(format!(".{name}.partial"));
+    std::fs::write(&partial, bytes)
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|source| ModelError::Io { path, source })
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> Result<T, ModelError> {
@@ -377,6 +383,19 @@ impl ModelSet {
         write_json(dir, "forest.json", &self.forest.forest)?;
         write_json(dir, "lof.json", &self.lof.model)?;
         write_json(dir, "manifest.json", &self.manifest)
+    }
+
+    /// The version of the artifact in `dir`, read from its manifest alone; `None` when there
+    /// is none or it cannot be read.
+    pub fn version_in(dir: &Path) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Named {
+            version: String,
+        }
+        let bytes = std::fs::read(dir.join("manifest.json")).ok()?;
+        serde_json::from_slice::<Named>(&bytes)
+            .ok()
+            .map(|n| n.version)
     }
 
     /// Whether `dir` holds a complete artifact.

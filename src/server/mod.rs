@@ -3,7 +3,8 @@
 //!   metrics) and the small routes — `GET /health`, `GET /ready` (503 unless models are
 //!   loaded, the consumer group has given this instance its share and a broker answers),
 //!   `GET /models`, `GET /models/{name}`, `POST /models/reload` (the models in `models.dir`
-//!   installed in one step), `GET /metrics` (Prometheus text), the page and the API
+//!   installed in one step, and the challenger in `models.challenger_dir`),
+//!   `POST /models/challenger/promote` (the challenger decides from the next event on), `GET /metrics` (Prometheus text), the page and the API
 //!   description;
 //! - [`access`]: authentication and per-client rate limits of every route but health,
 //!   readiness and metrics;
@@ -49,12 +50,13 @@ pub use access::{Access, AccessSettings, Auth, RateLimit};
 pub use predict::{BODY_LIMIT, MAX_BATCH};
 pub use problem::ApiError;
 
-const ENDPOINTS: [&str; 20] = [
+const ENDPOINTS: [&str; 21] = [
     "GET /health",
     "GET /ready",
     "GET /models",
     "GET /models/{name}",
     "POST /models/reload",
+    "POST /models/challenger/promote",
     "POST /predict",
     "POST /models/{name}/predict",
     "GET /models/{name}/calibration",
@@ -131,6 +133,7 @@ fn router_with_timeout(shared: Shared, access: Arc<Access>, timeout: Duration) -
         .route("/models", get(models))
         .route("/models/{name}", get(model))
         .route("/models/reload", post(reload))
+        .route("/models/challenger/promote", post(promote))
         .route("/models/{name}/predict", post(predict::predict_one_model))
         .route("/models/{name}/calibration", get(triage::calibration))
         .route(
@@ -264,15 +267,34 @@ async fn ready(State(s): State<Shared>) -> Response {
 /// 200 with the version now serving and the one before, 409 when the new version needs other
 /// account state than the stream keeps, 422 when the directory holds no usable artifact.
 async fn reload(State(s): State<Shared>) -> Result<Json<crate::run::Reloaded>, ApiError> {
+    off_the_runtime(move || s.reload()).await
+}
+
+async fn promote(State(s): State<Shared>) -> Result<Json<crate::run::Promoted>, ApiError> {
+    off_the_runtime(move || s.promote()).await
+}
+
+/// Runs a model change (it reads and writes files, and builds LOF's index) off the runtime's
+/// threads.
+async fn off_the_runtime<T: Send + 'static>(
+    change: impl FnOnce() -> Result<T, crate::run::ReloadError> + Send + 'static,
+) -> Result<Json<T>, ApiError> {
     use crate::run::ReloadError;
-    let answer = tokio::task::spawn_blocking(move || s.reload())
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed", None))?;
+    let answer = tokio::task::spawn_blocking(change).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the model change failed",
+            None,
+        )
+    })?;
     answer.map(Json).map_err(|e| {
         let status = match &e {
             ReloadError::Loading => StatusCode::SERVICE_UNAVAILABLE,
-            ReloadError::NoDirectory | ReloadError::Incompatible { .. } => StatusCode::CONFLICT,
+            ReloadError::NoDirectory
+            | ReloadError::NoChallenger
+            | ReloadError::Incompatible { .. } => StatusCode::CONFLICT,
             ReloadError::Unloadable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ReloadError::Unwritable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string(), None)
     })
@@ -326,6 +348,15 @@ async fn models(State(s): State<Shared>) -> Result<Json<serde_json::Value>, ApiE
         "training": m.training,
         "policy": s.policy.as_str(),
         "models": [model_entry(&set, ISOLATION_FOREST), model_entry(&set, LOF)],
+        "challenger": s.challenger().map(|c| json!({
+            "version": c.manifest.version,
+            "created_at": c.manifest.created_at,
+            "training": c.manifest.training,
+            "models": [model_entry(&c, ISOLATION_FOREST), model_entry(&c, LOF)],
+            "agreement": s.shadow_tally.counts().into_iter()
+                .map(|(a, n)| (a.as_str(), n))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        })),
     })))
 }
 

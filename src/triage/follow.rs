@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -20,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Triage, TriageError, VerdictRecord};
 use crate::config::{Encoding, KafkaConfig};
-use crate::ingest::{KafkaProducer, client_config};
+use crate::ingest::{KafkaProducer, Partitions, client_config, ensure_topic};
 use crate::metrics::Metrics;
 
 /// Publishes verdicts to the feedback topic, keyed by alert id.
@@ -76,8 +74,15 @@ pub async fn follow(
     let feedback = triage.settings.feedback_topic.clone();
     let mut pause = Duration::from_secs(1);
     loop {
-        match ensure_feedback_topic(&kafka, &brokers, &feedback).await {
-            Ok(()) => break,
+        // One partition: verdicts come at the pace of people.
+        let one = Partitions::Fixed(1);
+        match ensure_topic(&kafka, &brokers, &feedback, one, &FEEDBACK_TOPIC_CONFIG).await {
+            Ok(created) => {
+                if created {
+                    tracing::info!(topic = %feedback, "created the feedback topic");
+                }
+                break;
+            }
             Err(e) => tracing::warn!(topic = %feedback, error.message = %e,
                 retry_in_s = pause.as_secs(), "cannot make sure the feedback topic exists yet"),
         }
@@ -235,38 +240,6 @@ fn assign_new_partitions(
             "alert index: following new partitions"
         );
     }
-    Ok(())
-}
-
-/// Creates the feedback topic (compacted, one partition: verdicts come at the pace of people)
-/// unless it exists.
-async fn ensure_feedback_topic(
-    kafka: &KafkaConfig,
-    brokers: &str,
-    topic: &str,
-) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka, brokers).create()?;
-    let metadata = admin
-        .inner()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    if metadata
-        .topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-    {
-        return Ok(());
-    }
-    let mut new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1));
-    for (k, v) in FEEDBACK_TOPIC_CONFIG {
-        new = new.set(k, v);
-    }
-    for result in admin.create_topics(&[new], &AdminOptions::new()).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
-        }
-    }
-    tracing::info!(topic, "created the feedback topic");
     Ok(())
 }
 
