@@ -383,6 +383,29 @@ async fn the_page_checks_a_transaction_and_shows_an_anomalous_event_from_the_bro
             serde_json::from_slice(rdkafka::Message::payload(&on_topic[0]).unwrap()).unwrap();
         assert_eq!(record["verdict"], "fraud");
         assert_eq!(record["note"], "called the customer: not them");
+        // An instance started afterwards — a second one, or this one after a restart — reads
+        // the verdict from the topic.
+        let later = tempfile::tempdir().unwrap();
+        let (_second, second) = start_vigil(&models_dir, later.path(), &["run"], &env);
+        let judged_id = judged["alerts"][0]["alert"]["alert_id"].as_str().unwrap();
+        let seen = eventually(
+            "the verdict on the second instance",
+            Duration::from_secs(60),
+            || {
+                let v: Value = http
+                    .get(format!("http://{second}/alerts?status=fraud"))
+                    .send()
+                    .ok()?
+                    .json()
+                    .ok()?;
+                (v["total"] == 1).then_some(v)
+            },
+        );
+        assert_eq!(seen["alerts"][0]["alert"]["alert_id"], judged_id);
+        assert_eq!(
+            seen["alerts"][0]["verdict"]["note"],
+            "called the customer: not them"
+        );
 
         // The challenger in shadow: how often it agrees, and one click (confirmed) promotes it.
         browser.script("loadModels(); return null");
