@@ -174,6 +174,19 @@ fn models(c: &mut Criterion) {
     c.bench_function("both_detectors_batch_of_all_rows", |b| {
         b.iter(|| black_box(set.assess_many(&rows)));
     });
+    // What a stream worker's micro-batch of n ready events costs, per event.
+    let mut g = c.benchmark_group("both_detectors_micro_batch");
+    for n in [1usize, 4, 16, 64, 256] {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("{n}"), |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + n) % (rows.len() - n);
+                black_box(set.assess_many(&rows[i..i + n]))
+            });
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, per_event, models);

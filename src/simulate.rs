@@ -790,7 +790,10 @@ pub async fn produce_all(
     Ok(())
 }
 
-/// Produces `count` events (forever if `None`) at about `rate` per second.
+/// Produces `count` events (forever if `None`) at `rate` per second, open loop: on a schedule
+/// of one small group per millisecond (so events are spread evenly, not sent in bursts) that
+/// does not wait for the broker's acknowledgements — up to [`UNACKNOWLEDGED`] may be in flight —
+/// so a slow consumer downstream sees the offered rate, not a rate it slowed down itself.
 pub async fn produce(
     producer: &KafkaProducer,
     topic: &str,
@@ -799,21 +802,51 @@ pub async fn produce(
     count: Option<u64>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<u64, rdkafka::error::KafkaError> {
-    let batch = (rate / 20.0).ceil().max(1.0) as u64;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(batch as f64 / rate.max(0.001)));
+    use futures::FutureExt;
+    let per_tick = (rate / 1_000.0).ceil().max(1.0) as u64;
+    let mut tick =
+        tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / rate.max(0.001)));
+    let mut in_flight = std::collections::VecDeque::new();
     let mut sent = 0u64;
     while count.is_none_or(|c| sent < c) && !stop.is_cancelled() {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let n = count.map_or(batch, |c| batch.min(c - sent));
-        let events: Vec<SimEvent> = (0..n).map(|_| sim.next_event()).collect();
-        produce_all(producer, topic, &events).await?;
+        let n = count.map_or(per_tick, |c| per_tick.min(c - sent));
+        for _ in 0..n {
+            in_flight.push_back(send(producer, topic, &sim.next_event()).await?);
+        }
         sent += n;
+        loop {
+            let full = in_flight.len() > UNACKNOWLEDGED;
+            let Some(front) = in_flight.front_mut() else {
+                break;
+            };
+            let done = if full {
+                Some(front.await)
+            } else {
+                front.now_or_never()
+            };
+            match done {
+                Some(Ok(Err((e, _)))) => return Err(e),
+                Some(_) => {
+                    in_flight.pop_front();
+                }
+                None => break,
+            }
+        }
+    }
+    for delivery in in_flight {
+        if let Ok(Err((e, _))) = delivery.await {
+            return Err(e);
+        }
     }
     Ok(sent)
 }
+
+/// Most events [`produce`] keeps unacknowledged before it waits for the oldest.
+const UNACKNOWLEDGED: usize = 100_000;
 
 #[cfg(test)]
 mod tests {
