@@ -2,6 +2,7 @@
 # Throughput and latency against the real broker, side by side in one run:
 #
 #   benches/broker.sh [EVENTS] [RATE] [SECONDS]     default 200000 10000 30
+#   VIGIL_BIN=path/to/vigil benches/broker.sh …       that build instead of this tree's
 #
 # 1. Fills a 6-partition topic with EVENTS simulated events (20,000 accounts).
 # 2. Apache Kafka's own consumer (org.apache.kafka.tools.ConsumerPerformance) reads it all; its
@@ -24,8 +25,9 @@ seconds=${3:-30}
 partitions=6
 port=18091
 
-cargo build --release --quiet
-vigil=target/release/vigil
+# VIGIL_BIN: another build to measure (an A/B of two versions on one noisy host).
+vigil=${VIGIL_BIN:-target/release/vigil}
+[ -n "${VIGIL_BIN:-}" ] || cargo build --release --quiet
 kafka/broker.sh status >/dev/null 2>&1 || kafka/broker.sh start
 brokers=$(kafka/broker.sh bootstrap)
 run=bench-broker-$(date +%s)
