@@ -67,6 +67,8 @@ impl FrequentValues {
             arrival: self.arrivals,
         };
         if self.slots.len() < capacity {
+            // Room for exactly one more: the default growth would double to 4 and 8 slots.
+            self.slots.reserve_exact(1);
             self.slots.push(fresh);
         } else if let Some(min) = self
             .slots
@@ -196,17 +198,8 @@ impl AccountState {
     /// Folds one transaction into the state (after its features were computed).
     pub fn update(&mut self, tx: &Transaction, cfg: &FeatureConfig) {
         let keep = cfg.window.saturating_sub(1);
-        for (buf, v) in [
-            (&mut self.recent_amounts, tx.amount),
-            (&mut self.recent_durations, f64::from(tx.duration)),
-        ] {
-            if keep > 0 {
-                if buf.len() == keep {
-                    buf.pop_front();
-                }
-                buf.push_back(v);
-            }
-        }
+        push_bounded(&mut self.recent_amounts, tx.amount, keep);
+        push_bounded(&mut self.recent_durations, f64::from(tx.duration), keep);
         // Late events do not move the clock back.
         self.last_time = Some(self.last_time.map_or(tx.time, |t| t.max(tx.time)));
         self.transactions += 1;
@@ -221,10 +214,7 @@ impl AccountState {
         self.login_attempts.add(f64::from(tx.login_attempts));
         let hour = hour_of_day(tx.time);
         self.hours[hour] = self.hours[hour].saturating_add(1);
-        if self.recent.len() == RECENT_EVENTS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(tx.time);
+        push_bounded(&mut self.recent, tx.time, RECENT_EVENTS);
     }
 
     /// The account's running log-amount of transactions of this type.
@@ -255,10 +245,7 @@ impl AccountState {
     }
 
     pub fn record_score(&mut self, score: RecentScore) {
-        if self.recent_scores.len() == RECENT_SCORES {
-            self.recent_scores.pop_front();
-        }
-        self.recent_scores.push_back(score);
+        push_bounded(&mut self.recent_scores, score, RECENT_SCORES);
     }
 
     /// The state as bytes for the changelog topic: a format byte, then postcard (a compact,
@@ -300,6 +287,23 @@ impl AccountState {
             + self.devices.heap_bytes()
             + self.merchants.heap_bytes()
     }
+}
+
+/// Appends `v` to `buf`, which keeps the latest `max` (the oldest goes first), in memory for
+/// exactly what it holds: the default growth doubles to 4, 8 and 16 slots, so a window of one
+/// value would hold four and five scores eight. Growing one at a time reallocates at most
+/// `max` times in an account's life.
+fn push_bounded<T>(buf: &mut VecDeque<T>, v: T, max: usize) {
+    if max == 0 {
+        return;
+    }
+    if buf.len() >= max {
+        buf.pop_front();
+    }
+    if buf.len() == buf.capacity() {
+        buf.reserve_exact(1);
+    }
+    buf.push_back(v);
 }
 
 /// The format byte of [`AccountState::to_bytes`].
