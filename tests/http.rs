@@ -1078,17 +1078,9 @@ async fn a_reload_swaps_the_models_in_one_step_while_predictions_keep_being_answ
     let (status, v) = post(&s, "/models/reload", Body::empty()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_eq!(s.models().unwrap().version(), b.version());
-    let wider = vigil::train::train(
-        &vigil::train::bundled_history().unwrap(),
-        &vigil::config::ModelConfig::default(),
-        &vigil::config::FeatureConfig {
-            window: 5,
-            ..Default::default()
-        },
-        vigil::config::Policy::All,
-    )
-    .unwrap();
-    wider.save(&models_dir).unwrap();
+    common::models_for_another_window()
+        .save(&models_dir)
+        .unwrap();
     let (status, v) = post(&s, "/models/reload", Body::empty()).await;
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("restart"), "{v}");
@@ -1137,18 +1129,9 @@ async fn a_challenger_built_for_other_account_state_is_refused_and_nothing_is_pr
     );
 
     // A version trained with another window would read account state the stream does not keep.
-    vigil::train::train(
-        &vigil::train::bundled_history().unwrap(),
-        &vigil::config::ModelConfig::default(),
-        &vigil::config::FeatureConfig {
-            window: 5,
-            ..Default::default()
-        },
-        vigil::config::Policy::All,
-    )
-    .unwrap()
-    .save(&challenger_dir)
-    .unwrap();
+    common::models_for_another_window()
+        .save(&challenger_dir)
+        .unwrap();
     let (status, v) = post(&s, "/models/reload", Body::empty()).await;
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     assert!(s.challenger().is_none());

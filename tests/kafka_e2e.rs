@@ -894,6 +894,36 @@ fn offline_alerts_across_a_reload(
     out
 }
 
+/// The alerts on `topic` by transaction, once there are as many as `offline` holds; panics
+/// unless they are alerts on exactly `offline`'s transactions, each named by its version and
+/// with both of its scores.
+fn alerts_as_offline(
+    brokers: &str,
+    topic: &str,
+    offline: &BTreeMap<String, (f64, f64, String)>,
+) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let published = alerts_by_transaction(&read_all(
+        brokers,
+        topic,
+        offline.len(),
+        Duration::from_secs(30),
+    ));
+    assert_eq!(
+        published.keys().collect::<Vec<_>>(),
+        offline.keys().collect::<Vec<_>>(),
+        "{topic} holds alerts on other transactions than offline scoring"
+    );
+    for (id, alerts) in &published {
+        let (forest, lof, version) = &offline[id];
+        for a in alerts {
+            assert_eq!(a["model_version"].as_str(), Some(version.as_str()), "{id}");
+            assert_eq!(a["models"][0]["score"].as_f64(), Some(*forest), "{id}");
+            assert_eq!(a["models"][1]["score"].as_f64(), Some(*lof), "{id}");
+        }
+    }
+    published
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_model_version_in_models_dir_is_taken_between_two_events_while_predictions_never_fail()
  {
@@ -964,21 +994,7 @@ async fn a_new_model_version_in_models_dir_is_taken_between_two_events_while_pre
     let versions: std::collections::BTreeSet<&str> =
         expected.values().map(|(_, _, v)| v.as_str()).collect();
     assert_eq!(versions.len(), 2, "both versions alert on the dataset");
-    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
-    let live = alerts_by_transaction(&alerts);
-    assert_eq!(
-        live.keys().collect::<Vec<_>>(),
-        expected.keys().collect::<Vec<_>>(),
-        "alerted transactions differ from offline scoring across the reload"
-    );
-    for (id, published) in &live {
-        let (forest, lof, version) = &expected[id];
-        for a in published {
-            assert_eq!(a["model_version"].as_str(), Some(version.as_str()), "{id}");
-            assert_eq!(a["models"][0]["score"].as_f64(), Some(*forest), "{id}");
-            assert_eq!(a["models"][1]["score"].as_f64(), Some(*lof), "{id}");
-        }
-    }
+    alerts_as_offline(&brokers, &t.alerts, &expected);
     assert!(sigterm(&mut vigil).success());
 }
 
@@ -1032,37 +1048,9 @@ async fn a_challenger_scores_every_event_in_shadow_and_one_call_promotes_it_to_d
     let challenger =
         offline_alerts_across_a_reload(then.clone(), then.clone(), &events[..half], half);
     assert!(!challenger.is_empty() && champion != challenger);
-    let shadow = alerts_by_transaction(&read_all(
-        &brokers,
-        &shadow_topic,
-        challenger.len(),
-        Duration::from_secs(30),
-    ));
-    assert_eq!(
-        shadow.keys().collect::<Vec<_>>(),
-        challenger.keys().collect::<Vec<_>>(),
-        "the shadow topic holds other alerts than the challenger makes offline"
-    );
-    for (id, published) in &shadow {
-        let (forest, lof, version) = &challenger[id];
-        assert_eq!(published.len(), 1, "{id}");
-        assert_eq!(
-            published[0]["model_version"].as_str(),
-            Some(version.as_str())
-        );
-        assert_eq!(published[0]["models"][0]["score"].as_f64(), Some(*forest));
-        assert_eq!(published[0]["models"][1]["score"].as_f64(), Some(*lof));
-    }
-    let live = alerts_by_transaction(&read_all(
-        &brokers,
-        &t.alerts,
-        champion.len(),
-        Duration::from_secs(30),
-    ));
-    assert_eq!(
-        live.keys().collect::<Vec<_>>(),
-        champion.keys().collect::<Vec<_>>()
-    );
+    let shadow = alerts_as_offline(&brokers, &shadow_topic, &challenger);
+    assert!(shadow.values().all(|a| a.len() == 1), "{shadow:?}");
+    alerts_as_offline(&brokers, &t.alerts, &champion);
 
     // How their decisions compare, counted event by event.
     let both = champion
@@ -1117,12 +1105,7 @@ async fn a_challenger_scores_every_event_in_shadow_and_one_call_promotes_it_to_d
         vigil::models::ModelSet::version_in(&models_dir).as_deref(),
         Some(then.version())
     );
-    let models: serde_json::Value = reqwest::get(format!("http://{addr}/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_until(&addr, "/models", |_| true).await;
     assert_eq!(models["version"], then.version());
     assert!(models["challenger"].is_null(), "{models}");
     let again = client
@@ -1137,23 +1120,7 @@ async fn a_challenger_scores_every_event_in_shadow_and_one_call_promotes_it_to_d
         events.len()
     );
     let expected = offline_alerts_across_a_reload(first.clone(), then.clone(), &events, half);
-    let live = alerts_by_transaction(&read_all(
-        &brokers,
-        &t.alerts,
-        expected.len(),
-        Duration::from_secs(30),
-    ));
-    assert_eq!(
-        live.keys().collect::<Vec<_>>(),
-        expected.keys().collect::<Vec<_>>()
-    );
-    for (id, published) in &live {
-        assert_eq!(
-            published[0]["model_version"].as_str(),
-            Some(expected[id].2.as_str()),
-            "{id}"
-        );
-    }
+    alerts_as_offline(&brokers, &t.alerts, &expected);
     // Nothing shadows now: the challenger's directory holds the version serving.
     let metrics = metrics_text(&addr).await;
     assert_eq!(

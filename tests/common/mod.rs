@@ -31,6 +31,22 @@ pub fn reseeded_models(seed: u64) -> ModelSet {
     .unwrap()
 }
 
+/// Models trained for a wider rolling window than the default: a version whose features need
+/// account state a stream with the default settings does not keep.
+pub fn models_for_another_window() -> ModelSet {
+    let features = FeatureConfig {
+        window: 5,
+        ..Default::default()
+    };
+    train(
+        &bundled_history().unwrap(),
+        &ModelConfig::default(),
+        &features,
+        vigil::config::Policy::All,
+    )
+    .unwrap()
+}
+
 /// Shared server/stream handles over freshly trained models.
 pub fn shared() -> Shared {
     Shared::new(trained_models()).unwrap()
