@@ -7,15 +7,16 @@
 //!
 //! (`cargo test` runs it on a few hundred events, to keep it working.)
 
+mod common;
+
 use std::sync::Arc;
 
-use vigil::config::{Encoding, FeatureConfig, ModelConfig, Policy};
+use vigil::config::{Encoding, Policy};
 use vigil::decode::Decoder;
 use vigil::models::Scratch;
 use vigil::pipeline::{Engine, Outcome};
 use vigil::publish::SourceCoordinates;
 use vigil::state::PartitionState;
-use vigil::train::{bundled_history, in_event_time_order, train};
 
 // dhat's allocator counts every block the program allocates (its testing mode: no profile file).
 #[global_allocator]
@@ -35,18 +36,7 @@ fn counted(f: impl FnOnce()) -> (u64, u64) {
 fn main() {
     let _profiler = dhat::Profiler::builder().testing().build();
     let quick = !std::env::args().any(|a| a == "--bench");
-    let history = bundled_history().unwrap_or_else(|e| panic!("{e}"));
-    let models = train(
-        &history,
-        &ModelConfig::default(),
-        &FeatureConfig::default(),
-        Policy::All,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut payloads: Vec<Vec<u8>> = in_event_time_order(history.events)
-        .iter()
-        .map(|t| serde_json::to_vec(t).unwrap_or_default())
-        .collect();
+    let (models, mut payloads) = common::models_and_payloads();
     if quick {
         payloads.truncate(300);
     }

@@ -5,38 +5,23 @@
 //! Also writes `target/lof_matrix.csv` (the LOF input matrix of all 2,512 events) so that
 //! `sklearn_oracle.py` can be timed on exactly the same numbers (see docs/benchmarks.md).
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use vigil::config::{Encoding, FeatureConfig, LofIndexKind, ModelConfig, Policy};
+use vigil::config::{Encoding, FeatureConfig, LofIndexKind, Policy};
 use vigil::decode::Decoder;
 use vigil::models::lof::KnnIndex;
-use vigil::models::{Detector, ModelSet, Scratch, forest};
+use vigil::models::{Detector, Scratch, forest};
 use vigil::pipeline::Engine;
 use vigil::publish::SourceCoordinates;
 use vigil::state::PartitionState;
-use vigil::train::{bundled_history, in_event_time_order, replay_features, train};
-
-fn setup() -> (ModelSet, Vec<Vec<u8>>) {
-    let history = bundled_history().unwrap_or_default();
-    let models = train(
-        &history,
-        &ModelConfig::default(),
-        &FeatureConfig::default(),
-        Policy::All,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let events = in_event_time_order(history.events);
-    let payloads = events
-        .iter()
-        .map(|t| serde_json::to_vec(t).unwrap_or_default())
-        .collect();
-    (models, payloads)
-}
+use vigil::train::{bundled_history, in_event_time_order, replay_features};
 
 fn per_event(c: &mut Criterion) {
-    let (models, payloads) = setup();
+    let (models, payloads) = common::models_and_payloads();
     let engine = Engine::new(
         Arc::new(models),
         Decoder::new(Encoding::Json),
@@ -71,7 +56,7 @@ fn per_event(c: &mut Criterion) {
 }
 
 fn models(c: &mut Criterion) {
-    let (set, _) = setup();
+    let (set, _) = common::models_and_payloads();
     let history = bundled_history().unwrap_or_default();
     let rows = replay_features(
         &in_event_time_order(history.events),

@@ -30,6 +30,10 @@ fn main() {
         n.iter().sum::<u64>() as f64 / n.len() as f64,
         p.bytes()
     );
+    println!(
+        "of which inline (the struct itself): {} bytes",
+        std::mem::size_of::<vigil::state::AccountState>()
+    );
     // What the allocator really holds for the states: every allocation's header and rounding
     // included (the events, read before, are not).
     println!(

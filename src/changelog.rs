@@ -36,7 +36,7 @@ use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::ingest::{KafkaProducer, client_config};
+use crate::ingest::{KafkaProducer, client_config, reader_config};
 use crate::state::{AccountState, PartitionState, StateFormatError};
 
 /// The header holding the input offset a changelog record is current through.
@@ -224,12 +224,9 @@ pub fn restore(
     topic: &str,
     partition: i32,
 ) -> Result<Option<Restored>, ChangelogError> {
-    let consumer: BaseConsumer = client_config(kafka, brokers)
-        .set("group.id", format!("{}-changelog-restore", kafka.group_id))
-        .set("enable.auto.commit", "false")
+    // Told its end even when the last offsets are transaction markers no poll returns.
+    let consumer: BaseConsumer = reader_config(kafka, brokers, "changelog-restore")
         .set("isolation.level", "read_committed")
-        // Its end, even when the last offsets are transaction markers no poll returns.
-        .set("enable.partition.eof", "true")
         .create()?;
     let timeout = Duration::from_secs(10);
     let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;

@@ -487,6 +487,18 @@ pub fn client_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
     client_config_over(kafka, brokers, &[])
 }
 
+/// A consumer that reads partitions it assigns itself to their end and commits nothing (state
+/// restores, replays, the verdicts): its group id is `<kafka.group_id>-<purpose>`, apart from
+/// the stream's group, and it is told where each partition ends.
+pub fn reader_config(kafka: &KafkaConfig, brokers: &str, purpose: &str) -> ClientConfig {
+    let mut config = client_config(kafka, brokers);
+    config
+        .set("group.id", format!("{}-{purpose}", kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
+    config
+}
+
 /// Defaults of every client: reconnect within a second of a broker's return (librdkafka backs
 /// off up to 10 s, which kept the stream idle that long after an outage).
 const CLIENT_DEFAULTS: [(&str, &str); 1] = [("reconnect.backoff.max.ms", "1000")];
@@ -561,11 +573,7 @@ pub fn fold_input(
     state: &mut PartitionState,
 ) -> Result<u64, KafkaError> {
     let topic = &kafka.transactions_topic;
-    let consumer: BaseConsumer = client_config(kafka, brokers)
-        .set("group.id", format!("{}-restore", kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()?;
+    let consumer: BaseConsumer = reader_config(kafka, brokers, "restore").create()?;
     let (low, _) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
     if from.is_none() {
         *state = PartitionState::default();

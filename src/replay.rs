@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Encoding, KafkaConfig, Policy};
 use crate::decode::{Decoder, format_time};
-use crate::ingest::client_config;
+use crate::ingest::reader_config;
 use crate::models::{ModelSet, Scratch};
 use crate::pipeline::{Engine, EventTimeLimits, Outcome};
 use crate::publish::SourceCoordinates;
@@ -528,14 +528,9 @@ impl TopicRange {
         from: Bound,
         to: Bound,
     ) -> Result<Self, ReplayError> {
-        let consumer: BaseConsumer = client_config(kafka, brokers)
-            .set(
-                "group.id",
-                format!("{}-replay-{}", kafka.group_id, std::process::id()),
-            )
-            .set("enable.auto.commit", "false")
+        let purpose = format!("replay-{}", std::process::id());
+        let consumer: BaseConsumer = reader_config(kafka, brokers, &purpose)
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .create()?;
         let t = &kafka.transactions_topic;

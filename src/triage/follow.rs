@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Triage, TriageError, VerdictRecord};
 use crate::config::{Encoding, KafkaConfig};
-use crate::ingest::{KafkaProducer, Partitions, client_config, ensure_topic};
+use crate::ingest::{KafkaProducer, Partitions, client_config, ensure_topic, reader_config};
 use crate::metrics::Metrics;
 
 /// Publishes verdicts to the feedback topic, keyed by alert id.
@@ -284,14 +284,8 @@ pub fn read_verdicts(
     brokers: &str,
     topic: &str,
 ) -> Result<super::VerdictLabels, TriageError> {
-    let consumer: BaseConsumer = client_config(kafka, brokers)
-        .set(
-            "group.id",
-            format!("{}-verdicts-{}", kafka.group_id, std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()?;
+    let purpose = format!("verdicts-{}", std::process::id());
+    let consumer: BaseConsumer = reader_config(kafka, brokers, &purpose).create()?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
