@@ -24,7 +24,6 @@
 //! its owner stops writing a partition before giving it up (see [`crate::ingest::GroupStatus`]'s
 //! handover lock), so a revoked partition's late record cannot overwrite its new owner's.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -236,7 +235,7 @@ pub fn restore(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
     consumer.assign(&tpl)?;
-    let mut accounts: HashMap<Box<str>, AccountState> = HashMap::new();
+    let mut accounts = crate::state::Accounts::new();
     let (mut complete, mut last, mut records) = (false, None::<i64>, 0u64);
     loop {
         let m = match consumer.poll(timeout) {
@@ -265,7 +264,7 @@ pub fn restore(
                         offset,
                         source,
                     })?;
-                accounts.insert(String::from_utf8_lossy(key).into(), state);
+                accounts.insert(String::from_utf8_lossy(key).into(), Box::new(state));
             }
         }
         if offset + 1 >= high {

@@ -147,6 +147,7 @@ pub struct RawPipeline {
     pub workers: usize,
     pub queue_capacity: usize,
     pub max_event_time_ahead_hours: f64,
+    pub max_accounts: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,6 +392,7 @@ impl Default for RawPipeline {
             workers: 2,
             queue_capacity: 1024,
             max_event_time_ahead_hours: 24.0,
+            max_accounts: 0,
         }
     }
 }
@@ -542,6 +544,9 @@ pub struct Config {
     pub schema_registry: Option<RegistryConfig>,
     pub workers: usize,
     pub queue_capacity: usize,
+    /// At most this many accounts in memory, over every partition this instance owns (each
+    /// gets an equal share, [`crate::state::PartitionState::limit_accounts`]); `None`: no limit.
+    pub max_accounts: Option<usize>,
     pub event_time: EventTimeLimits,
     pub features: FeatureConfig,
     pub models: ModelConfig,
@@ -1145,6 +1150,7 @@ impl RawConfig {
             schema_registry,
             workers: self.pipeline.workers,
             queue_capacity: self.pipeline.queue_capacity,
+            max_accounts: (self.pipeline.max_accounts > 0).then_some(self.pipeline.max_accounts),
             event_time: EventTimeLimits {
                 max_ahead_secs: (ahead * 3_600.0) as i64,
             },

@@ -272,7 +272,7 @@ fn calendar_angle(v: u32, period: f64) -> f64 {
     TAU * f64::from(v) / period
 }
 
-fn mean_with(previous: &std::collections::VecDeque<f64>, current: f64) -> f64 {
+fn mean_with(previous: &[f64], current: f64) -> f64 {
     (previous.iter().sum::<f64>() + current) / (previous.len() + 1) as f64
 }
 

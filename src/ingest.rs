@@ -576,7 +576,8 @@ pub fn fold_input(
     let consumer: BaseConsumer = reader_config(kafka, brokers, "restore").create()?;
     let (low, _) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
     if from.is_none() {
-        *state = PartitionState::default();
+        state.accounts.clear();
+        state.watermark = None;
     }
     let start = from.map_or(low, |f| f.max(low));
     let mut replayed = 0;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub accounts_tracked: IntGauge,
     /// Approximate bytes of per-account state.
     pub state_bytes: IntGauge,
+    /// Accounts forgotten to stay within `pipeline.max_accounts`.
+    pub state_evicted_accounts: IntCounter,
     /// Partitions currently assigned to this instance.
     pub partitions_assigned: IntGauge,
     /// Events replayed from the input topic to rebuild state after an assignment.
@@ -174,6 +176,10 @@ impl Metrics {
             state_bytes: register!(IntGauge::new(
                 "state_bytes",
                 "Approximate bytes of per-account state"
+            )?),
+            state_evicted_accounts: register!(IntCounter::new(
+                "state_evicted_accounts_total",
+                "Least recently active accounts forgotten to stay within pipeline.max_accounts"
             )?),
             partitions_assigned: register!(IntGauge::new(
                 "partitions_assigned",

@@ -506,7 +506,7 @@ impl Shared {
     pub fn account(&self, id: &str) -> Option<(i32, crate::state::AccountState)> {
         self.store
             .iter()
-            .find_map(|p| p.accounts.get(id).map(|a| (*p.key(), a.clone())))
+            .find_map(|p| p.accounts.get(id).map(|a| (*p.key(), (**a).clone())))
     }
 }
 
@@ -531,11 +531,13 @@ fn restore(
     changelog: Option<&str>,
     partition: i32,
     offset: i64,
+    max_accounts: Option<usize>,
 ) -> Result<(PartitionState, Restore), KafkaError> {
     if let Some(topic) = changelog {
         match crate::changelog::restore(kafka, brokers, topic, partition) {
             Ok(Some(r)) => {
                 let mut state = r.state;
+                state.limit_accounts(max_accounts);
                 let folded = if r.covered < offset {
                     // Committed events without records of their own (dead letters).
                     fold_input(
@@ -572,6 +574,7 @@ fn restore(
         }
     }
     let mut state = PartitionState::default();
+    state.limit_accounts(max_accounts);
     let events = fold_input(kafka, brokers, engine, partition, None, offset, &mut state)?;
     Ok((state, Restore::Input { events }))
 }
@@ -616,6 +619,8 @@ struct Worker {
     snapshot_due: HashSet<i32>,
     /// Exactly-once mode: outcomes go into the open transaction instead of to the ackers.
     transactions: Option<Arc<Transactions>>,
+    /// `pipeline.max_accounts`: the instance's bound, shared by the partitions it owns.
+    max_accounts: Option<usize>,
     shutdown: CancellationToken,
 }
 
@@ -641,6 +646,13 @@ enum Ready {
 }
 
 impl Worker {
+    /// A partition's share of `pipeline.max_accounts` under the current assignment.
+    fn account_share(&self) -> Option<usize> {
+        let partitions = usize::try_from(self.shared.status.assigned()).unwrap_or(0);
+        self.max_accounts
+            .map(|max| (max / partitions.max(1)).max(1))
+    }
+
     /// Makes sure the partition's state is the state just before `offset`: from the changelog
     /// (and the input events after what it covers), else by replaying the input topic.
     async fn ensure_state(&mut self, partition: i32, offset: i64, assignment: u64) -> Ready {
@@ -755,6 +767,7 @@ impl Worker {
                 self.engine.clone(),
                 self.changelog.clone(),
             );
+            let share = self.account_share();
             let attempt = tokio::task::spawn_blocking(move || {
                 restore(
                     &kafka,
@@ -763,6 +776,7 @@ impl Worker {
                     changelog.as_deref(),
                     partition,
                     offset,
+                    share,
                 )
             })
             .await;
@@ -866,6 +880,7 @@ impl Worker {
         let payload = msg.payload().unwrap_or_default();
         let mut outcome = {
             let mut state = self.shared.store.entry(partition).or_default();
+            state.limit_accounts(self.account_share());
             if self.changelog.is_some() {
                 if self.snapshot_due.remove(&partition) {
                     pending.changes = StateChange::snapshot(&state, offset - 1);
@@ -893,6 +908,10 @@ impl Worker {
                 .metrics
                 .processing_seconds
                 .observe(started.elapsed().as_secs_f64());
+            let evicted = state.take_evicted();
+            if evicted > 0 {
+                self.shared.metrics.state_evicted_accounts.inc_by(evicted);
+            }
             if self.changelog.is_some() {
                 let account = match &outcome {
                     Outcome::Clean(_, tx) => Some(tx.account_id.as_str()),
@@ -1595,6 +1614,7 @@ pub async fn run_stream(
             done_below: HashMap::new(),
             snapshot_due: HashSet::new(),
             transactions: transactions.clone(),
+            max_accounts: cfg.max_accounts,
             shutdown: shutdown.clone(),
         };
         tasks.spawn(worker.run(events_rx, acks_tx, shutdown.clone()));

@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::config::FeatureConfig;
 use crate::decode::{Transaction, TransactionType};
@@ -170,9 +171,9 @@ impl Running {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AccountState {
     /// The previous `window - 1` amounts, oldest first.
-    pub recent_amounts: VecDeque<f64>,
+    pub recent_amounts: RecentValues,
     /// The previous `window - 1` durations, oldest first.
-    pub recent_durations: VecDeque<f64>,
+    pub recent_durations: RecentValues,
     /// Event time of the latest transaction seen (seconds since the epoch).
     pub last_time: Option<i64>,
     pub transactions: u64,
@@ -206,8 +207,8 @@ impl AccountState {
     /// Folds one transaction into the state (after its features were computed).
     pub fn update(&mut self, tx: &Transaction, cfg: &FeatureConfig) {
         let keep = cfg.window.saturating_sub(1);
-        push_bounded(&mut self.recent_amounts, tx.amount, keep);
-        push_bounded(&mut self.recent_durations, f64::from(tx.duration), keep);
+        push_recent(&mut self.recent_amounts, tx.amount, keep);
+        push_recent(&mut self.recent_durations, f64::from(tx.duration), keep);
         // Late events do not move the clock back.
         self.last_time = Some(self.last_time.map_or(tx.time, |t| t.max(tx.time)));
         self.transactions += 1;
@@ -287,7 +288,11 @@ impl AccountState {
     /// Heap and inline bytes held by this state, not counting the map entry's key.
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + (self.recent_amounts.capacity() + self.recent_durations.capacity()) * 8
+            + [&self.recent_amounts, &self.recent_durations]
+                .iter()
+                .filter(|v| v.spilled())
+                .map(|v| v.capacity() * 8)
+                .sum::<usize>()
             + self.recent_scores.capacity() * std::mem::size_of::<RecentScore>()
             + self.recent.capacity() * std::mem::size_of::<i64>()
             + self.ips.heap_bytes()
@@ -313,6 +318,31 @@ fn push_bounded<T>(buf: &mut VecDeque<T>, v: T, max: usize) {
     }
     buf.push_back(v);
 }
+
+/// An account's last few values of one kind (`window - 1` of them): inside the state up to
+/// two — the default window keeps one — where a separate buffer would cost a 32-byte header and
+/// a heap chunk for 8 bytes. Serialised as a plain sequence, as the deque it replaced.
+pub type RecentValues = SmallVec<[f64; 2]>;
+
+/// [`push_bounded`] for [`RecentValues`]: the window is at most 64 values, so moving them
+/// down by one costs less than a ring's bookkeeping.
+fn push_recent(buf: &mut RecentValues, v: f64, max: usize) {
+    if max == 0 {
+        return;
+    }
+    if buf.len() >= max {
+        buf.remove(0);
+    }
+    if buf.len() == buf.capacity() {
+        buf.reserve_exact(1);
+    }
+    buf.push(v);
+}
+
+/// An instance's accounts of one partition, by account id. The id lives in the key inline up
+/// to 24 bytes, and the state is boxed: the map's table is sized for growth (up to twice the
+/// accounts it holds), so a slot holds a pointer rather than the whole state.
+pub type Accounts = HashMap<CompactString, Box<AccountState>>;
 
 /// The format byte of [`AccountState::to_bytes`].
 pub const STATE_FORMAT: u8 = 1;
@@ -343,7 +373,7 @@ pub fn hour_of_day(time: i64) -> usize {
 /// The accounts of one input partition and the position the state has reached in it.
 #[derive(Debug, Default)]
 pub struct PartitionState {
-    pub accounts: HashMap<Box<str>, AccountState>,
+    pub accounts: Accounts,
     /// The offset the next event must have for this state to be current; anything else (a
     /// rebalance, a seek, a restart) means the state must be rebuilt first.
     pub next_offset: Option<i64>,
@@ -351,9 +381,13 @@ pub struct PartitionState {
     /// accounts; see [`crate::pipeline::EventTimeLimits`] for why one event cannot drag it far.
     pub watermark: Option<i64>,
     events_since_sweep: u64,
-    /// Accounts the sweeps forgot since the last [`Self::take_forgotten`], when tracked (the
-    /// changelog writes a tombstone for each).
-    forgotten: Option<Vec<Box<str>>>,
+    /// Accounts the sweeps and evictions forgot since the last [`Self::take_forgotten`], when
+    /// tracked (the changelog writes a tombstone for each).
+    forgotten: Option<Vec<CompactString>>,
+    /// At most this many accounts; see [`Self::limit_accounts`].
+    max_accounts: Option<usize>,
+    /// Accounts evicted to stay within `max_accounts` since the last [`Self::take_evicted`].
+    evicted: u64,
 }
 
 /// How many events pass between sweeps for idle accounts.
@@ -373,15 +407,19 @@ impl PartitionState {
             self.sweep(cfg);
         }
         if !self.accounts.contains_key(account) {
-            self.accounts
-                .insert(account.into(), AccountState::default());
+            if let Some(max) = self.max_accounts
+                && self.accounts.len() >= max
+            {
+                self.evict_least_recent(max);
+            }
+            self.accounts.insert(account.into(), Box::default());
         }
         let state = self
             .accounts
             .get_mut(account)
             .unwrap_or_else(|| unreachable!("inserted above"));
         if state.expired_at(time, cfg) {
-            *state = AccountState::default();
+            **state = AccountState::default();
         }
         state
     }
@@ -401,13 +439,53 @@ impl PartitionState {
         }
     }
 
+    /// Keeps at most `max` accounts (`None`: no limit): a new account arriving when the partition
+    /// holds `max` first evicts the least recently active ones — the oldest latest event time,
+    /// then the smallest id, so the choice does not depend on the map's order. They start
+    /// afresh with their next event, as after the TTL.
+    pub fn limit_accounts(&mut self, max: Option<usize>) {
+        self.max_accounts = max;
+    }
+
+    /// Evicts down to a 64th below `max` (at least one below), so that choosing whom — a pass
+    /// over every account — happens once per that many new accounts, not for each.
+    fn evict_least_recent(&mut self, max: usize) {
+        let keep = max.saturating_sub((max / 64).max(1));
+        let surplus = self.accounts.len().saturating_sub(keep);
+        if surplus == 0 {
+            return;
+        }
+        let mut by_age: Vec<(i64, &CompactString)> = self
+            .accounts
+            .iter()
+            .map(|(id, a)| (a.last_time.unwrap_or(i64::MIN), id))
+            .collect();
+        by_age.select_nth_unstable(surplus - 1);
+        let victims: Vec<CompactString> = by_age[..surplus]
+            .iter()
+            .map(|&(_, id)| id.clone())
+            .collect();
+        for id in &victims {
+            self.accounts.remove(id);
+        }
+        self.evicted += victims.len() as u64;
+        if let Some(list) = self.forgotten.as_mut() {
+            list.extend(victims);
+        }
+    }
+
+    /// How many accounts were evicted to stay within the limit since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+
     /// From now on, remember which accounts the sweeps forget, for [`Self::take_forgotten`].
     pub fn track_forgotten(&mut self) {
         self.forgotten.get_or_insert_with(Vec::new);
     }
 
     /// The accounts forgotten since the last call (none unless tracked).
-    pub fn take_forgotten(&mut self) -> Vec<Box<str>> {
+    pub fn take_forgotten(&mut self) -> Vec<CompactString> {
         self.forgotten
             .as_mut()
             .map(std::mem::take)
@@ -416,7 +494,7 @@ impl PartitionState {
 
     /// A partition's state from its accounts' states: the watermark is the latest event time
     /// among them (the state's clock only ever moved with an account's event).
-    pub fn from_accounts(accounts: HashMap<Box<str>, AccountState>, next_offset: i64) -> Self {
+    pub fn from_accounts(accounts: Accounts, next_offset: i64) -> Self {
         let watermark = accounts.values().filter_map(|a| a.last_time).max();
         Self {
             accounts,
@@ -430,7 +508,14 @@ impl PartitionState {
     pub fn bytes(&self) -> usize {
         self.accounts
             .iter()
-            .map(|(k, v)| k.len() + std::mem::size_of::<Box<str>>() + v.bytes())
+            .map(|(k, v)| {
+                let key_heap = if k.is_heap_allocated() {
+                    k.capacity()
+                } else {
+                    0
+                };
+                std::mem::size_of::<(CompactString, Box<AccountState>)>() + key_heap + v.bytes()
+            })
             .sum()
     }
 }
@@ -552,7 +637,7 @@ mod tests {
         p.track_forgotten();
         p.account_mut("B", 5_000, &cfg).last_time = Some(5_000);
         p.sweep(&cfg);
-        assert_eq!(p.take_forgotten(), vec![Box::<str>::from("A")]);
+        assert_eq!(p.take_forgotten(), vec![CompactString::from("A")]);
         assert!(p.take_forgotten().is_empty());
     }
 
@@ -570,5 +655,47 @@ mod tests {
         p.account_mut("B", 5_000, &cfg);
         p.sweep(&cfg);
         assert!(!p.accounts.contains_key("A"));
+    }
+
+    #[test]
+    fn a_full_partition_evicts_its_least_recently_active_accounts_and_counts_them() {
+        let cfg = FeatureConfig::default();
+        let mut p = PartitionState::default();
+        p.limit_accounts(Some(128));
+        p.track_forgotten();
+        // 128 accounts, the one made at time t active last at t; A-050 was active again lately.
+        for t in 0..128 {
+            p.account_mut(&format!("A-{t:03}"), t, &cfg).last_time = Some(t);
+        }
+        p.account_mut("A-050", 1_000, &cfg).last_time = Some(1_000);
+        assert_eq!((p.accounts.len(), p.take_evicted()), (128, 0));
+        // The 129th makes room: two (a 64th of the limit) go, the two least recently active.
+        p.account_mut("NEW", 2_000, &cfg).last_time = Some(2_000);
+        assert_eq!(p.accounts.len(), 127);
+        assert_eq!(p.take_evicted(), 2);
+        assert_eq!(p.take_evicted(), 0);
+        let mut gone = p.take_forgotten();
+        gone.sort();
+        assert_eq!(gone, ["A-000", "A-001"]);
+        assert!(p.accounts.contains_key("A-050") && p.accounts.contains_key("NEW"));
+        // An account already held never evicts anyone; A-000 returns as a new account.
+        p.account_mut("A-002", 2_001, &cfg);
+        assert_eq!(p.take_evicted(), 0);
+        assert_eq!(p.account_mut("A-000", 2_002, &cfg).transactions, 0);
+        // Ties on the time go by id, whatever the map's order.
+        let mut q = PartitionState::default();
+        q.limit_accounts(Some(3));
+        for id in ["c", "a", "b"] {
+            q.account_mut(id, 7, &cfg).last_time = Some(7);
+        }
+        q.account_mut("d", 8, &cfg);
+        let mut kept: Vec<&str> = q.accounts.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["b", "c", "d"]);
+        // A limit lowered below what is held (a partition more to share it) evicts the surplus.
+        q.limit_accounts(Some(1));
+        q.account_mut("e", 9, &cfg);
+        assert_eq!(q.accounts.len(), 1);
+        assert!(q.accounts.contains_key("e"));
     }
 }

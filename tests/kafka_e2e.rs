@@ -841,7 +841,7 @@ async fn a_changelog_restore_keeps_each_accounts_latest_state_forgets_tombstoned
     assert!(!restored.state.accounts.contains_key(b.as_str()));
     assert_eq!(restored.state.accounts[a.as_str()], later);
     for (id, s) in &state.accounts {
-        if *id.as_ref() != *a && *id.as_ref() != *b {
+        if id.as_str() != a && id.as_str() != b {
             assert_eq!(&restored.state.accounts[id], s, "{id}");
         }
     }
@@ -852,6 +852,97 @@ async fn a_changelog_restore_keeps_each_accounts_latest_state_forgets_tombstoned
             .unwrap()
             .is_none()
     );
+}
+
+/// `pipeline.max_accounts` bounds what one instance holds: each partition keeps its share and
+/// forgets its least recently active accounts to make room, exactly as the per-event core does
+/// offline with the same share, and the stream's alerts are those of that capped state.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_capped_at_max_accounts_evicts_the_least_recently_active_as_offline_and_counts_them()
+ {
+    let Some((brokers, t, work, models)) = setup("cap").await else {
+        return;
+    };
+    let events = dataset_events();
+    produce_events(&brokers, &t.transactions, &events);
+    let cap = 120;
+    let share = cap / PARTITIONS as usize;
+    let mut vigil = spawn_vigil(
+        &brokers,
+        &t,
+        &work.path().join("model"),
+        work.path(),
+        &[("VIGIL_PIPELINE__MAX_ACCOUNTS", &cap.to_string())],
+    );
+    let committed = wait_all_committed(&brokers, &t, &mut vigil, Duration::from_secs(120));
+    assert_eq!(committed as usize, events.len());
+
+    // Offline: each partition's events in offset order through a state capped at the share.
+    let mut by_partition: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+    for m in read_to_end(&brokers, &t.transactions, "read_uncommitted") {
+        by_partition
+            .entry(m.partition())
+            .or_default()
+            .push((m.offset(), m.payload().unwrap().to_vec()));
+    }
+    let engine = Engine::new(
+        Arc::new(models),
+        Decoder::new(vigil::config::Encoding::Json),
+        Policy::All,
+        3,
+    );
+    let (mut expected, mut evicted, mut held) = (BTreeMap::new(), 0, 0);
+    for (partition, mut records) in by_partition {
+        records.sort();
+        let mut state = PartitionState::default();
+        state.limit_accounts(Some(share));
+        let mut scratch = vigil::models::Scratch::default();
+        for (offset, payload) in records {
+            let source = vigil::publish::SourceCoordinates {
+                topic: "offline".into(),
+                partition,
+                offset,
+                published_at: None,
+            };
+            if let vigil::pipeline::Outcome::Alert(a, s) =
+                engine.process(&mut state, &source, &payload, &mut scratch)
+            {
+                expected.insert(
+                    a.transaction_id.clone(),
+                    (s.verdicts[0].score, s.verdicts[1].score),
+                );
+            }
+        }
+        assert!(state.accounts.len() <= share);
+        evicted += state.take_evicted();
+        held += state.accounts.len();
+    }
+    assert!(evicted > 100, "the dataset's 495 accounts overflow {cap}");
+    assert_ne!(
+        expected,
+        offline_alerts(model_dir(&work.path().join("model")), &events),
+        "forgetting accounts changes what is scored against"
+    );
+
+    let addr = http_addr(work.path(), &t).unwrap();
+    let alerts = read_all(&brokers, &t.alerts, expected.len(), Duration::from_secs(30));
+    assert_alerts_match_offline(&alerts_by_transaction(&alerts), &expected);
+    assert_eq!(alerts.len(), expected.len());
+    // The gauge is refreshed every 5 seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        let text = metrics_text(&addr).await;
+        if sample(&text, "vigil_accounts_tracked") == held as f64 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(sample(&metrics, "vigil_accounts_tracked"), held as f64);
+    assert_eq!(
+        sample(&metrics, "vigil_state_evicted_accounts_total"),
+        evicted as f64
+    );
+    assert!(sigterm(&mut vigil).success());
 }
 
 /// Offline scoring of `events` in order with one account state, `first` scoring the events

@@ -507,6 +507,15 @@ pub fn http_addr(dir: &Path, t: &Topics) -> Option<String> {
 
 /// Records on every partition of `topic` as a consumer with this `isolation.level` reads them.
 pub fn records_read(brokers: &str, topic: &str, isolation: &str) -> usize {
+    read_to_end(brokers, topic, isolation).len()
+}
+
+/// Every partition of `topic` to its end, as a consumer with this `isolation.level` reads it.
+pub fn read_to_end(
+    brokers: &str,
+    topic: &str,
+    isolation: &str,
+) -> Vec<rdkafka::message::OwnedMessage> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("count-{topic}-{isolation}"))
@@ -525,15 +534,15 @@ pub fn records_read(brokers: &str, topic: &str, isolation: &str) -> usize {
             .unwrap();
     }
     c.assign(&tpl).unwrap();
-    let (mut n, mut ended) = (0, 0);
+    let (mut out, mut ended) = (Vec::new(), 0);
     while ended < partitions {
         match c.poll(Duration::from_secs(10)) {
-            Some(Ok(_)) => n += 1,
+            Some(Ok(m)) => out.push(m.detach()),
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ended += 1,
             other => panic!("reading {topic}: {other:?}"),
         }
     }
-    n
+    out
 }
 
 /// The Prometheus text of the vigil serving on `addr`.
