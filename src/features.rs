@@ -884,7 +884,7 @@ mod tests {
 
     fn tx(time: &str, amount: f64, duration: u32, ip: &str, device: &str) -> Transaction {
         Transaction {
-            transaction_id: format!("TX-{time}"),
+            transaction_id: format!("TX-{time}").into(),
             account_id: "AC1".into(),
             amount,
             time: parse_time(time).unwrap_or_else(|| panic!("{time}")),

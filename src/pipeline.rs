@@ -345,8 +345,8 @@ impl Engine {
             .to_rfc3339_opts(SecondsFormat::Secs, true);
         Alert {
             alert_id: alert_id(source, models.version()),
-            transaction_id: tx.transaction_id.clone(),
-            account_id: tx.account_id.clone(),
+            transaction_id: tx.transaction_id.to_string(),
+            account_id: tx.account_id.to_string(),
             event_time,
             detected_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
             source: source.clone(),

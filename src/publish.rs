@@ -586,8 +586,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let alert = Alert {
             alert_id: "a1".into(),
-            transaction_id: tx.transaction_id.clone(),
-            account_id: tx.account_id.clone(),
+            transaction_id: tx.transaction_id.to_string(),
+            account_id: tx.account_id.to_string(),
             event_time: "2023-04-11T16:29:14Z".into(),
             detected_at: "2026-11-24T00:00:00.000Z".into(),
             source: SourceCoordinates {

@@ -598,6 +598,15 @@ fn broker_unavailable(e: &KafkaError) -> bool {
     )
 }
 
+/// An event as the consumer hands it to its worker: when it was taken from the consumer, so
+/// that `vigil_end_to_end_seconds` includes the time it waited in the worker's queue.
+struct Consumed {
+    msg: OwnedMessage,
+    /// The assignment under which it was consumed.
+    assignment: u64,
+    at: Instant,
+}
+
 struct Worker {
     engine: Engine,
     /// The [`Shared::generation`] of `engine.models`.
@@ -815,14 +824,14 @@ impl Worker {
         }
     }
 
-    /// Processes one message and enqueues its outcome.
+    /// Processes one message, consumed at `consumed_at`, and enqueues its outcome.
     async fn handle(
         &mut self,
         msg: &OwnedMessage,
         assignment: u64,
+        consumed_at: Instant,
         scratch: &mut Scratch,
     ) -> Result<Option<Pending>, RunError> {
-        let consumed_at = Instant::now();
         let (partition, offset) = (msg.partition(), msg.offset());
         let span = tracing::trace_span!(
             "event",
@@ -1043,12 +1052,17 @@ impl Worker {
 
     async fn run(
         mut self,
-        mut events: mpsc::Receiver<(OwnedMessage, u64)>,
+        mut events: mpsc::Receiver<Consumed>,
         acks: mpsc::Sender<Pending>,
         shutdown: CancellationToken,
     ) -> Result<(), RunError> {
         let mut scratch = Scratch::default();
-        while let Some((msg, assignment)) = events.recv().await {
+        while let Some(Consumed {
+            msg,
+            assignment,
+            at,
+        }) = events.recv().await
+        {
             let payload = msg.payload().unwrap_or_default();
             if let Some((registry, id)) = self.engine.decoder.schema_to_fetch(payload) {
                 let (registry, what) = (registry.clone(), format!("schema id {id}"));
@@ -1068,7 +1082,7 @@ impl Worker {
                 self.shared.metrics.revoked_events_dropped.inc();
                 continue;
             }
-            let pending = match self.handle(&msg, assignment, &mut scratch).await {
+            let pending = match self.handle(&msg, assignment, at, &mut scratch).await {
                 Ok(Some(p)) => p,
                 // In the open transaction.
                 Ok(None) => continue,
@@ -1662,8 +1676,12 @@ pub async fn run_stream(
                     continue;
                 };
                 let route = m.partition().unsigned_abs() as usize % routes.len();
-                let owned = m.detach();
-                if routes[route].send((owned, assignment)).await.is_err() {
+                let consumed = Consumed {
+                    msg: m.detach(),
+                    assignment,
+                    at: Instant::now(),
+                };
+                if routes[route].send(consumed).await.is_err() {
                     break;
                 }
             }

@@ -537,8 +537,8 @@ impl Simulator {
         p.history += 1;
         p.last_time = p.last_time.max(time);
         Transaction {
-            transaction_id,
-            account_id: p.id.clone(),
+            transaction_id: transaction_id.into(),
+            account_id: p.id.clone().into(),
             amount: (amount.max(0.5) * 100.0).round() / 100.0,
             time,
             transaction_type: if credit {
@@ -546,10 +546,10 @@ impl Simulator {
             } else {
                 TransactionType::Debit
             },
-            location,
-            device_id: p.devices.pick(rng),
-            ip_address: ip,
-            merchant_id: merchant,
+            location: location.into(),
+            device_id: p.devices.pick(rng).into(),
+            ip_address: ip.into(),
+            merchant_id: merchant.into(),
             channel,
             customer_age: p.age,
             occupation: p.occupation,
@@ -587,7 +587,7 @@ impl Simulator {
 
     fn event(tx: &Transaction, label: Label) -> SimEvent {
         SimEvent {
-            key: tx.account_id.clone(),
+            key: tx.account_id.to_string(),
             payload: serde_json::to_vec(tx).unwrap_or_default(),
             label,
         }
@@ -603,19 +603,19 @@ impl Simulator {
             Label::AccountTakeover => {
                 let home = &self.profiles[account].home;
                 let elsewhere: Vec<&str> = CITIES.iter().copied().filter(|c| c != home).collect();
-                tx.device_id = Self::new_device(rng);
-                tx.ip_address = Self::new_ip(rng);
-                tx.location = elsewhere.choose(rng).map_or("Unknown", |c| c).to_string();
+                tx.device_id = Self::new_device(rng).into();
+                tx.ip_address = Self::new_ip(rng).into();
+                tx.location = elsewhere.choose(rng).map_or("Unknown", |c| c).into();
                 tx.login_attempts = rng.gen_range(3..=6);
                 tx.channel = Channel::Online;
                 events.push(Self::event(&tx, label));
                 let mut take = tx.clone();
-                take.transaction_id = format!("SIM{:09}", self.next_id);
+                take.transaction_id = format!("SIM{:09}", self.next_id).into();
                 self.next_id += 1;
                 take.time += rng.gen_range(60..900);
                 take.login_attempts = 1;
                 take.transaction_type = TransactionType::Debit;
-                take.merchant_id = Self::merchant(rng);
+                take.merchant_id = Self::merchant(rng).into();
                 let before = tx.balance;
                 take.amount = (before * rng.gen_range(0.7..0.99) * 100.0).round() / 100.0;
                 take.balance = ((before - take.amount) * 100.0).round() / 100.0;
@@ -630,7 +630,7 @@ impl Simulator {
                 for i in 0..n {
                     let mut probe = tx.clone();
                     if i > 0 {
-                        probe.transaction_id = format!("SIM{:09}", self.next_id);
+                        probe.transaction_id = format!("SIM{:09}", self.next_id).into();
                         self.next_id += 1;
                         t += rng.gen_range(5..90);
                     }
@@ -638,9 +638,9 @@ impl Simulator {
                     probe.amount = (rng.gen_range(0.5..5.0_f64) * 100.0).round() / 100.0;
                     probe.transaction_type = TransactionType::Debit;
                     probe.channel = Channel::Online;
-                    probe.merchant_id = merchant.clone();
-                    probe.device_id = device.clone();
-                    probe.ip_address = ip.clone();
+                    probe.merchant_id = merchant.clone().into();
+                    probe.device_id = device.clone().into();
+                    probe.ip_address = ip.clone().into();
                     probe.duration = rng.gen_range(8..30);
                     events.push(Self::event(&probe, label));
                 }
@@ -698,7 +698,7 @@ impl Simulator {
                     }
                 };
                 events.push(SimEvent {
-                    key: tx.account_id,
+                    key: tx.account_id.to_string(),
                     payload,
                     label,
                 });
@@ -925,7 +925,7 @@ mod tests {
         for _ in 0..20_000 {
             let tx = decode(&s.next_event());
             by_account
-                .entry(tx.account_id.clone())
+                .entry(tx.account_id.to_string())
                 .or_default()
                 .push(tx);
         }
@@ -981,22 +981,23 @@ mod tests {
     fn account_takeover_logs_in_from_somewhere_new_then_moves_most_of_the_balance() {
         let mut s = Simulator::new(5, 0.0, 0.0);
         s.chances = only("account_takeover").start_chances();
-        let mut seen_devices: std::collections::HashMap<String, Vec<String>> = Default::default();
+        let mut seen_devices: std::collections::HashMap<String, Vec<compact_str::CompactString>> =
+            Default::default();
         let mut takeovers: std::collections::HashMap<String, Vec<Transaction>> = Default::default();
         for _ in 0..50_000 {
             let e = s.next_event();
             let tx = decode(&e);
             if e.label != Label::AccountTakeover {
                 seen_devices
-                    .entry(tx.account_id.clone())
+                    .entry(tx.account_id.to_string())
                     .or_default()
-                    .push(tx.device_id);
+                    .push(tx.device_id.clone());
                 continue;
             }
-            let pair = takeovers.entry(tx.account_id.clone()).or_default();
+            let pair = takeovers.entry(tx.account_id.to_string()).or_default();
             if pair.is_empty() {
                 let known = seen_devices
-                    .get(&tx.account_id)
+                    .get(tx.account_id.as_str())
                     .cloned()
                     .unwrap_or_default();
                 assert!(known.len() >= 5 && !known.contains(&tx.device_id));

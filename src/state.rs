@@ -571,7 +571,7 @@ mod tests {
         let mut a = AccountState::default();
         for (i, t) in [1_000i64, 1_060, 90_000].into_iter().enumerate() {
             let tx = Transaction {
-                transaction_id: format!("TX{i}"),
+                transaction_id: format!("TX{i}").into(),
                 account_id: "AC1".into(),
                 amount: 12.5 * (i + 1) as f64,
                 time: t,
@@ -582,7 +582,7 @@ mod tests {
                 },
                 location: "Austin".into(),
                 device_id: "D1".into(),
-                ip_address: format!("10.0.0.{i}"),
+                ip_address: format!("10.0.0.{i}").into(),
                 merchant_id: "M1".into(),
                 channel: crate::decode::Channel::Online,
                 customer_age: 40,

@@ -130,11 +130,11 @@ struct Sampler {
 impl Sampler {
     fn observe(&mut self, tx: &Transaction, cfg: &FeatureConfig, limit: usize) {
         use rand::Rng;
-        if !self.accounts.contains_key(&tx.account_id) {
+        if !self.accounts.contains_key(tx.account_id.as_str()) {
             self.accounts
-                .insert(tx.account_id.clone(), AccountState::default());
+                .insert(tx.account_id.to_string(), AccountState::default());
         }
-        let Some(state) = self.accounts.get_mut(&tx.account_id) else {
+        let Some(state) = self.accounts.get_mut(tx.account_id.as_str()) else {
             return;
         };
         if state.last_time.is_some_and(|t| t > tx.time) {

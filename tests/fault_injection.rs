@@ -74,8 +74,12 @@ async fn a_refused_outcome_is_sent_again_until_the_broker_takes_it_and_nothing_p
     let events = in_event_time_order(bundled_history().unwrap().events);
     for tx in events.iter().take(30) {
         let body = serde_json::to_vec(tx).unwrap();
-        p.send(BaseRecord::to("tx").key(&tx.account_id).payload(&body))
-            .unwrap();
+        p.send(
+            BaseRecord::to("tx")
+                .key(tx.account_id.as_str())
+                .payload(&body),
+        )
+        .unwrap();
     }
     p.flush(Duration::from_secs(10)).unwrap();
 

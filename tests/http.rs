@@ -974,7 +974,7 @@ async fn an_account_shows_its_latest_scores_newest_first() {
             }
             vigil::pipeline::Outcome::Invalid(e) => panic!("{e}"),
         };
-        let e = last.entry(tx.account_id.clone()).or_insert((0, 0.0));
+        let e = last.entry(tx.account_id.to_string()).or_insert((0, 0.0));
         *e = (e.0 + 1, forest);
     }
     s.store.insert(0, state);

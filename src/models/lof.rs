@@ -209,11 +209,14 @@ impl BruteIndex {
     /// The `k` nearest rows to `q` as (distance, row), nearest first; ties go to the lower row.
     pub fn nearest(&self, q: &[f64], k: usize, out: &mut Vec<(f64, u32)>) {
         if self.filterable(q) {
-            self.arch.dispatch(Scan {
-                index: self,
-                queries: q,
-                k,
-                outs: std::slice::from_mut(out),
+            SCAN_BUFFERS.with_borrow_mut(|buffers| {
+                self.arch.dispatch(Scan {
+                    index: self,
+                    queries: q,
+                    k,
+                    outs: std::slice::from_mut(out),
+                    buffers,
+                })
             });
         } else {
             self.exact_scan(q, k, out);
@@ -228,11 +231,14 @@ impl BruteIndex {
         outs.resize_with(queries.len() / dims, Vec::new);
         for (group, outs) in queries.chunks(GROUP * dims).zip(outs.chunks_mut(GROUP)) {
             if self.filterable(group) {
-                self.arch.dispatch(Scan {
-                    index: self,
-                    queries: group,
-                    k,
-                    outs,
+                SCAN_BUFFERS.with_borrow_mut(|buffers| {
+                    self.arch.dispatch(Scan {
+                        index: self,
+                        queries: group,
+                        k,
+                        outs,
+                        buffers,
+                    })
                 });
             } else {
                 for (q, out) in group.chunks_exact(dims).zip(outs) {
@@ -299,7 +305,13 @@ impl BruteIndex {
     /// Filters the training rows for each of the row-major `queries` (at most [`GROUP`], all
     /// within [`FILTER_RANGE`]), then picks each one's k nearest exactly.
     #[inline(always)]
-    fn scan(&self, queries: &[f64], k: usize, outs: &mut [Vec<(f64, u32)>]) {
+    fn scan(
+        &self,
+        queries: &[f64],
+        k: usize,
+        outs: &mut [Vec<(f64, u32)>],
+        buffers: &mut ScanBuffers,
+    ) {
         for out in outs.iter_mut() {
             out.clear();
         }
@@ -311,24 +323,36 @@ impl BruteIndex {
             return;
         }
         let bound = RoundingBound::new(self.dims);
-        let mut filters: Vec<Filter> = queries
-            .chunks_exact(self.dims)
-            .map(|q| Filter::new(q, max_norm, k))
-            .collect();
+        let ScanBuffers {
+            filters,
+            fours,
+            distances,
+            sample,
+        } = buffers;
+        let queried = queries.len() / self.dims;
+        if filters.len() < queried {
+            filters.resize_with(queried, Filter::default);
+        }
+        let filters = &mut filters[..queried];
+        for (filter, q) in filters.iter_mut().zip(queries.chunks_exact(self.dims)) {
+            filter.reset(q, max_norm, k);
+        }
         // Up to four queries at a time, in single precision, dimension by dimension.
-        let fours: Vec<Vec<f32>> = queries
-            .chunks(4 * self.dims)
-            .map(|four| {
-                let n = four.len() / self.dims;
-                (0..four.len())
-                    .map(|i| four[(i % n) * self.dims + i / n] as f32)
-                    .collect()
-            })
-            .collect();
+        let groups = queried.div_ceil(4);
+        if fours.len() < groups {
+            fours.resize_with(groups, Vec::new);
+        }
+        let fours = &mut fours[..groups];
+        for (four, into) in queries.chunks(4 * self.dims).zip(fours.iter_mut()) {
+            let n = four.len() / self.dims;
+            into.clear();
+            into.extend((0..four.len()).map(|i| four[(i % n) * self.dims + i / n] as f32));
+        }
         // Pass one: every single-precision distance, query by query, in row order.
         let stride = self.dims * LANES;
         let padded = self.blocks.len() / self.dims;
-        let mut distances = vec![[[0.0f32; LANES]; 2]; filters.len() * padded / (2 * LANES)];
+        distances.clear();
+        distances.resize(queried * padded / (2 * LANES), [[0.0f32; LANES]; 2]);
         let per_query = padded / (2 * LANES);
         for (pair, blocks) in self.blocks.chunks_exact(2 * stride).enumerate() {
             let (first, second) = blocks.split_at(stride);
@@ -351,7 +375,7 @@ impl BruteIndex {
             .zip(outs)
             .zip(distances.chunks_exact(per_query))
         {
-            let sampled = sample_distance(distances, k);
+            let sampled = sample_distance(distances, k, sample);
             filter.limit = bound.limit(sampled, filter.slack);
             self.offer_all(distances, k, &bound, filter);
             // The rows dropped by the sample's limit are certainly farther than every row within
@@ -421,8 +445,9 @@ impl BruteIndex {
 /// A distance from the first row of each block pair: the sample's `⌈3k / 16⌉`-th nearest, which
 /// about 3k rows are expected to be within. Its limit is usually a little above that of the k-th
 /// nearest, so few rows are kept before the first shrink.
-fn sample_distance(distances: &[[[f32; LANES]; 2]], k: usize) -> f32 {
-    let mut sample: Vec<u32> = distances.iter().map(|d| d[0][0].to_bits()).collect();
+fn sample_distance(distances: &[[[f32; LANES]; 2]], k: usize, sample: &mut Vec<u32>) -> f32 {
+    sample.clear();
+    sample.extend(distances.iter().map(|d| d[0][0].to_bits()));
     if sample.is_empty() {
         return f32::INFINITY;
     }
@@ -441,6 +466,7 @@ fn norm_in_range(row: &[f64]) -> Option<f64> {
 /// One query's filter: the rows that may be among its k nearest, each as a key with the
 /// single-precision squared distance in the high 32 bits (so keys sort by distance, then row)
 /// and the row in the low 32 bits.
+#[derive(Default)]
 struct Filter {
     /// Bound of the rounding error's effect on a distance: `2.01 u (|row| + |query|)`.
     slack: f64,
@@ -453,15 +479,15 @@ struct Filter {
 }
 
 impl Filter {
-    fn new(q: &[f64], max_norm: f64, k: usize) -> Self {
+    /// Makes this the filter of a new query (its keys' memory kept from the last).
+    fn reset(&mut self, q: &[f64], max_norm: f64, k: usize) {
         let norm = norm_in_range(q).unwrap_or(f64::INFINITY);
-        Self {
-            slack: 2.01 * f64::from(f32::EPSILON / 2.0) * (max_norm + norm) + SUBNORMAL_SLACK,
-            limit: f32::INFINITY,
-            keys: vec![0; 4 * k + 2 * LANES],
-            len: 0,
-            shrink_at: 4 * k,
-        }
+        self.slack = 2.01 * f64::from(f32::EPSILON / 2.0) * (max_norm + norm) + SUBNORMAL_SLACK;
+        self.limit = f32::INFINITY;
+        // Only the first `len` are ever read, and each is written first.
+        self.keys.resize(4 * k + 2 * LANES, 0);
+        self.len = 0;
+        self.shrink_at = 4 * k;
     }
 
     fn kept(&self) -> &[u64] {
@@ -570,6 +596,23 @@ struct Scan<'a> {
     queries: &'a [f64],
     k: usize,
     outs: &'a mut [Vec<(f64, u32)>],
+    buffers: &'a mut ScanBuffers,
+}
+
+/// The scan's working memory — a filter per query, the queries in single precision, their
+/// distances to every row, the sample — kept per thread between scans: the stream scores one
+/// event at a time, and allocating these for each (six blocks, about 10 KB) cost more than
+/// the arithmetic that fills them.
+#[derive(Default)]
+struct ScanBuffers {
+    filters: Vec<Filter>,
+    fours: Vec<Vec<f32>>,
+    distances: Vec<[[f32; LANES]; 2]>,
+    sample: Vec<u32>,
+}
+
+thread_local! {
+    static SCAN_BUFFERS: std::cell::RefCell<ScanBuffers> = std::cell::RefCell::default();
 }
 
 /// (distance, row) order: nearer first, ties to the lower row.
@@ -594,7 +637,8 @@ impl pulp::WithSimd for Scan<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        self.index.scan(self.queries, self.k, self.outs);
+        self.index
+            .scan(self.queries, self.k, self.outs, self.buffers);
     }
 }
 

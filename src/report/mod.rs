@@ -46,8 +46,8 @@ impl ModelOutcome {
     ) -> Self {
         Self {
             error: None,
-            transaction_id: tx.transaction_id.clone(),
-            account_id: tx.account_id.clone(),
+            transaction_id: tx.transaction_id.to_string(),
+            account_id: tx.account_id.to_string(),
             time: tx.time,
             forest: v[0].score,
             forest_flag: v[0].flagged,
