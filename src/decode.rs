@@ -631,7 +631,7 @@ pub fn validate(raw: RawTransaction) -> Result<Transaction, DecodeError> {
     let account_id = text(raw.account_id, "AccountID")?;
     let amount = ranged(raw.amount, "TransactionAmount", 0.0, 1_000_000.0)?;
     let date = text(raw.date, "TransactionDate")?;
-    let time = parse_time(&date).ok_or(DecodeError::BadTimestamp {
+    let time = parse_time(&date).ok_or_else(|| DecodeError::BadTimestamp {
         field: "TransactionDate",
         value: date.into(),
     })?;

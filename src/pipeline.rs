@@ -22,7 +22,7 @@ use crate::state::{AccountState, PartitionState, RecentScore};
 pub enum Outcome {
     /// Scored; the models did not agree it is anomalous. The transaction is handed back for
     /// callers that report on every event (replay).
-    Clean(Scored, Box<Transaction>),
+    Clean(Scored, Transaction),
     /// Scored and alerted.
     Alert(Box<Alert>, Scored),
     /// Rejected by decode or validation.
@@ -312,7 +312,7 @@ impl Engine {
         };
         match alert {
             Some(alert) => Outcome::Alert(Box::new(alert), scored),
-            None => Outcome::Clean(scored, Box::new(tx)),
+            None => Outcome::Clean(scored, tx),
         }
     }
 

@@ -23,7 +23,7 @@ use crate::models::{Contribution, Verdict};
 /// Where an event came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SourceCoordinates {
-    pub topic: String,
+    pub topic: std::sync::Arc<str>,
     pub partition: i32,
     pub offset: i64,
     /// The record's timestamp (seconds since the epoch), if it has one: the moment it was
@@ -267,7 +267,7 @@ pub fn dead_letter_headers(
         })
         .insert(Header {
             key: "source.topic",
-            value: Some(source.topic.as_str()),
+            value: Some(&*source.topic),
         })
         .insert(Header {
             key: "source.partition",

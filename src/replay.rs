@@ -178,7 +178,7 @@ impl Candidate {
             return None;
         }
         let source = SourceCoordinates {
-            topic: topic.to_string(),
+            topic: topic.into(),
             partition: e.partition,
             offset: e.offset,
             published_at: e.published_at,

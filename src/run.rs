@@ -630,6 +630,8 @@ struct Worker {
     transactions: Option<Arc<Transactions>>,
     /// `pipeline.max_accounts`: the instance's bound, shared by the partitions it owns.
     max_accounts: Option<usize>,
+    /// The input topic, named by every alert's source: shared, not copied per event.
+    input_topic: Arc<str>,
     shutdown: CancellationToken,
 }
 
@@ -881,7 +883,7 @@ impl Worker {
             }
         }
         let source = SourceCoordinates {
-            topic: msg.topic().to_string(),
+            topic: self.input_topic.clone(),
             partition,
             offset,
             published_at: crate::ingest::published_at(msg),
@@ -1629,6 +1631,7 @@ pub async fn run_stream(
             snapshot_due: HashSet::new(),
             transactions: transactions.clone(),
             max_accounts: cfg.max_accounts,
+            input_topic: cfg.kafka.transactions_topic.as_str().into(),
             shutdown: shutdown.clone(),
         };
         tasks.spawn(worker.run(events_rx, acks_tx, shutdown.clone()));
