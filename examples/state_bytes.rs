@@ -30,6 +30,19 @@ fn main() {
         n.iter().sum::<u64>() as f64 / n.len() as f64,
         p.bytes()
     );
+    let started = std::time::Instant::now();
+    let total = std::hint::black_box(p.bytes());
+    let exact_took = started.elapsed();
+    let started = std::time::Instant::now();
+    let estimate = std::hint::black_box(p.bytes_estimate());
+    println!(
+        "over {} accounts, PartitionState::bytes(): {} in {:.2} ms; bytes_estimate(): {} in {:.2} ms",
+        p.accounts.len(),
+        total,
+        exact_took.as_secs_f64() * 1e3,
+        estimate,
+        started.elapsed().as_secs_f64() * 1e3
+    );
     println!(
         "of which inline (the struct itself): {} bytes",
         std::mem::size_of::<vigil::state::AccountState>()

@@ -30,7 +30,7 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram,
     /// Accounts held in memory.
     pub accounts_tracked: IntGauge,
-    /// Approximate bytes of per-account state.
+    /// Bytes of per-account state, estimated ([`crate::state::PartitionState::bytes_estimate`]).
     pub state_bytes: IntGauge,
     /// Accounts forgotten to stay within `pipeline.max_accounts`.
     pub state_evicted_accounts: IntCounter,
@@ -175,7 +175,7 @@ impl Metrics {
             )?),
             state_bytes: register!(IntGauge::new(
                 "state_bytes",
-                "Approximate bytes of per-account state"
+                "Bytes of per-account state (exact up to 4,096 accounts a partition, scaled from a sample of that many above)"
             )?),
             state_evicted_accounts: register!(IntCounter::new(
                 "state_evicted_accounts_total",

@@ -1312,7 +1312,7 @@ async fn report_state(shared: Shared, shutdown: CancellationToken) {
                 let (mut accounts, mut bytes) = (0usize, 0usize);
                 for p in shared.store.iter() {
                     accounts += p.accounts.len();
-                    bytes += p.bytes();
+                    bytes += p.bytes_estimate();
                 }
                 shared.metrics.accounts_tracked.set(accounts as i64);
                 shared.metrics.state_bytes.set(bytes as i64);
