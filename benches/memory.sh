@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The whole process's resident memory with many accounts, on the real broker:
+#
+#   benches/memory.sh [ACCOUNTS] [EVENTS_PER_ACCOUNT]     default 1000000 4
+#   VIGIL_BIN=path/to/vigil benches/memory.sh …             that build instead of this tree's
+#
+# Fills a 6-partition topic with ACCOUNTS × EVENTS_PER_ACCOUNT simulated events, runs
+# `vigil run` (release, the default model, the changelog on, at-least-once) over all of it, and
+# prints, once every event is acknowledged, the accounts it holds (`vigil_accounts_tracked`),
+# its estimate of their state (`vigil_state_bytes`) and the process's resident set (VmRSS, and
+# VmHWM, its peak) — models, buffers, the alert index and librdkafka's queues included — next to
+# the same process's resident set before its first event.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+accounts=${1:-1000000}
+per_account=${2:-4}
+events=$((accounts * per_account))
+partitions=6
+port=18092
+
+vigil=${VIGIL_BIN:-target/release/vigil}
+[ -n "${VIGIL_BIN:-}" ] || cargo build --release --quiet
+kafka/broker.sh status >/dev/null 2>&1 || kafka/broker.sh start
+brokers=$(kafka/broker.sh bootstrap)
+run=bench-memory-$(date +%s)
+work=$(mktemp -d)
+cleanup() {
+  [ -f "$work/pid" ] && kill -TERM "$(cat "$work/pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+for t in "$run" "$run-alerts" "$run-dlq"; do kafka/broker.sh topic "$t" "$partitions" >/dev/null 2>&1; done
+export VIGIL_KAFKA__BROKERS="$brokers" VIGIL_KAFKA__TOPICS__TRANSACTIONS="$run"
+
+VIGIL_KAFKA__TOPICS__ALERTS="$run-alerts" VIGIL_KAFKA__TOPICS__DEAD_LETTER="$run-dlq" \
+  VIGIL_KAFKA__GROUP_ID="$run-vigil" VIGIL_SERVER__ADDR="127.0.0.1:$port" \
+  VIGIL_SERVER__RATE_LIMIT__PER_SECOND=0 VIGIL_LOG__FILTER=warn VIGIL_MODELS__DIR="$work/model" \
+  "$vigil" run >"$work/vigil.log" 2>&1 &
+echo $! >"$work/pid"
+
+echo "== $events events of $accounts accounts on $run ($partitions partitions)"
+python3 - "$port" "$events" "$(cat "$work/pid")" "$vigil" "$accounts" <<'EOF'
+import re, subprocess, sys, time, urllib.request
+
+port, events, pid, vigil, accounts = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+
+def metrics():
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+def value(text, name):
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text or "", re.M)
+    return float(m.group(1)) if m else 0.0
+
+def status(field):
+    with open(f"/proc/{pid}/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) * 1024
+
+deadline = time.time() + 120
+while metrics() is None:
+    if time.time() > deadline:
+        sys.exit("vigil did not serve /metrics in 2 minutes")
+    time.sleep(0.5)
+time.sleep(2)
+idle = status("VmRSS")
+print(f"vigil resident before its first event: {idle / 1e6:.0f} MB")
+
+subprocess.run([vigil, "simulate", "--count", str(events), "--rate", "1000000", "--accounts",
+                accounts, "--seed", "3"], check=True, stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL)
+deadline = time.time() + 1800
+while value(metrics(), "vigil_end_to_end_seconds_count") < events:
+    if time.time() > deadline:
+        sys.exit("vigil did not finish in 30 minutes")
+    time.sleep(1)
+# The state gauge is refreshed every 5 s.
+time.sleep(6)
+text = metrics()
+held = value(text, "vigil_accounts_tracked")
+indexed = value(text, "vigil_alert_index_size")
+state = value(text, "vigil_state_bytes")
+rss, peak = status("VmRSS"), status("VmHWM")
+print(f"accounts held: {held:.0f}; their state (vigil_state_bytes): {state / 1e6:.0f} MB, "
+      f"{state / max(held, 1):.0f} bytes each")
+print(f"vigil resident: {rss / 1e6:.0f} MB ({(rss - idle) / max(held, 1):.0f} bytes per account "
+      f"above the idle process), peak {peak / 1e6:.0f} MB; alerts in the triage index: {indexed:.0f}")
+EOF
