@@ -27,19 +27,8 @@ partitions=6
 port=18091
 
 # VIGIL_BIN: another build to measure (an A/B of two versions on one noisy host).
-vigil=${VIGIL_BIN:-target/release/vigil}
-[ -n "${VIGIL_BIN:-}" ] || cargo build --release --quiet
-kafka/broker.sh status >/dev/null 2>&1 || kafka/broker.sh start
-brokers=$(kafka/broker.sh bootstrap)
-run=bench-broker-$(date +%s)
-work=$(mktemp -d)
-cleanup() {
-  [ -f "$work/pid" ] && kill -TERM "$(cat "$work/pid")" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-for t in "$run" "$run-alerts" "$run-dlq"; do kafka/broker.sh topic "$t" "$partitions" >/dev/null 2>&1; done
-export VIGIL_KAFKA__BROKERS="$brokers" VIGIL_KAFKA__TOPICS__TRANSACTIONS="$run"
+source benches/stream-env.sh
+bench_setup bench-broker "$partitions"
 
 echo "== $events events on $run ($partitions partitions)"
 "$vigil" simulate --count "$events" --rate 1000000 --accounts 20000 --seed 1 >/dev/null 2>&1
@@ -56,10 +45,7 @@ kafka_rate=$(printf '%s\n' "${kafka_rates[@]}" | sort -g | sed -n 2p)
 printf 'Kafka ConsumerPerformance: %.0f events/s (the median of %s/s)\n' "$kafka_rate" \
   "$(printf '%.0f ' "${kafka_rates[@]}" | sed 's/ $//; s/ /, /g')"
 
-VIGIL_KAFKA__TOPICS__ALERTS="$run-alerts" VIGIL_KAFKA__TOPICS__DEAD_LETTER="$run-dlq" \
-  VIGIL_KAFKA__GROUP_ID="$run-vigil" VIGIL_SERVER__ADDR="127.0.0.1:$port" \
-  VIGIL_SERVER__RATE_LIMIT__PER_SECOND=0 VIGIL_LOG__FILTER=warn VIGIL_MODELS__DIR="$work/model" \
-  "$vigil" run >"$work/vigil.log" 2>&1 &
+VIGIL_KAFKA__GROUP_ID="$run-vigil" VIGIL_SERVER__ADDR="127.0.0.1:$port" "$vigil" run >"$work/vigil.log" 2>&1 &
 echo $! >"$work/pid"
 
 # Polls /metrics: the acknowledged-event rate until EVENTS are done, then the open-loop

@@ -18,24 +18,10 @@ events=$((accounts * per_account))
 partitions=6
 port=18092
 
-vigil=${VIGIL_BIN:-target/release/vigil}
-[ -n "${VIGIL_BIN:-}" ] || cargo build --release --quiet
-kafka/broker.sh status >/dev/null 2>&1 || kafka/broker.sh start
-brokers=$(kafka/broker.sh bootstrap)
-run=bench-memory-$(date +%s)
-work=$(mktemp -d)
-cleanup() {
-  [ -f "$work/pid" ] && kill -TERM "$(cat "$work/pid")" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-for t in "$run" "$run-alerts" "$run-dlq"; do kafka/broker.sh topic "$t" "$partitions" >/dev/null 2>&1; done
-export VIGIL_KAFKA__BROKERS="$brokers" VIGIL_KAFKA__TOPICS__TRANSACTIONS="$run"
+source benches/stream-env.sh
+bench_setup bench-memory "$partitions"
 
-VIGIL_KAFKA__TOPICS__ALERTS="$run-alerts" VIGIL_KAFKA__TOPICS__DEAD_LETTER="$run-dlq" \
-  VIGIL_KAFKA__GROUP_ID="$run-vigil" VIGIL_SERVER__ADDR="127.0.0.1:$port" \
-  VIGIL_SERVER__RATE_LIMIT__PER_SECOND=0 VIGIL_LOG__FILTER=warn VIGIL_MODELS__DIR="$work/model" \
-  "$vigil" run >"$work/vigil.log" 2>&1 &
+VIGIL_KAFKA__GROUP_ID="$run-vigil" VIGIL_SERVER__ADDR="127.0.0.1:$port" "$vigil" run >"$work/vigil.log" 2>&1 &
 echo $! >"$work/pid"
 
 echo "== $events events of $accounts accounts on $run ($partitions partitions)"

@@ -18,21 +18,8 @@ events=${1:-300000}
 rounds=${2:-2}
 partitions=6
 
-vigil=${VIGIL_BIN:-target/release/vigil}
-[ -n "${VIGIL_BIN:-}" ] || cargo build --release --quiet
-kafka/broker.sh status >/dev/null 2>&1 || kafka/broker.sh start
-brokers=$(kafka/broker.sh bootstrap)
-run=bench-scale-$(date +%s)
-work=$(mktemp -d)
-cleanup() {
-  for p in "$work"/pid.*; do [ -f "$p" ] && kill -TERM "$(cat "$p")" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-for t in "$run" "$run-alerts" "$run-dlq"; do kafka/broker.sh topic "$t" "$partitions" >/dev/null 2>&1; done
-export VIGIL_KAFKA__BROKERS="$brokers" VIGIL_KAFKA__TOPICS__TRANSACTIONS="$run" \
-  VIGIL_KAFKA__TOPICS__ALERTS="$run-alerts" VIGIL_KAFKA__TOPICS__DEAD_LETTER="$run-dlq" \
-  VIGIL_SERVER__RATE_LIMIT__PER_SECOND=0 VIGIL_LOG__FILTER=warn VIGIL_MODELS__DIR="$work/model"
+source benches/stream-env.sh
+bench_setup bench-scale "$partitions"
 
 echo "== $events events on $run ($partitions partitions)"
 "$vigil" simulate --count "$events" --rate 1000000 --accounts 20000 --seed 1 >/dev/null 2>&1
