@@ -630,7 +630,8 @@ struct Worker {
     transactions: Option<Arc<Transactions>>,
     /// `pipeline.max_accounts`: the instance's bound, shared by the partitions it owns.
     max_accounts: Option<usize>,
-    /// The input topic, named by every alert's source: shared, not copied per event.
+    /// The input topic as configured, named by every alert's source: shared, not copied per
+    /// event.
     input_topic: Arc<str>,
     shutdown: CancellationToken,
 }
@@ -882,8 +883,14 @@ impl Worker {
                 return Ok(None);
             }
         }
+        // The configured name, shared, unless the subscription is a pattern (`^…`).
+        let topic = if msg.topic() == &*self.input_topic {
+            self.input_topic.clone()
+        } else {
+            msg.topic().into()
+        };
         let source = SourceCoordinates {
-            topic: self.input_topic.clone(),
+            topic,
             partition,
             offset,
             published_at: crate::ingest::published_at(msg),
