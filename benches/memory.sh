@@ -67,7 +67,7 @@ while value(metrics(), "vigil_end_to_end_seconds_count") < events:
 time.sleep(6)
 text = metrics()
 held = value(text, "vigil_accounts_tracked")
-indexed = value(text, "vigil_alert_index_size")
+indexed = value(text, "vigil_alert_index_alerts")
 state = value(text, "vigil_state_bytes")
 rss, peak = status("VmRSS"), status("VmHWM")
 print(f"accounts held: {held:.0f}; their state (vigil_state_bytes): {state / 1e6:.0f} MB, "
