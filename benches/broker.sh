@@ -51,21 +51,16 @@ echo $! >"$work/pid"
 # Polls /metrics: the acknowledged-event rate until EVENTS are done, then the open-loop
 # latency over the offered load.
 python3 - "$port" "$events" "$rate" "$seconds" "$vigil" "$kafka_rate" <<'EOF'
-import re, subprocess, sys, time, urllib.request
+import re, subprocess, sys, time
+sys.path.insert(0, "benches")
+import vigil_metrics
+from vigil_metrics import value
 
 port, vigil = sys.argv[1], sys.argv[5]
 events, rate, seconds, kafka_rate = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[6])
 
 def metrics():
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
-    except OSError:
-        return None
-
-def value(text, name):
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return vigil_metrics.metrics(port)
 
 def buckets(text):
     return [(float("inf") if le == "+Inf" else float(le), float(n)) for le, n in

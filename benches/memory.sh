@@ -26,20 +26,15 @@ echo $! >"$work/pid"
 
 echo "== $events events of $accounts accounts on $run ($partitions partitions)"
 python3 - "$port" "$events" "$(cat "$work/pid")" "$vigil" "$accounts" <<'EOF'
-import re, subprocess, sys, time, urllib.request
+import re, subprocess, sys, time
+sys.path.insert(0, "benches")
+import vigil_metrics
+from vigil_metrics import value
 
 port, events, pid, vigil, accounts = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 
 def metrics():
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
-    except OSError:
-        return None
-
-def value(text, name):
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text or "", re.M)
-    return float(m.group(1)) if m else 0.0
+    return vigil_metrics.metrics(port)
 
 def status(field):
     with open(f"/proc/{pid}/status") as f:
