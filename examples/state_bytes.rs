@@ -17,6 +17,9 @@ fn main() {
             });
         }
     }
+    let started = std::time::Instant::now();
+    let total = std::hint::black_box(p.bytes());
+    let exact_took = started.elapsed();
     let mut b: Vec<usize> = p.accounts.values().map(|a| a.bytes()).collect();
     b.sort();
     let n: Vec<u64> = p.accounts.values().map(|a| a.transactions).collect();
@@ -28,11 +31,8 @@ fn main() {
         b[b.len() * 99 / 100],
         b[b.len() - 1],
         n.iter().sum::<u64>() as f64 / n.len() as f64,
-        p.bytes()
+        total
     );
-    let started = std::time::Instant::now();
-    let total = std::hint::black_box(p.bytes());
-    let exact_took = started.elapsed();
     let started = std::time::Instant::now();
     let estimate = std::hint::black_box(p.bytes_estimate());
     println!(
