@@ -63,10 +63,13 @@ time.sleep(6)
 text = metrics()
 held = value(text, "vigil_accounts_tracked")
 indexed = value(text, "vigil_alert_index_alerts")
+index_bytes = value(text, "vigil_alert_index_bytes")
 state = value(text, "vigil_state_bytes")
 rss, peak = status("VmRSS"), status("VmHWM")
 print(f"accounts held: {held:.0f}; their state (vigil_state_bytes): {state / 1e6:.0f} MB, "
       f"{state / max(held, 1):.0f} bytes each")
 print(f"vigil resident: {rss / 1e6:.0f} MB ({(rss - idle) / max(held, 1):.0f} bytes per account "
-      f"above the idle process), peak {peak / 1e6:.0f} MB; alerts in the triage index: {indexed:.0f}")
+      f"above the idle process), peak {peak / 1e6:.0f} MB")
+print(f"alerts in the triage index: {indexed:.0f}, {index_bytes / 1e6:.0f} MB "
+      f"({index_bytes / max(indexed, 1):.0f} bytes each; alerts.index_memory_mb of it in memory)")
 EOF

@@ -214,6 +214,7 @@ pub struct RawAlerts {
     pub top_features: usize,
     pub encoding: Encoding,
     pub index_window_days: f64,
+    pub index_memory_mb: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -461,6 +462,7 @@ impl Default for RawAlerts {
             top_features: 3,
             encoding: Encoding::Json,
             index_window_days: 30.0,
+            index_memory_mb: 64,
         }
     }
 }
@@ -611,6 +613,7 @@ impl Default for TriageSettings {
                 RawAlerts::default().index_window_days * 86_400.0,
             ),
             feedback_topic: RawTopics::default().feedback,
+            index_memory_bytes: u64::from(RawAlerts::default().index_memory_mb) << 20,
         }
     }
 }
@@ -1052,6 +1055,12 @@ impl RawConfig {
                 format!("{window_days} is outside (0, 3650]"),
             ));
         }
+        if !(1..=65_536).contains(&self.alerts.index_memory_mb) {
+            return Err(invalid(
+                "alerts.index_memory_mb",
+                format!("{} is outside 1..=65536", self.alerts.index_memory_mb),
+            ));
+        }
         if self.alerts.top_features > 32 {
             return Err(invalid(
                 "alerts.top_features",
@@ -1166,6 +1175,7 @@ impl RawConfig {
             triage: TriageSettings {
                 window: std::time::Duration::from_secs_f64(window_days * 86_400.0),
                 feedback_topic: feedback,
+                index_memory_bytes: u64::from(self.alerts.index_memory_mb) << 20,
             },
             server: ServerSettings {
                 addr: server_addr,

@@ -86,6 +86,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Alerts in this instance's triage index (the window of the alerts topic).
     pub alert_index_size: IntGauge,
+    /// Bytes of the triage index (its cache and its temporary file together).
+    pub alert_index_bytes: IntGauge,
     /// Verdicts this instance published, by verdict.
     pub verdicts: IntCounterVec,
     /// HTTP request latency by matched route.
@@ -297,6 +299,10 @@ impl Metrics {
             alert_index_size: register!(IntGauge::new(
                 "alert_index_alerts",
                 "Alerts in the triage index: those published within alerts.index_window_days"
+            )?),
+            alert_index_bytes: register!(IntGauge::new(
+                "alert_index_bytes",
+                "Bytes of the triage index's tables: at most alerts.index_memory_mb of them in memory, the rest in its temporary file"
             )?),
             verdicts: register!(IntCounterVec::new(
                 Opts::new(

@@ -138,6 +138,7 @@ pub async fn follow(
                     tracing::warn!(error.message = %e, "alert index: forgetting old alerts failed");
                 }
                 metrics.alert_index_size.set(triage.index.len().map_or(0, |n| n as i64));
+                metrics.alert_index_bytes.set(triage.index.bytes().map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
             }
             m = consumer.recv() => {
                 let outcome = match &m {

@@ -9,11 +9,12 @@
 //!   verdict per alert survives compaction) and read back from it by every instance, at start
 //!   and as it comes; backtests read the same topic for labels ([`VerdictRecord`]).
 //!
-//! The index is SQLite in memory (rusqlite, bundled): searching alerts is filtering and ordering
-//! on a handful of columns with paging, which is what a SQL engine with indexes does well, and an
-//! in-memory database needs no server, no files and no migration, since it is rebuilt from the
-//! topics at start. A window holds what analysts review (alerts are about 1 % of the events), so
-//! memory stays small: about 3 KB per alert, the alert's JSON and its indexed columns.
+//! The index is SQLite (rusqlite, bundled): searching alerts is filtering and ordering on a
+//! handful of columns with paging, which is what a SQL engine with indexes does well. It is a
+//! private temporary database, rebuilt from the topics at start, so it needs no server, no
+//! migration and nothing left on disk. It takes about 2.2 KB per alert (the alert's JSON and its
+//! indexed columns): a month of a bank's alerts is gigabytes, so at most
+//! `alerts.index_memory_mb` of it stays in memory and the rest waits in the database's file.
 
 pub mod calibration;
 pub mod follow;
@@ -35,6 +36,8 @@ pub struct TriageSettings {
     pub window: Duration,
     /// The compacted topic of verdicts, keyed by alert id.
     pub feedback_topic: String,
+    /// The index's page cache; what does not fit waits on disk (`alerts.index_memory_mb`).
+    pub index_memory_bytes: u64,
 }
 
 /// What an analyst concluded about an alert.
@@ -246,10 +249,33 @@ pub struct AlertIndex {
 }
 
 impl AlertIndex {
-    pub fn new() -> Result<Self, TriageError> {
-        let db = Connection::open_in_memory()?;
+    /// An empty index that keeps at most `memory_bytes` of its pages in memory.
+    ///
+    /// It is a private temporary database: SQLite creates its file in `$SQLITE_TMPDIR` (else
+    /// `$TMPDIR`, `/var/tmp`, `/tmp`), unlinked at once, so nothing is left behind however the
+    /// process ends. The pages live in the cache and reach the file only when the cache is
+    /// full: a small index never touches the disk, and a month of a bank's alerts (gigabytes)
+    /// costs the page cache, not the heap.
+    pub fn new(memory_bytes: u64) -> Result<Self, TriageError> {
+        let db = Connection::open("")?;
+        // A negative cache size is in KiB. Nothing here needs to survive a crash (the index is
+        // rebuilt from the topics at start), so the journal stays in memory and nothing is synced.
+        let cache_kib = i64::try_from(memory_bytes >> 10)
+            .unwrap_or(i64::MAX)
+            .max(64);
+        db.execute_batch(&format!(
+            "PRAGMA cache_size = -{cache_kib}; PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF;"
+        ))?;
         db.execute_batch(SCHEMA)?;
         Ok(Self { db: Mutex::new(db) })
+    }
+
+    /// Bytes the index's tables and indexes take (in its cache and file together).
+    pub fn bytes(&self) -> Result<u64, TriageError> {
+        let db = self.db();
+        let pages: i64 = db.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let page_size: i64 = db.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(u64::try_from(pages.saturating_mul(page_size)).unwrap_or(0))
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -523,7 +549,7 @@ pub struct Triage {
 impl Triage {
     pub fn new(settings: TriageSettings) -> Result<Self, TriageError> {
         Ok(Self {
-            index: AlertIndex::new()?,
+            index: AlertIndex::new(settings.index_memory_bytes)?,
             settings,
             publisher: Mutex::new(None),
             thresholds: Mutex::new(HashMap::new()),
@@ -714,7 +740,7 @@ mod tests {
     }
 
     fn index() -> AlertIndex {
-        let index = AlertIndex::new().unwrap();
+        let index = AlertIndex::new(1 << 20).unwrap();
         index
             .add(
                 &alert(
@@ -927,6 +953,39 @@ mod tests {
             index.add(&broken, 1),
             Err(TriageError::Incomplete("account_id"))
         ));
+    }
+
+    #[test]
+    fn an_index_larger_than_its_memory_spills_to_its_file_and_finds_every_alert() {
+        let index = AlertIndex::new(64 << 10).unwrap();
+        let filler = "x".repeat(400);
+        for i in 0..2_000 {
+            let time = format!(
+                "2024-01-{:02} {:02}:{:02}:00",
+                1 + i / 1440,
+                i / 60 % 24,
+                i % 60
+            );
+            let account = format!("AC{}", i % 10);
+            let a = alert(&format!("a{i:04}"), &account, &time, "high", 1.0, &filler);
+            index.add(&a, i64::from(i)).unwrap();
+        }
+        // Sixteen times the cache: most pages live only in the file.
+        assert!(index.bytes().unwrap() > 16 * (64 << 10));
+        assert_eq!(index.len().unwrap(), 2_000);
+        let page = index
+            .search(&AlertQuery {
+                account: Some("AC3".into()),
+                limit: 5,
+                ..query()
+            })
+            .unwrap();
+        assert_eq!(page.total, 200);
+        assert_eq!(ids(&page), ["a1993", "a1983", "a1973", "a1963", "a1953"]);
+        assert_eq!(
+            index.get("a0007").unwrap().unwrap().alert["account_id"],
+            "AC7"
+        );
     }
 
     #[test]
