@@ -13,6 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use compact_str::CompactString;
+use ecow::EcoString;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -22,19 +23,47 @@ use crate::decode::{Transaction, TransactionType};
 /// One slot of a [`FrequentValues`] sketch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Slot {
-    /// Inline up to 24 bytes (an IPv4 address, a device or merchant id, a city): no allocation
-    /// of its own, where a boxed string costs a 32-byte heap chunk besides its 16 bytes.
-    pub value: CompactString,
+    /// Inline up to 15 bytes (an IPv4 address, a device or merchant id, most cities) in 16, so
+    /// that a slot is 24 bytes: a boxed string would cost a 32-byte heap chunk besides its 16,
+    /// and a 24-byte inline one a third more per slot.
+    pub value: EcoString,
     pub count: u32,
     /// Order of first arrival into the sketch; breaks count ties toward the older value.
     arrival: u32,
 }
 
 /// Space-Saving heavy-hitter sketch with a fixed number of slots.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// The count of arrivals so far is not stored: the latest newcomer always takes a slot, so it is
+/// the largest arrival among the slots. It is still written, so the format stays what it was.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "SketchRecord")]
 pub struct FrequentValues {
     slots: Vec<Slot>,
-    arrivals: u32,
+}
+
+/// [`FrequentValues`] as the changelog holds it.
+#[derive(Deserialize)]
+struct SketchRecord {
+    slots: Vec<Slot>,
+    /// Read and dropped: the slots tell it.
+    _arrivals: u32,
+}
+
+impl From<SketchRecord> for FrequentValues {
+    fn from(r: SketchRecord) -> Self {
+        Self { slots: r.slots }
+    }
+}
+
+impl Serialize for FrequentValues {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut record = serializer.serialize_struct("FrequentValues", 2)?;
+        record.serialize_field("slots", &self.slots)?;
+        record.serialize_field("arrivals", &self.arrivals())?;
+        record.end()
+    }
 }
 
 impl FrequentValues {
@@ -58,17 +87,20 @@ impl FrequentValues {
         &self.slots
     }
 
+    fn arrivals(&self) -> u32 {
+        self.slots.iter().map(|s| s.arrival).max().unwrap_or(0)
+    }
+
     /// Counts one occurrence of `value`, replacing the least counted slot when all are taken.
     pub fn observe(&mut self, value: &str, capacity: usize) {
         if let Some(slot) = self.slots.iter_mut().find(|s| &*s.value == value) {
             slot.count += 1;
             return;
         }
-        self.arrivals += 1;
         let fresh = Slot {
             value: value.into(),
             count: 1,
-            arrival: self.arrivals,
+            arrival: self.arrivals() + 1,
         };
         if self.slots.len() < capacity {
             // Room for exactly one more: the default growth would double to 4 and 8 slots.
@@ -92,8 +124,9 @@ impl FrequentValues {
             + self
                 .slots
                 .iter()
-                .filter(|s| s.value.is_heap_allocated())
-                .map(|s| s.value.capacity())
+                .filter(|s| s.value.len() > EcoString::INLINE_LIMIT)
+                // Longer values live in a shared buffer behind a 16-byte header.
+                .map(|s| s.value.len() + 16)
                 .sum::<usize>()
     }
 }
@@ -102,7 +135,10 @@ impl FrequentValues {
 pub const RECENT_SCORES: usize = 5;
 
 /// One scored event of an account. `f32` scores: this is for people, not for the models.
+/// Packed, 17 bytes where alignment would make it 24: five of them fit a 96-byte heap chunk
+/// instead of a 128-byte one. Read its fields by value (`{ score.lof }`), never by reference.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[repr(C, packed)]
 pub struct RecentScore {
     pub time: i64,
     pub forest: f32,
@@ -588,8 +624,8 @@ mod tests {
         assert_eq!(f.most_frequent(), Some("home"));
     }
 
-    #[test]
-    fn an_account_state_survives_its_bytes_exactly_and_foreign_bytes_are_refused() {
+    /// An account of three events (a debit, a credit, a debit a day later) and one score.
+    fn sample_state() -> AccountState {
         let cfg = FeatureConfig::default();
         let mut a = AccountState::default();
         for (i, t) in [1_000i64, 1_060, 90_000].into_iter().enumerate() {
@@ -623,6 +659,33 @@ mod tests {
             lof: 1.7,
             alert: true,
         });
+        a
+    }
+
+    #[test]
+    fn format_1_bytes_are_what_earlier_versions_wrote_so_their_changelogs_restore() {
+        let hex: String = sample_state()
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // As fa438f8 wrote it, when sketch values were 24-byte strings: the format is the data,
+        // not the types that hold it in memory.
+        assert_eq!(
+            hex,
+            concat!(
+                "01010000000000c0424001000000000000404001a0fe0a03030831302e302e302e3001010831302e",
+                "302e302e3101020831302e302e302e32010303010641757374696e0301010102443103010101024d",
+                "310301010208668fa36d0309408a96921b6292e13f01cd1af0ea94100a4000000000000000000387",
+                "39b5fe28b90b40153f4d980003603f03000000000000f03f00000000000000000201000000000000",
+                "0000000000000000000000000000000003d00fc810a0fe0a01a0fe0af6281c3f9a99d93f01"
+            )
+        );
+    }
+
+    #[test]
+    fn an_account_state_survives_its_bytes_exactly_and_foreign_bytes_are_refused() {
+        let a = sample_state();
         let bytes = a.to_bytes();
         assert_eq!(AccountState::from_bytes(&bytes).unwrap(), a);
         assert!(matches!(
