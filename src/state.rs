@@ -227,7 +227,7 @@ pub struct AccountState {
     /// Events per hour of day (UTC), saturating.
     pub hours: [u16; 24],
     /// Event times of the latest [`RECENT_EVENTS`] events, oldest first.
-    pub recent: VecDeque<i64>,
+    pub recent: EventTimes,
     /// The latest [`RECENT_SCORES`] scores, oldest first. Not used by the features; empty
     /// after a state restore until the account's next event.
     pub recent_scores: VecDeque<RecentScore>,
@@ -259,7 +259,7 @@ impl AccountState {
         self.login_attempts.add(f64::from(tx.login_attempts));
         let hour = hour_of_day(tx.time);
         self.hours[hour] = self.hours[hour].saturating_add(1);
-        push_bounded(&mut self.recent, tx.time, RECENT_EVENTS);
+        self.recent.push(tx.time, RECENT_EVENTS);
     }
 
     /// The account's running log-amount of transactions of this type.
@@ -279,11 +279,7 @@ impl AccountState {
 
     /// Earlier events within `window_secs` before `time`, and the oldest one's time.
     pub fn events_within(&self, time: i64, window_secs: i64) -> (usize, Option<i64>) {
-        let within = self
-            .recent
-            .iter()
-            .copied()
-            .filter(|&t| t > time - window_secs);
+        let within = self.recent.iter().filter(|&t| t > time - window_secs);
         within.fold((0, None), |(n, oldest), e| {
             (n + 1, Some(oldest.map_or(e, |o: i64| o.min(e))))
         })
@@ -330,7 +326,7 @@ impl AccountState {
                 .map(|v| v.capacity() * 8)
                 .sum::<usize>()
             + self.recent_scores.capacity() * std::mem::size_of::<RecentScore>()
-            + self.recent.capacity() * std::mem::size_of::<i64>()
+            + self.recent.heap_bytes()
             + self.ips.heap_bytes()
             + self.locations.heap_bytes()
             + self.devices.heap_bytes()
@@ -353,6 +349,94 @@ fn push_bounded<T>(buf: &mut VecDeque<T>, v: T, max: usize) {
         buf.reserve_exact(1);
     }
     buf.push_back(v);
+}
+
+/// The times of an account's latest events, in the order they came (oldest first), each held
+/// as its age before the newest of them in 4 bytes, the first four inside the state: where 8-byte
+/// times in a deque cost a 32-byte header and a heap chunk of up to 144 bytes, four events cost
+/// nothing more and sixteen a 64-byte buffer. Written as the times themselves, as the deque it
+/// replaced was. An age saturates at about 136 years, far beyond any velocity window.
+#[derive(Debug, Clone, Default)]
+pub struct EventTimes {
+    newest: i64,
+    ages: SmallVec<[u32; 4]>,
+}
+
+impl EventTimes {
+    /// Appends `time`, keeping the latest `max` (the oldest goes first), growing one slot at a
+    /// time as [`push_bounded`] does.
+    pub fn push(&mut self, time: i64, max: usize) {
+        if max == 0 {
+            return;
+        }
+        if self.ages.is_empty() {
+            self.newest = time;
+        } else if time > self.newest {
+            let shift = age(self.newest, time);
+            for a in &mut self.ages {
+                *a = a.saturating_add(shift);
+            }
+            self.newest = time;
+        }
+        if self.ages.len() >= max {
+            self.ages.remove(0);
+        }
+        if self.ages.len() == self.ages.capacity() {
+            self.ages.reserve_exact(1);
+        }
+        self.ages.push(age(time, self.newest));
+    }
+
+    /// The times, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.ages.iter().map(|&a| self.newest - i64::from(a))
+    }
+
+    pub fn len(&self) -> usize {
+        self.ages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ages.is_empty()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        if self.ages.spilled() {
+            self.ages.capacity() * std::mem::size_of::<u32>()
+        } else {
+            0
+        }
+    }
+}
+
+/// Equal when they hold the same times: the reference point may differ (it stays at the newest
+/// time ever pushed after that time left the ring; a restored ring takes the newest it holds).
+impl PartialEq for EventTimes {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+/// Seconds from `earlier` to `later`, saturating.
+fn age(earlier: i64, later: i64) -> u32 {
+    u32::try_from(later.saturating_sub(earlier).max(0)).unwrap_or(u32::MAX)
+}
+
+impl Serialize for EventTimes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventTimes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let times = Vec::<i64>::deserialize(deserializer)?;
+        let newest = times.iter().copied().max().unwrap_or(0);
+        Ok(Self {
+            newest,
+            ages: times.iter().map(|&t| age(t, newest)).collect(),
+        })
+    }
 }
 
 /// An account's last few values of one kind (`window - 1` of them): inside the state up to
@@ -622,6 +706,39 @@ mod tests {
         }
         assert_eq!(f.slots().len(), 4);
         assert_eq!(f.most_frequent(), Some("home"));
+    }
+
+    #[test]
+    fn event_times_keep_what_a_deque_of_times_kept_late_events_and_all() {
+        let (mut packed, mut plain) = (EventTimes::default(), VecDeque::new());
+        let mut t = 1_700_000_000i64;
+        let mut seed = 7u64;
+        for _ in 0..500 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // Mostly forward by up to a day; one in four arrives up to an hour late.
+            let step = (seed >> 33) as i64 % 86_400;
+            let time = if seed % 4 == 0 {
+                t - step % 3_600
+            } else {
+                t + step
+            };
+            t = t.max(time);
+            packed.push(time, RECENT_EVENTS);
+            push_bounded(&mut plain, time, RECENT_EVENTS);
+            assert!(packed.iter().eq(plain.iter().copied()));
+            let bytes = postcard::to_allocvec(&packed).unwrap();
+            assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+            assert_eq!(postcard::from_bytes::<EventTimes>(&bytes).unwrap(), packed);
+        }
+        assert_eq!(packed.len(), RECENT_EVENTS);
+        // The newest time leaves the ring behind a run of late events, and stays its reference.
+        for late in 1..=20 {
+            packed.push(t - late, RECENT_EVENTS);
+            push_bounded(&mut plain, t - late, RECENT_EVENTS);
+        }
+        assert!(packed.iter().eq(plain.iter().copied()));
+        let bytes = postcard::to_allocvec(&packed).unwrap();
+        assert_eq!(postcard::from_bytes::<EventTimes>(&bytes).unwrap(), packed);
     }
 
     /// An account of three events (a debit, a credit, a debit a day later) and one score.
