@@ -260,11 +260,13 @@ impl AlertIndex {
         let db = Connection::open("")?;
         // A negative cache size is in KiB. Nothing here needs to survive a crash (the index is
         // rebuilt from the topics at start), so the journal stays in memory and nothing is synced.
+        // Auto-vacuum gives the pages of alerts that left the window back to the file system, so
+        // the file follows the window instead of staying at its largest.
         let cache_kib = i64::try_from(memory_bytes >> 10)
             .unwrap_or(i64::MAX)
             .max(64);
         db.execute_batch(&format!(
-            "PRAGMA cache_size = -{cache_kib}; PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF;"
+            "PRAGMA auto_vacuum = FULL; PRAGMA cache_size = -{cache_kib}; PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF;"
         ))?;
         db.execute_batch(SCHEMA)?;
         Ok(Self { db: Mutex::new(db) })
@@ -986,6 +988,10 @@ mod tests {
             index.get("a0007").unwrap().unwrap().alert["account_id"],
             "AC7"
         );
+        // Alerts that leave the window give their pages back.
+        let full = index.bytes().unwrap();
+        assert_eq!(index.forget_before(1_500).unwrap(), 1_500);
+        assert!(index.bytes().unwrap() < full / 2);
     }
 
     #[test]
