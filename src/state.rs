@@ -363,12 +363,8 @@ pub struct EventTimes {
 }
 
 impl EventTimes {
-    /// Appends `time`, keeping the latest `max` (the oldest goes first), growing one slot at a
-    /// time as [`push_bounded`] does.
+    /// Appends `time`, keeping the latest `max` (the oldest goes first).
     pub fn push(&mut self, time: i64, max: usize) {
-        if max == 0 {
-            return;
-        }
         if self.ages.is_empty() {
             self.newest = time;
         } else if time > self.newest {
@@ -378,13 +374,7 @@ impl EventTimes {
             }
             self.newest = time;
         }
-        if self.ages.len() >= max {
-            self.ages.remove(0);
-        }
-        if self.ages.len() == self.ages.capacity() {
-            self.ages.reserve_exact(1);
-        }
-        self.ages.push(age(time, self.newest));
+        push_recent(&mut self.ages, age(time, self.newest), max);
     }
 
     /// The times, oldest first.
@@ -444,9 +434,9 @@ impl<'de> Deserialize<'de> for EventTimes {
 /// a heap chunk for 8 bytes. Serialised as a plain sequence, as the deque it replaced.
 pub type RecentValues = SmallVec<[f64; 2]>;
 
-/// [`push_bounded`] for [`RecentValues`]: the window is at most 64 values, so moving them
-/// down by one costs less than a ring's bookkeeping.
-fn push_recent(buf: &mut RecentValues, v: f64, max: usize) {
+/// [`push_bounded`] for the short buffers kept inline ([`RecentValues`], [`EventTimes`]): they
+/// hold at most 64 values, so moving them down by one costs less than a ring's bookkeeping.
+fn push_recent<A: smallvec::Array>(buf: &mut SmallVec<A>, v: A::Item, max: usize) {
     if max == 0 {
         return;
     }
