@@ -20,7 +20,7 @@ use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use crate::config::FeatureConfig;
 use crate::decode::{Transaction, TransactionType};
-use crate::state::{AccountState, Running, hour_angle, hour_of_day};
+use crate::state::{AccountState, Running, Sketch, hour_angle, hour_of_day};
 
 /// What a feature is about; an alert states each topic once, in the words of its strongest
 /// feature, so "amount" is never given twice.
@@ -157,19 +157,39 @@ impl<'a> Context<'a> {
     }
 
     fn new_device(&self) -> f64 {
-        self.is_new(self.state.devices.count_of(&self.tx.device_id))
+        self.is_new(
+            self.state
+                .sketches
+                .get(Sketch::Device)
+                .count_of(&self.tx.device_id),
+        )
     }
 
     fn new_ip(&self) -> f64 {
-        self.is_new(self.state.ips.count_of(&self.tx.ip_address))
+        self.is_new(
+            self.state
+                .sketches
+                .get(Sketch::Ip)
+                .count_of(&self.tx.ip_address),
+        )
     }
 
     fn new_location(&self) -> f64 {
-        self.is_new(self.state.locations.count_of(&self.tx.location))
+        self.is_new(
+            self.state
+                .sketches
+                .get(Sketch::Location)
+                .count_of(&self.tx.location),
+        )
     }
 
     fn new_merchant(&self) -> f64 {
-        self.is_new(self.state.merchants.count_of(&self.tx.merchant_id))
+        self.is_new(
+            self.state
+                .sketches
+                .get(Sketch::Merchant)
+                .count_of(&self.tx.merchant_id),
+        )
     }
 
     /// "new device D1 and new IP 1.2.3.4": every never-seen value of this event.
@@ -380,8 +400,19 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "IP sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| differs(c.state.ips.most_frequent(), &c.tx.ip_address),
-        reason: |c, _, _| not_usual("IP", c.state.ips.most_frequent(), &c.tx.ip_address),
+        value: |c| {
+            differs(
+                c.state.sketches.get(Sketch::Ip).most_frequent(),
+                &c.tx.ip_address,
+            )
+        },
+        reason: |c, _, _| {
+            not_usual(
+                "IP",
+                c.state.sketches.get(Sketch::Ip).most_frequent(),
+                &c.tx.ip_address,
+            )
+        },
     },
     FeatureDef {
         name: "is_not_most_frequent_location",
@@ -389,11 +420,16 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "location sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| differs(c.state.locations.most_frequent(), &c.tx.location),
+        value: |c| {
+            differs(
+                c.state.sketches.get(Sketch::Location).most_frequent(),
+                &c.tx.location,
+            )
+        },
         reason: |c, _, _| {
             not_usual(
                 "location",
-                c.state.locations.most_frequent(),
+                c.state.sketches.get(Sketch::Location).most_frequent(),
                 &c.tx.location,
             )
         },
@@ -404,8 +440,19 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "device sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| differs(c.state.devices.most_frequent(), &c.tx.device_id),
-        reason: |c, _, _| not_usual("device", c.state.devices.most_frequent(), &c.tx.device_id),
+        value: |c| {
+            differs(
+                c.state.sketches.get(Sketch::Device).most_frequent(),
+                &c.tx.device_id,
+            )
+        },
+        reason: |c, _, _| {
+            not_usual(
+                "device",
+                c.state.sketches.get(Sketch::Device).most_frequent(),
+                &c.tx.device_id,
+            )
+        },
     },
     FeatureDef {
         name: "is_not_most_frequent_merchant",
@@ -413,11 +460,16 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "merchant sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| differs(c.state.merchants.most_frequent(), &c.tx.merchant_id),
+        value: |c| {
+            differs(
+                c.state.sketches.get(Sketch::Merchant).most_frequent(),
+                &c.tx.merchant_id,
+            )
+        },
         reason: |c, _, _| {
             not_usual(
                 "merchant",
-                c.state.merchants.most_frequent(),
+                c.state.sketches.get(Sketch::Merchant).most_frequent(),
                 &c.tx.merchant_id,
             )
         },

@@ -10,7 +10,7 @@
 //! while an account has used no more distinct values than slots), the habits a fixed handful of
 //! numbers; an account idle for `state_ttl` in event time is forgotten.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use compact_str::CompactString;
 use ecow::EcoString;
@@ -32,41 +32,23 @@ pub struct Slot {
     arrival: u32,
 }
 
-/// Space-Saving heavy-hitter sketch with a fixed number of slots.
-///
-/// The count of arrivals so far is not stored: the latest newcomer always takes a slot, so it is
-/// the largest arrival among the slots. It is still written, so the format stays what it was.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(from = "SketchRecord")]
-pub struct FrequentValues {
-    slots: Vec<Slot>,
+/// Which of an account's four value sketches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sketch {
+    Ip = 0,
+    Location = 1,
+    Device = 2,
+    Merchant = 3,
 }
 
-/// [`FrequentValues`] as the changelog holds it.
-#[derive(Deserialize)]
-struct SketchRecord {
-    slots: Vec<Slot>,
-    /// Read and dropped: the slots tell it.
-    _arrivals: u32,
+/// One Space-Saving heavy-hitter sketch of an account, read from its [`Sketches`]: exact while
+/// the account has used no more distinct values than the sketch's slots.
+#[derive(Debug, Clone, Copy)]
+pub struct FrequentValues<'a> {
+    slots: &'a [Slot],
 }
 
-impl From<SketchRecord> for FrequentValues {
-    fn from(r: SketchRecord) -> Self {
-        Self { slots: r.slots }
-    }
-}
-
-impl Serialize for FrequentValues {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut record = serializer.serialize_struct("FrequentValues", 2)?;
-        record.serialize_field("slots", &self.slots)?;
-        record.serialize_field("arrivals", &self.arrivals())?;
-        record.end()
-    }
-}
-
-impl FrequentValues {
+impl<'a> FrequentValues<'a> {
     /// How often `value` was seen (0: never, as far as the sketch remembers).
     pub fn count_of(&self, value: &str) -> u32 {
         self.slots
@@ -76,38 +58,74 @@ impl FrequentValues {
     }
 
     /// The value seen most often (earliest first seen on a tie), if any was seen.
-    pub fn most_frequent(&self) -> Option<&str> {
+    pub fn most_frequent(&self) -> Option<&'a str> {
         self.slots
             .iter()
             .max_by(|a, b| a.count.cmp(&b.count).then(b.arrival.cmp(&a.arrival)))
             .map(|s| &*s.value)
     }
 
-    pub fn slots(&self) -> &[Slot] {
-        &self.slots
+    pub fn slots(&self) -> &'a [Slot] {
+        self.slots
     }
 
+    /// How many values ever arrived: the latest newcomer always takes a slot, so it is the
+    /// largest arrival among the slots, and need not be stored.
     fn arrivals(&self) -> u32 {
         self.slots.iter().map(|s| s.arrival).max().unwrap_or(0)
     }
+}
 
-    /// Counts one occurrence of `value`, replacing the least counted slot when all are taken.
-    pub fn observe(&mut self, value: &str, capacity: usize) {
-        if let Some(slot) = self.slots.iter_mut().find(|s| &*s.value == value) {
+/// The four sketches of an account (IPs, locations, devices, merchants) in one exactly sized
+/// buffer, each sketch's slots after the previous one's: 20 bytes in the state and one heap
+/// chunk, where four vectors cost 96 bytes and four chunks, each with its allocator header
+/// and rounding.
+///
+/// Written as four sketch records one after the other (slots, then the count of arrivals), as
+/// the four separate sketches it replaced were: the changelog's format is unchanged.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sketches {
+    slots: Box<[Slot]>,
+    /// How many slots each sketch holds, in [`Sketch`] order (at most `frequency_slots`, 64).
+    lens: [u8; 4],
+}
+
+impl Sketches {
+    pub fn get(&self, sketch: Sketch) -> FrequentValues<'_> {
+        let range = self.range(sketch);
+        FrequentValues {
+            slots: &self.slots[range],
+        }
+    }
+
+    fn range(&self, sketch: Sketch) -> std::ops::Range<usize> {
+        let k = sketch as usize;
+        let start = self.lens[..k].iter().map(|&n| usize::from(n)).sum();
+        start..start + usize::from(self.lens[k])
+    }
+
+    /// Counts one occurrence of `value`, replacing the least counted slot when all
+    /// `capacity` (at most 255) are taken.
+    pub fn observe(&mut self, sketch: Sketch, value: &str, capacity: usize) {
+        let range = self.range(sketch);
+        let held = &mut self.slots[range.clone()];
+        if let Some(slot) = held.iter_mut().find(|s| &*s.value == value) {
             slot.count += 1;
             return;
         }
         let fresh = Slot {
             value: value.into(),
             count: 1,
-            arrival: self.arrivals() + 1,
+            arrival: FrequentValues { slots: held }.arrivals() + 1,
         };
-        if self.slots.len() < capacity {
-            // Room for exactly one more: the default growth would double to 4 and 8 slots.
-            self.slots.reserve_exact(1);
-            self.slots.push(fresh);
-        } else if let Some(min) = self
-            .slots
+        if held.len() < capacity.min(usize::from(u8::MAX)) {
+            // Room for exactly one more: the buffer holds exactly its slots.
+            let mut slots = std::mem::take(&mut self.slots).into_vec();
+            slots.reserve_exact(1);
+            slots.insert(range.end, fresh);
+            self.slots = slots.into_boxed_slice();
+            self.lens[sketch as usize] += 1;
+        } else if let Some(min) = held
             .iter_mut()
             .min_by(|a, b| a.count.cmp(&b.count).then(b.arrival.cmp(&a.arrival)))
         {
@@ -120,7 +138,7 @@ impl FrequentValues {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>()
+        self.slots.len() * std::mem::size_of::<Slot>()
             + self
                 .slots
                 .iter()
@@ -128,6 +146,64 @@ impl FrequentValues {
                 // Longer values live in a shared buffer behind a 16-byte header.
                 .map(|s| s.value.len() + 16)
                 .sum::<usize>()
+    }
+}
+
+const SKETCHES: [Sketch; 4] = [
+    Sketch::Ip,
+    Sketch::Location,
+    Sketch::Device,
+    Sketch::Merchant,
+];
+
+/// One sketch as the changelog holds it.
+#[derive(Serialize)]
+#[serde(rename = "FrequentValues")]
+struct SketchOut<'a> {
+    slots: &'a [Slot],
+    arrivals: u32,
+}
+
+#[derive(Deserialize)]
+struct SketchIn {
+    slots: Vec<Slot>,
+    /// Read and dropped: the slots tell it.
+    _arrivals: u32,
+}
+
+impl Serialize for Sketches {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut all = serializer.serialize_tuple(SKETCHES.len())?;
+        for sketch in SKETCHES {
+            let values = self.get(sketch);
+            all.serialize_element(&SketchOut {
+                slots: values.slots,
+                arrivals: values.arrivals(),
+            })?;
+        }
+        all.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Sketches {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let records = <[SketchIn; 4]>::deserialize(deserializer)?;
+        let mut lens = [0u8; 4];
+        for (len, record) in lens.iter_mut().zip(&records) {
+            *len = u8::try_from(record.slots.len()).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "a sketch of {} slots, more than {}",
+                    record.slots.len(),
+                    u8::MAX
+                ))
+            })?;
+        }
+        let slots: Vec<Slot> = records.into_iter().flat_map(|r| r.slots).collect();
+        Ok(Self {
+            slots: slots.into_boxed_slice(),
+            lens,
+        })
     }
 }
 
@@ -149,8 +225,10 @@ pub struct RecentScore {
 /// How many of an account's latest events are kept for the velocity features.
 pub const RECENT_EVENTS: usize = 16;
 
-/// Running mean and spread (Welford) of a value over an account's events.
+/// Running mean and spread (Welford) of a value over an account's events. Packed, 20 bytes
+/// where alignment would make it 24 (an account has four).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[repr(C, packed)]
 pub struct Running {
     pub n: u32,
     pub mean: f64,
@@ -213,10 +291,8 @@ pub struct AccountState {
     /// Event time of the latest transaction seen (seconds since the epoch).
     pub last_time: Option<i64>,
     pub transactions: u64,
-    pub ips: FrequentValues,
-    pub locations: FrequentValues,
-    pub devices: FrequentValues,
-    pub merchants: FrequentValues,
+    /// The IPs, locations, devices and merchants the account used, with their counts.
+    pub sketches: Sketches,
     /// ln(1 + amount) over the account's debits, and over its credits: a salary is not a
     /// payment, and a payment is measured against payments.
     pub log_debit: Running,
@@ -229,8 +305,9 @@ pub struct AccountState {
     /// Event times of the latest [`RECENT_EVENTS`] events, oldest first.
     pub recent: EventTimes,
     /// The latest [`RECENT_SCORES`] scores, oldest first. Not used by the features; empty
-    /// after a state restore until the account's next event.
-    pub recent_scores: VecDeque<RecentScore>,
+    /// after a state restore until the account's next event. Exactly sized: 16 bytes in the
+    /// state where a deque's header is 32.
+    pub recent_scores: Box<[RecentScore]>,
 }
 
 impl AccountState {
@@ -249,10 +326,11 @@ impl AccountState {
         self.last_time = Some(self.last_time.map_or(tx.time, |t| t.max(tx.time)));
         self.transactions += 1;
         let slots = cfg.frequency_slots;
-        self.ips.observe(&tx.ip_address, slots);
-        self.locations.observe(&tx.location, slots);
-        self.devices.observe(&tx.device_id, slots);
-        self.merchants.observe(&tx.merchant_id, slots);
+        let sketches = &mut self.sketches;
+        sketches.observe(Sketch::Ip, &tx.ip_address, slots);
+        sketches.observe(Sketch::Location, &tx.location, slots);
+        sketches.observe(Sketch::Device, &tx.device_id, slots);
+        sketches.observe(Sketch::Merchant, &tx.merchant_id, slots);
         self.amount_habit_mut(tx.transaction_type)
             .add_robust(tx.amount.ln_1p());
         self.log_duration.add_robust(f64::from(tx.duration).ln_1p());
@@ -286,7 +364,7 @@ impl AccountState {
     }
 
     pub fn record_score(&mut self, score: RecentScore) {
-        push_bounded(&mut self.recent_scores, score, RECENT_SCORES);
+        push_latest(&mut self.recent_scores, score, RECENT_SCORES);
     }
 
     /// The state as bytes for the changelog topic: a format byte, then postcard (a compact,
@@ -325,30 +403,31 @@ impl AccountState {
                 .filter(|v| v.spilled())
                 .map(|v| v.capacity() * 8)
                 .sum::<usize>()
-            + self.recent_scores.capacity() * std::mem::size_of::<RecentScore>()
+            + std::mem::size_of_val(&*self.recent_scores)
             + self.recent.heap_bytes()
-            + self.ips.heap_bytes()
-            + self.locations.heap_bytes()
-            + self.devices.heap_bytes()
-            + self.merchants.heap_bytes()
+            + self.sketches.heap_bytes()
     }
 }
 
 /// Appends `v` to `buf`, which keeps the latest `max` (the oldest goes first), in memory for
-/// exactly what it holds: the default growth doubles to 4, 8 and 16 slots, so a window of one
-/// value would hold four and five scores eight. Growing one at a time reallocates at most
-/// `max` times in an account's life.
-fn push_bounded<T>(buf: &mut VecDeque<T>, v: T, max: usize) {
+/// exactly what it holds: the default growth of a deque doubles to 4 and 8 slots, so five
+/// scores would hold eight. Growing one at a time reallocates at most `max` times in an
+/// account's life; once full, the values move down by one (a handful of them).
+fn push_latest<T>(buf: &mut Box<[T]>, v: T, max: usize) {
     if max == 0 {
         return;
     }
     if buf.len() >= max {
-        buf.pop_front();
+        buf.rotate_left(1);
+        if let Some(last) = buf.last_mut() {
+            *last = v;
+        }
+        return;
     }
-    if buf.len() == buf.capacity() {
-        buf.reserve_exact(1);
-    }
-    buf.push_back(v);
+    let mut grown = std::mem::take(buf).into_vec();
+    grown.reserve_exact(1);
+    grown.push(v);
+    *buf = grown.into_boxed_slice();
 }
 
 /// The times of an account's latest events, in the order they came (oldest first), each held
@@ -434,7 +513,7 @@ impl<'de> Deserialize<'de> for EventTimes {
 /// a heap chunk for 8 bytes. Serialised as a plain sequence, as the deque it replaced.
 pub type RecentValues = SmallVec<[f64; 2]>;
 
-/// [`push_bounded`] for the short buffers kept inline ([`RecentValues`], [`EventTimes`]): they
+/// [`push_latest`] for the short buffers kept inline ([`RecentValues`], [`EventTimes`]): they
 /// hold at most 64 values, so moving them down by one costs less than a ring's bookkeeping.
 fn push_recent<A: smallvec::Array>(buf: &mut SmallVec<A>, v: A::Item, max: usize) {
     if max == 0 {
@@ -656,6 +735,7 @@ fn entry_bytes(key: &CompactString, state: &AccountState) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
 
     #[test]
     fn a_past_extreme_does_not_widen_the_habit_so_far_that_the_next_one_looks_ordinary() {
@@ -678,24 +758,65 @@ mod tests {
 
     #[test]
     fn frequent_values_are_exact_within_capacity_and_ties_go_to_the_first_seen() {
-        let mut f = FrequentValues::default();
+        let mut s = Sketches::default();
         for v in ["a", "b", "b", "a"] {
-            f.observe(v, 4);
+            s.observe(Sketch::Device, v, 4);
         }
-        assert_eq!(f.most_frequent(), Some("a"));
-        f.observe("b", 4);
-        assert_eq!(f.most_frequent(), Some("b"));
+        assert_eq!(s.get(Sketch::Device).most_frequent(), Some("a"));
+        s.observe(Sketch::Device, "b", 4);
+        assert_eq!(s.get(Sketch::Device).most_frequent(), Some("b"));
     }
 
     #[test]
     fn frequent_values_stay_bounded_and_keep_the_heavy_hitter() {
-        let mut f = FrequentValues::default();
+        let mut s = Sketches::default();
         for i in 0..1000 {
-            f.observe("home", 4);
-            f.observe(&format!("other-{i}"), 4);
+            s.observe(Sketch::Location, "home", 4);
+            s.observe(Sketch::Location, &format!("other-{i}"), 4);
         }
-        assert_eq!(f.slots().len(), 4);
-        assert_eq!(f.most_frequent(), Some("home"));
+        assert_eq!(s.get(Sketch::Location).slots().len(), 4);
+        assert_eq!(s.get(Sketch::Location).most_frequent(), Some("home"));
+    }
+
+    #[test]
+    fn four_sketches_in_one_buffer_keep_what_each_would_alone() {
+        // Values arriving in every sketch in turn, each sketch growing past its capacity.
+        let mut shared = Sketches::default();
+        let mut alone: Vec<Sketches> = vec![Sketches::default(); 4];
+        for i in 0..200u32 {
+            for (k, sketch) in SKETCHES.into_iter().enumerate() {
+                let value = format!("{k}-{}", (i * (k as u32 + 3)) % 11);
+                shared.observe(sketch, &value, 5);
+                alone[k].observe(Sketch::Ip, &value, 5);
+            }
+            for (k, sketch) in SKETCHES.into_iter().enumerate() {
+                assert_eq!(shared.get(sketch).slots(), alone[k].get(Sketch::Ip).slots());
+            }
+        }
+        let bytes = postcard::to_allocvec(&shared).unwrap();
+        assert_eq!(postcard::from_bytes::<Sketches>(&bytes).unwrap(), shared);
+    }
+
+    /// What the state's bounded buffers replaced: a deque of the latest `max`.
+    fn push_bounded<T>(buf: &mut VecDeque<T>, v: T, max: usize) {
+        if buf.len() >= max {
+            buf.pop_front();
+        }
+        buf.push_back(v);
+    }
+
+    #[test]
+    fn latest_scores_keep_what_a_deque_kept() {
+        let (mut exact, mut plain) = (Box::<[u32]>::default(), VecDeque::new());
+        for v in 0..12 {
+            push_latest(&mut exact, v, RECENT_SCORES);
+            push_bounded(&mut plain, v, RECENT_SCORES);
+            assert!(exact.iter().eq(plain.iter()));
+            assert_eq!(
+                postcard::to_allocvec(&exact).unwrap(),
+                postcard::to_allocvec(&plain).unwrap()
+            );
+        }
     }
 
     #[test]

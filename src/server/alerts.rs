@@ -26,7 +26,8 @@ pub(super) async fn account(
             Some("id"),
         )
     })?;
-    let usual = |f: &crate::state::FrequentValues| {
+    let usual = |sketch: crate::state::Sketch| {
+        let f = a.sketches.get(sketch);
         json!({
             "most_frequent": f.most_frequent(),
             "seen": f.slots().iter().map(|s| json!({"value": &*s.value, "count": s.count})).collect::<Vec<_>>(),
@@ -39,10 +40,10 @@ pub(super) async fn account(
         "last_transaction": a.last_time.map(crate::decode::format_time),
         "recent_amounts": a.recent_amounts,
         "recent_durations": a.recent_durations,
-        "ip_addresses": usual(&a.ips),
-        "locations": usual(&a.locations),
-        "devices": usual(&a.devices),
-        "merchants": usual(&a.merchants),
+        "ip_addresses": usual(crate::state::Sketch::Ip),
+        "locations": usual(crate::state::Sketch::Location),
+        "devices": usual(crate::state::Sketch::Device),
+        "merchants": usual(crate::state::Sketch::Merchant),
         // Fields copied out: the scores are packed, and `json!` would take references.
         "recent_scores": a.recent_scores.iter().rev().map(|&r| {
             let (time, forest, lof, alert) = (r.time, r.forest, r.lof, r.alert);
