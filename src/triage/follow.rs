@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -59,6 +60,9 @@ const FEEDBACK_TOPIC_CONFIG: [(&str, &str); 2] = [
     ("cleanup.policy", "compact"),
     ("min.cleanable.dirty.ratio", "0.1"),
 ];
+
+/// Alerts indexed in one transaction at most, when many are ready (catching up at start).
+const INDEX_BATCH: usize = 1_000;
 
 /// Follows the alerts and feedback topics into `triage.index` until `shutdown`, creating the
 /// feedback topic if it is missing, and makes verdicts publishable once the broker answers.
@@ -134,21 +138,51 @@ pub async fn follow(
             }
             _ = forget.tick() => {
                 let window = i64::try_from(triage.settings.window.as_millis()).unwrap_or(i64::MAX);
-                if let Err(e) = triage.index.forget_before(now_ms().saturating_sub(window)) {
-                    tracing::warn!(error.message = %e, "alert index: forgetting old alerts failed");
-                }
-                metrics.alert_index_size.set(triage.index.len().map_or(0, |n| n as i64));
-                metrics.alert_index_bytes.set(triage.index.bytes().map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+                let (triage, metrics) = (triage.clone(), metrics.clone());
+                // Off the runtime's threads, which the stream's workers share: a month's index
+                // is counted and trimmed in its file.
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = triage.index.forget_before(now_ms().saturating_sub(window)) {
+                        tracing::warn!(error.message = %e, "alert index: forgetting old alerts failed");
+                    }
+                    metrics.alert_index_size.set(triage.index.len().map_or(0, |n| n as i64));
+                    metrics.alert_index_bytes.set(triage.index.bytes().map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+                })
+                .await;
             }
             m = consumer.recv() => {
-                let outcome = match &m {
-                    Ok(m) if m.topic() == alerts => decoder
-                        .decode(m.payload().unwrap_or_default())
-                        .and_then(|alert| triage.index.add(&alert, m.timestamp().to_millis().unwrap_or_else(now_ms))),
-                    Ok(m) => take_verdict(&triage, m),
-                    Err(e) => Err(TriageError::Kafka(e.clone())),
-                };
-                if let Err(e) = outcome {
+                // This record and whatever else is ready, up to a batch: one transaction for
+                // them all (see `AlertIndex::add_all`), which is what makes rebuilding a large
+                // window at start take seconds rather than minutes.
+                let mut batch = Vec::new();
+                let mut skipped = Vec::new();
+                let mut next = Some(m);
+                while let Some(m) = next.take() {
+                    let outcome = match &m {
+                        Ok(m) if m.topic() == alerts => decoder
+                            .decode(m.payload().unwrap_or_default())
+                            .map(|alert| batch.push((alert, m.timestamp().to_millis().unwrap_or_else(now_ms)))),
+                        Ok(m) => take_verdict(&triage, m),
+                        Err(e) => Err(TriageError::Kafka(e.clone())),
+                    };
+                    skipped.extend(outcome.err());
+                    if batch.len() < INDEX_BATCH {
+                        next = consumer.recv().now_or_never();
+                    }
+                }
+                if !batch.is_empty() {
+                    let triage = triage.clone();
+                    let added = tokio::task::spawn_blocking(move || {
+                        triage.index.add_all(batch.iter().map(|(a, at)| (a, *at)))
+                    })
+                    .await;
+                    match added {
+                        Ok(Ok(refused)) => skipped.extend(refused),
+                        Ok(Err(e)) => skipped.push(e),
+                        Err(e) => tracing::error!(error.message = %e, "alert index: indexing stopped"),
+                    }
+                }
+                for e in skipped {
                     problems += 1;
                     // Alerts and verdicts are vigil's own records: a bad one is a bug or a
                     // foreign producer, worth a line, not a flood.
