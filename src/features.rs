@@ -152,44 +152,31 @@ impl<'a> Context<'a> {
         self.state.events_within(self.tx.time, secs).0 as f64
     }
 
-    fn is_new(&self, count: u32) -> f64 {
+    /// 1 when the account has a history and `value` is not in its `sketch`.
+    fn is_new(&self, sketch: Sketch, value: &str) -> f64 {
+        let count = self.state.sketches.get(sketch).count_of(value);
         f64::from(u8::from(self.has_history() && count == 0))
     }
 
+    /// The account's most frequent value of `sketch`, if it has one.
+    fn usual(&self, sketch: Sketch) -> Option<&str> {
+        self.state.sketches.get(sketch).most_frequent()
+    }
+
     fn new_device(&self) -> f64 {
-        self.is_new(
-            self.state
-                .sketches
-                .get(Sketch::Device)
-                .count_of(&self.tx.device_id),
-        )
+        self.is_new(Sketch::Device, &self.tx.device_id)
     }
 
     fn new_ip(&self) -> f64 {
-        self.is_new(
-            self.state
-                .sketches
-                .get(Sketch::Ip)
-                .count_of(&self.tx.ip_address),
-        )
+        self.is_new(Sketch::Ip, &self.tx.ip_address)
     }
 
     fn new_location(&self) -> f64 {
-        self.is_new(
-            self.state
-                .sketches
-                .get(Sketch::Location)
-                .count_of(&self.tx.location),
-        )
+        self.is_new(Sketch::Location, &self.tx.location)
     }
 
     fn new_merchant(&self) -> f64 {
-        self.is_new(
-            self.state
-                .sketches
-                .get(Sketch::Merchant)
-                .count_of(&self.tx.merchant_id),
-        )
+        self.is_new(Sketch::Merchant, &self.tx.merchant_id)
     }
 
     /// "new device D1 and new IP 1.2.3.4": every never-seen value of this event.
@@ -400,19 +387,8 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "IP sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| {
-            differs(
-                c.state.sketches.get(Sketch::Ip).most_frequent(),
-                &c.tx.ip_address,
-            )
-        },
-        reason: |c, _, _| {
-            not_usual(
-                "IP",
-                c.state.sketches.get(Sketch::Ip).most_frequent(),
-                &c.tx.ip_address,
-            )
-        },
+        value: |c| differs(c.usual(Sketch::Ip), &c.tx.ip_address),
+        reason: |c, _, _| not_usual("IP", c.usual(Sketch::Ip), &c.tx.ip_address),
     },
     FeatureDef {
         name: "is_not_most_frequent_location",
@@ -420,19 +396,8 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "location sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| {
-            differs(
-                c.state.sketches.get(Sketch::Location).most_frequent(),
-                &c.tx.location,
-            )
-        },
-        reason: |c, _, _| {
-            not_usual(
-                "location",
-                c.state.sketches.get(Sketch::Location).most_frequent(),
-                &c.tx.location,
-            )
-        },
+        value: |c| differs(c.usual(Sketch::Location), &c.tx.location),
+        reason: |c, _, _| not_usual("location", c.usual(Sketch::Location), &c.tx.location),
     },
     FeatureDef {
         name: "is_not_most_frequent_device",
@@ -440,19 +405,8 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "device sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| {
-            differs(
-                c.state.sketches.get(Sketch::Device).most_frequent(),
-                &c.tx.device_id,
-            )
-        },
-        reason: |c, _, _| {
-            not_usual(
-                "device",
-                c.state.sketches.get(Sketch::Device).most_frequent(),
-                &c.tx.device_id,
-            )
-        },
+        value: |c| differs(c.usual(Sketch::Device), &c.tx.device_id),
+        reason: |c, _, _| not_usual("device", c.usual(Sketch::Device), &c.tx.device_id),
     },
     FeatureDef {
         name: "is_not_most_frequent_merchant",
@@ -460,19 +414,8 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "merchant sketch",
         topic: Topic::Novelty,
         period_secs: None,
-        value: |c| {
-            differs(
-                c.state.sketches.get(Sketch::Merchant).most_frequent(),
-                &c.tx.merchant_id,
-            )
-        },
-        reason: |c, _, _| {
-            not_usual(
-                "merchant",
-                c.state.sketches.get(Sketch::Merchant).most_frequent(),
-                &c.tx.merchant_id,
-            )
-        },
+        value: |c| differs(c.usual(Sketch::Merchant), &c.tx.merchant_id),
+        reason: |c, _, _| not_usual("merchant", c.usual(Sketch::Merchant), &c.tx.merchant_id),
     },
     FeatureDef {
         name: "year",
