@@ -243,6 +243,20 @@ CREATE TABLE verdicts (
 );
 ";
 
+/// Commits `tx` after writing its pages to the index's file (the kernel's page cache; clean
+/// copies stay in the index's cache).
+///
+/// A temporary database keeps written pages dirty in its cache until a quarter of the cache is
+/// dirty, and every commit walks that whole dirty list twice (`pager_end_transaction`,
+/// `sqlite3PcacheTruncate`): an alert indexed alone cost 124 µs with the default 64 MB cache
+/// and 9 ms with a 492 MB index all in its cache (`cargo bench --bench alert_index`). Written
+/// out first, the list holds only what this transaction wrote. (SQLite flushes only inside a
+/// write transaction, so before the commit, not after.)
+fn committed(tx: rusqlite::Transaction<'_>) -> Result<(), TriageError> {
+    tx.cache_flush()?;
+    Ok(tx.commit()?)
+}
+
 /// Inserts (or replaces) one alert as published.
 fn insert(
     db: &Connection,
@@ -307,9 +321,9 @@ impl AlertIndex {
     ///
     /// It is a private temporary database: SQLite creates its file in `$SQLITE_TMPDIR` (else
     /// `$TMPDIR`, `/var/tmp`, `/tmp`), unlinked at once, so nothing is left behind however the
-    /// process ends. The pages live in the cache and reach the file only when the cache is
-    /// full: a small index never touches the disk, and a month of a bank's alerts (gigabytes)
-    /// costs the page cache, not the heap.
+    /// process ends. Every commit writes its pages to the file (see [`committed`]), and up to
+    /// `memory_bytes` of them stay in the index's cache for reading: a month of a bank's alerts
+    /// (gigabytes) costs the file and the kernel's page cache, not the heap.
     pub fn new(memory_bytes: u64) -> Result<Self, TriageError> {
         let db = Connection::open("")?;
         // A negative cache size is in KiB. Nothing here needs to survive a crash (the index is
@@ -344,17 +358,16 @@ impl AlertIndex {
     /// Adds (or replaces: a redelivered alert has the same id) an alert as published, JSON,
     /// `published_ms` being its record's timestamp.
     pub fn add(&self, alert: &serde_json::Value, published_ms: i64) -> Result<(), TriageError> {
-        insert(&self.db(), alert, published_ms)
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        insert(&tx, alert, published_ms)?;
+        committed(tx)
     }
 
     /// Adds alerts as [`Self::add`] does, in one transaction; those that cannot be indexed are
     /// skipped and their errors returned.
     ///
-    /// One transaction for many, because each commit of this temporary database walks a list
-    /// that grows with its cache (`perf`: all the time in `pager_end_transaction` and
-    /// `sqlite3PcacheTruncate`): alert by alert, 124 µs each with the default 64 MB cache and
-    /// 9 ms with a 492 MB index all in its cache, against 1,000 a transaction 18–14 µs each
-    /// (`cargo bench --bench alert_index`). A rebuild at start writes a window of alerts.
+    /// One transaction for many: a rebuild at start writes a window of alerts.
     pub fn add_all<'a>(
         &self,
         alerts: impl IntoIterator<Item = (&'a serde_json::Value, i64)>,
@@ -365,7 +378,7 @@ impl AlertIndex {
             .into_iter()
             .filter_map(|(alert, published_ms)| insert(&tx, alert, published_ms).err())
             .collect();
-        tx.commit()?;
+        committed(tx)?;
         Ok(skipped)
     }
 
@@ -392,10 +405,14 @@ impl AlertIndex {
     /// Drops the alerts published before `published_ms` (their verdicts stay: they are few, and
     /// still labels for backtests).
     pub fn forget_before(&self, published_ms: i64) -> Result<usize, TriageError> {
-        Ok(self.db().execute(
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let forgotten = tx.execute(
             "DELETE FROM alerts WHERE published_ms < ?1",
             params![published_ms],
-        )?)
+        )?;
+        committed(tx)?;
+        Ok(forgotten)
     }
 
     /// Alerts in the index.
