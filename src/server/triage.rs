@@ -35,7 +35,7 @@ fn bad(field: &str, detail: String) -> ApiError {
     ApiError::bad_request(detail, Some(field))
 }
 
-fn index_failed(e: &TriageError) -> ApiError {
+fn index_failed(e: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(error.message = %e, "alert index");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,7 +144,7 @@ pub(super) async fn search(
     let triage = s.triage.clone();
     tokio::task::spawn_blocking(move || triage.index.search(&q))
         .await
-        .map_err(|_| index_failed(&TriageError::NotConnected))?
+        .map_err(|e| index_failed(&e))?
         .map(Json)
         .map_err(|e| index_failed(&e))
 }
@@ -176,12 +176,21 @@ pub(super) async fn one(
     Path(id): Path<String>,
 ) -> Result<Json<Indexed>, ApiError> {
     let days = s.triage.settings.window.as_secs_f64() / 86_400.0;
-    s.triage
-        .index
-        .get(&id)
-        .map_err(|e| index_failed(&e))?
+    indexed_alert(&s, &id)
+        .await?
         .map(Json)
         .ok_or_else(|| unknown_alert(&id, days))
+}
+
+/// One alert from the index, looked up on a blocking thread: the index is one connection behind
+/// a lock that a search or a batch of new alerts may hold for a while, and waiting for it here
+/// would hold up one of the runtime's threads, which the stream's workers share.
+async fn indexed_alert(s: &Shared, id: &str) -> Result<Option<Indexed>, ApiError> {
+    let (triage, id) = (s.triage.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || triage.index.get(&id))
+        .await
+        .map_err(|e| index_failed(&e))?
+        .map_err(|e| index_failed(&e))
 }
 
 /// What an analyst sends: the verdict, a note, and who they are (optional).
@@ -221,11 +230,8 @@ pub(super) async fn decide(
     }
     let analyst = analyst_of(request.analyst)?;
     let days = s.triage.settings.window.as_secs_f64() / 86_400.0;
-    let alert = s
-        .triage
-        .index
-        .get(&id)
-        .map_err(|e| index_failed(&e))?
+    let alert = indexed_alert(&s, &id)
+        .await?
         .ok_or_else(|| unknown_alert(&id, days))?
         .alert;
     let field = |k: &str| {
@@ -245,7 +251,7 @@ pub(super) async fn decide(
         decided_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         model_version: field("model_version"),
     };
-    match s.triage.decide(record).await {
+    match s.triage.clone().decide(record).await {
         Ok(record) => {
             s.metrics
                 .verdicts
@@ -322,7 +328,7 @@ pub(super) async fn calibration(
     let triage = s.triage.clone();
     let alerts = tokio::task::spawn_blocking(move || triage.index.scores(model))
         .await
-        .map_err(|_| index_failed(&TriageError::NotConnected))?
+        .map_err(|e| index_failed(&e))?
         .map_err(|e| index_failed(&e))?;
     Ok(Json(calibrate(model, threshold, &alerts, target)))
 }

@@ -154,7 +154,7 @@ pub async fn follow(
                 // This record and whatever else is ready, up to a batch: one transaction for
                 // them all (see `AlertIndex::add_all`), which is what makes rebuilding a large
                 // window at start take seconds rather than minutes.
-                let mut batch = Vec::new();
+                let (mut batch, mut verdicts) = (Vec::new(), Vec::new());
                 let mut skipped = Vec::new();
                 let mut next = Some(m);
                 while let Some(m) = next.take() {
@@ -162,23 +162,31 @@ pub async fn follow(
                         Ok(m) if m.topic() == alerts => decoder
                             .decode(m.payload().unwrap_or_default())
                             .map(|alert| batch.push((alert, m.timestamp().to_millis().unwrap_or_else(now_ms)))),
-                        Ok(m) => take_verdict(&triage, m),
+                        Ok(m) => take_verdict(&triage, m).map(|v| verdicts.extend(v)),
                         Err(e) => Err(TriageError::Kafka(e.clone())),
                     };
                     skipped.extend(outcome.err());
-                    if batch.len() < INDEX_BATCH {
+                    if batch.len() + verdicts.len() < INDEX_BATCH {
                         next = consumer.recv().now_or_never();
                     }
                 }
-                if !batch.is_empty() {
+                if !batch.is_empty() || !verdicts.is_empty() {
                     let triage = triage.clone();
-                    let added = tokio::task::spawn_blocking(move || {
-                        triage.index.add_all(batch.iter().map(|(a, at)| (a, *at)))
+                    // On a blocking thread: the index's lock may be held by a search a while.
+                    let written = tokio::task::spawn_blocking(move || {
+                        let mut refused = triage
+                            .index
+                            .add_all(batch.iter().map(|(a, at)| (a, *at)))
+                            .unwrap_or_else(|e| vec![e]);
+                        refused.extend(verdicts.into_iter().filter_map(|change| match change {
+                            VerdictChange::Set(v) => triage.index.set_verdict(&v).err(),
+                            VerdictChange::Cleared(id) => triage.index.clear_verdict(&id).err(),
+                        }));
+                        refused
                     })
                     .await;
-                    match added {
-                        Ok(Ok(refused)) => skipped.extend(refused),
-                        Ok(Err(e)) => skipped.push(e),
+                    match written {
+                        Ok(refused) => skipped.extend(refused),
                         Err(e) => tracing::error!(error.message = %e, "alert index: indexing stopped"),
                     }
                 }
@@ -195,7 +203,19 @@ pub async fn follow(
     }
 }
 
-fn take_verdict(triage: &Triage, m: &BorrowedMessage<'_>) -> Result<(), TriageError> {
+/// A change to the index's verdicts, read from the feedback topic.
+enum VerdictChange {
+    Set(VerdictRecord),
+    /// A tombstone: the verdict on this alert withdrawn.
+    Cleared(String),
+}
+
+/// Reads a feedback record: a threshold decision is recorded at once (in memory); a verdict is
+/// returned, for the index.
+fn take_verdict(
+    triage: &Triage,
+    m: &BorrowedMessage<'_>,
+) -> Result<Option<VerdictChange>, TriageError> {
     let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
     if key.starts_with(super::THRESHOLD_KEY_PREFIX) {
         let decision = m
@@ -205,15 +225,13 @@ fn take_verdict(triage: &Triage, m: &BorrowedMessage<'_>) -> Result<(), TriageEr
             .map_err(|e| TriageError::NotAVerdict(e.to_string()))?;
         triage.record_threshold(&key, decision);
         triage.thresholds_changed.notify_one();
-        return Ok(());
+        return Ok(None);
     }
     match m.payload() {
-        None => triage.index.clear_verdict(&key),
-        Some(bytes) => {
-            let v: VerdictRecord = serde_json::from_slice(bytes)
-                .map_err(|e| TriageError::NotAVerdict(e.to_string()))?;
-            triage.index.set_verdict(&v)
-        }
+        None => Ok(Some(VerdictChange::Cleared(key))),
+        Some(bytes) => serde_json::from_slice(bytes)
+            .map(|v| Some(VerdictChange::Set(v)))
+            .map_err(|e| TriageError::NotAVerdict(e.to_string())),
     }
 }
 

@@ -21,7 +21,7 @@ pub mod follow;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
@@ -623,11 +623,19 @@ impl Triage {
 
     /// Publishes `verdict` and, once the broker has it, records it here (the other instances
     /// read it from the topic).
-    pub async fn decide(&self, verdict: VerdictRecord) -> Result<VerdictRecord, TriageError> {
+    pub async fn decide(
+        self: Arc<Self>,
+        verdict: VerdictRecord,
+    ) -> Result<VerdictRecord, TriageError> {
         let publisher = self.publisher()?;
         publisher.publish(&verdict).await?;
-        self.index.set_verdict(&verdict)?;
-        Ok(verdict)
+        // On a blocking thread: the index's lock may be held by a search for a while.
+        tokio::task::spawn_blocking(move || {
+            self.index.set_verdict(&verdict)?;
+            Ok(verdict)
+        })
+        .await
+        .map_err(|e| TriageError::Publish(e.to_string()))?
     }
 
     /// Publishes a threshold decision (or, with `None`, withdraws the one under `key`) and, once
