@@ -386,20 +386,24 @@ impl AlertIndex {
     /// topic is read alongside the alerts topic, in no particular order between the two).
     pub fn set_verdict(&self, v: &VerdictRecord) -> Result<(), TriageError> {
         let body = serde_json::to_string(v).map_err(|e| TriageError::NotAVerdict(e.to_string()))?;
-        self.db().execute(
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
             "INSERT OR REPLACE INTO verdicts VALUES (?1, ?2, ?3)",
             params![v.alert_id, v.verdict.as_str(), body],
         )?;
-        Ok(())
+        committed(tx)
     }
 
     /// Forgets the verdict on an alert (a tombstone on the feedback topic).
     pub fn clear_verdict(&self, alert_id: &str) -> Result<(), TriageError> {
-        self.db().execute(
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
             "DELETE FROM verdicts WHERE alert_id = ?1",
             params![alert_id],
         )?;
-        Ok(())
+        committed(tx)
     }
 
     /// Drops the alerts published before `published_ms` (their verdicts stay: they are few, and
