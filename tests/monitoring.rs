@@ -244,12 +244,19 @@ fn json_log_lines_carry_timestamp_level_target_message_and_the_event_ids() {
                 .then_some(())
         },
     );
-    // The alerts just logged were published, and the feed has them.
-    let recent: Value = reqwest::blocking::get(format!("http://{addr}/alerts/recent"))
-        .unwrap()
-        .json()
-        .unwrap();
-    assert!(recent["count"].as_u64().unwrap() > 0, "{recent}");
+    // The alerts just logged are published, and the feed has them. An alert is logged when it
+    // is scored and reaches the feed once the broker has it, a moment later.
+    let recent: Value = eventually(
+        "the logged alerts in the feed",
+        Duration::from_secs(10),
+        || {
+            let recent: Value = reqwest::blocking::get(format!("http://{addr}/alerts/recent"))
+                .ok()?
+                .json()
+                .ok()?;
+            (recent["count"].as_u64()? > 0).then_some(recent)
+        },
+    );
     assert!(recent["alerts"][0]["transaction_id"].is_string());
     assert!(vigil.terminate().success());
 
