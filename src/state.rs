@@ -120,10 +120,7 @@ impl Sketches {
         };
         if held.len() < capacity.min(usize::from(u8::MAX)) {
             // Room for exactly one more: the buffer holds exactly its slots.
-            let mut slots = std::mem::take(&mut self.slots).into_vec();
-            slots.reserve_exact(1);
-            slots.insert(range.end, fresh);
-            self.slots = slots.into_boxed_slice();
+            insert_exact(&mut self.slots, range.end, fresh);
             self.lens[sketch as usize] += 1;
         } else if let Some(min) = held
             .iter_mut()
@@ -164,6 +161,7 @@ struct SketchOut<'a> {
     arrivals: u32,
 }
 
+/// One sketch as the changelog holds it, read.
 #[derive(Deserialize)]
 struct SketchIn {
     slots: Vec<Slot>,
@@ -424,9 +422,15 @@ fn push_latest<T>(buf: &mut Box<[T]>, v: T, max: usize) {
         }
         return;
     }
+    let end = buf.len();
+    insert_exact(buf, end, v);
+}
+
+/// Inserts `v` at `at` into a buffer that holds exactly its values, growing it by one.
+fn insert_exact<T>(buf: &mut Box<[T]>, at: usize, v: T) {
     let mut grown = std::mem::take(buf).into_vec();
     grown.reserve_exact(1);
-    grown.push(v);
+    grown.insert(at, v);
     *buf = grown.into_boxed_slice();
 }
 
