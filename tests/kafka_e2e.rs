@@ -624,7 +624,11 @@ async fn exactly_once_members_joining_and_leaving_mid_stream_rewind_aborted_comm
         assert!(other.0.try_wait().unwrap().is_none(), "a member stopped");
         assert!(sigterm(&mut other).success());
     }
-    feeder.join().unwrap();
+    assert_eq!(
+        feeder.join().unwrap(),
+        0,
+        "the broker refused some of the fed events"
+    );
     let committed = wait_all_committed(&brokers, &t, &mut first, Duration::from_secs(120));
     assert_eq!(committed as usize, events.len());
 

@@ -5,14 +5,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use vigil::config::{Encoding, LofIndexKind, Policy};
 use vigil::decode::{Decoder, Transaction};
@@ -142,15 +143,24 @@ pub fn sigterm(vigil: &mut Vigil) -> std::process::ExitStatus {
 }
 
 pub fn producer(brokers: &str) -> BaseProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap()
+    producer_config(brokers).create().unwrap()
 }
 
-pub fn produce(p: &BaseProducer, topic: &str, key: &str, payload: &[u8]) {
+fn producer_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5");
+    config
+}
+
+pub fn produce<C: ProducerContext<DeliveryOpaque = ()>>(
+    p: &BaseProducer<C>,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) {
     let mut record = BaseRecord::to(topic).key(key).payload(payload);
     loop {
         match p.send(record) {
@@ -428,17 +438,21 @@ pub fn feed_while_running(
 }
 
 /// Produces `events` from another thread, `chunk` of them every `every`: traffic that keeps
-/// arriving over a fault. The thread ends once the broker has them all.
+/// arriving over a fault. The thread ends once every delivery is settled and returns how many
+/// the broker refused for good: a broker crashed under an idempotent producer can fail its queue
+/// (which events the topic then holds, [`events_on_topic`] tells).
 pub fn feed_in_chunks(
     brokers: &str,
     topic: &str,
     events: Vec<Transaction>,
     chunk: usize,
     every: Duration,
-) -> std::thread::JoinHandle<()> {
+) -> std::thread::JoinHandle<usize> {
     let (brokers, topic) = (brokers.to_string(), topic.to_string());
     std::thread::spawn(move || {
-        let p = producer(&brokers);
+        let p: BaseProducer<CountedDeliveries> = producer_config(&brokers)
+            .create_with_context(CountedDeliveries::default())
+            .unwrap();
         for part in events.chunks(chunk) {
             for tx in part {
                 produce(&p, &topic, &tx.account_id, &serde_json::to_vec(tx).unwrap());
@@ -446,7 +460,83 @@ pub fn feed_in_chunks(
             std::thread::sleep(every);
         }
         p.flush(Duration::from_secs(300)).unwrap();
+        let failed = p.context().failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            let first = p.context().first_error.lock().unwrap().clone();
+            eprintln!(
+                "the feeder's producer lost {failed} of {} events; the first: {first:?}",
+                events.len()
+            );
+        }
+        failed
     })
+}
+
+/// A producer's context that counts the deliveries the broker refused for good.
+#[derive(Default)]
+pub struct CountedDeliveries {
+    failed: AtomicUsize,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for CountedDeliveries {}
+
+impl ProducerContext for CountedDeliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.first_error
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// Those of `events` that `topic` holds, in their order in `events`; panics on one held twice.
+pub fn events_on_topic(brokers: &str, topic: &str, events: &[Transaction]) -> Vec<Transaction> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut left = 0;
+    for p in metadata.topics()[0].partitions() {
+        let (low, high) = c
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .unwrap();
+        left += high - low;
+        tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut held = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while left > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{left} records of {topic} not read in 60 s"
+        );
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            let tx: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            let id = tx["TransactionID"].as_str().unwrap().to_string();
+            assert!(held.insert(id.clone()), "{topic} holds {id} twice");
+            left -= 1;
+        }
+    }
+    events
+        .iter()
+        .filter(|tx| held.contains(tx.transaction_id.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// A reader of the group's committed offsets, once the group has committed something.
