@@ -279,8 +279,9 @@ fn calendar_angle(v: u32, period: f64) -> f64 {
     TAU * f64::from(v) / period
 }
 
-fn mean_with(previous: &[f64], current: f64) -> f64 {
-    (previous.iter().sum::<f64>() + current) / (previous.len() + 1) as f64
+fn mean_with(previous: impl ExactSizeIterator<Item = f64>, current: f64) -> f64 {
+    let earlier = previous.len();
+    (previous.sum::<f64>() + current) / (earlier + 1) as f64
 }
 
 fn differs(usual: Option<&str>, value: &str) -> f64 {
@@ -356,7 +357,7 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "the last window - 1 amounts",
         topic: Topic::Amount,
         period_secs: None,
-        value: |c| mean_with(&c.state.recent_amounts, c.tx.amount),
+        value: |c| mean_with(c.state.recent_amounts(), c.tx.amount),
         reason: no_reason,
     },
     FeatureDef {
@@ -365,7 +366,7 @@ pub const FEATURES: &[FeatureDef] = &[
         reads: "the last window - 1 durations",
         topic: Topic::Duration,
         period_secs: None,
-        value: |c| mean_with(&c.state.recent_durations, f64::from(c.tx.duration)),
+        value: |c| mean_with(c.state.recent_durations(), f64::from(c.tx.duration)),
         reason: no_reason,
     },
     FeatureDef {
@@ -376,7 +377,7 @@ pub const FEATURES: &[FeatureDef] = &[
         period_secs: None,
         value: |c| {
             c.state
-                .last_time
+                .last_time()
                 .map_or(0.0, |last| (c.tx.time - last).max(0) as f64)
         },
         reason: no_reason,
@@ -724,12 +725,12 @@ pub const FEATURES: &[FeatureDef] = &[
         value: |c| {
             let gap = c
                 .state
-                .last_time
+                .last_time()
                 .map_or(c.cfg.state_ttl_secs, |last| (c.tx.time - last).max(0));
             (gap as f64).ln_1p()
         },
         reason: |c, _, _| {
-            let gap = c.tx.time - c.state.last_time?;
+            let gap = c.tx.time - c.state.last_time()?;
             (gap < 300).then(|| {
                 format!(
                     "{} after the account's previous transaction",

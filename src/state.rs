@@ -279,15 +279,14 @@ impl Running {
 }
 
 /// Everything vigil keeps about one account. Serialised whole (every field: a restored state
-/// must score exactly as the one it was written from) by [`AccountState::to_bytes`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// must score exactly as the one it was written from) by [`AccountState::to_bytes`], in the
+/// layout of [`StateRecord`].
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "StateRecord")]
 pub struct AccountState {
-    /// The previous `window - 1` amounts, oldest first.
-    pub recent_amounts: RecentValues,
-    /// The previous `window - 1` durations, oldest first.
-    pub recent_durations: RecentValues,
-    /// Event time of the latest transaction seen (seconds since the epoch).
-    pub last_time: Option<i64>,
+    /// The previous `window - 1` amounts and durations, oldest first: always as many of one as
+    /// of the other, so one buffer (24 bytes in the state, where two took 48).
+    pub recent_values: RecentValues,
     pub transactions: u64,
     /// The IPs, locations, devices and merchants the account used, with their counts.
     pub sketches: Sketches,
@@ -300,7 +299,8 @@ pub struct AccountState {
     pub login_attempts: Running,
     /// Events per hour of day (UTC), saturating.
     pub hours: [u16; 24],
-    /// Event times of the latest [`RECENT_EVENTS`] events, oldest first.
+    /// Event times of the latest [`RECENT_EVENTS`] events, oldest first, and the latest event
+    /// time seen ([`Self::last_time`]).
     pub recent: EventTimes,
     /// The latest [`RECENT_SCORES`] scores, oldest first. Not used by the features; empty
     /// after a state restore until the account's next event. Exactly sized: 16 bytes in the
@@ -309,19 +309,36 @@ pub struct AccountState {
 }
 
 impl AccountState {
+    /// Event time of the latest transaction seen (seconds since the epoch): the newest of
+    /// [`Self::recent`]'s times, which it keeps even after that time leaves the ring.
+    pub fn last_time(&self) -> Option<i64> {
+        self.recent.newest()
+    }
+
+    /// The previous `window - 1` amounts, oldest first.
+    pub fn recent_amounts(&self) -> impl ExactSizeIterator<Item = f64> + Clone + '_ {
+        self.recent_values.iter().map(|v| v.amount)
+    }
+
+    /// The previous `window - 1` durations, oldest first.
+    pub fn recent_durations(&self) -> impl ExactSizeIterator<Item = f64> + Clone + '_ {
+        self.recent_values.iter().map(|v| v.duration)
+    }
+
     /// Whether this state is too old to describe an event at `time`.
     pub fn expired_at(&self, time: i64, cfg: &FeatureConfig) -> bool {
-        self.last_time
+        self.last_time()
             .is_some_and(|last| time.saturating_sub(last) > cfg.state_ttl_secs)
     }
 
     /// Folds one transaction into the state (after its features were computed).
     pub fn update(&mut self, tx: &Transaction, cfg: &FeatureConfig) {
         let keep = cfg.window.saturating_sub(1);
-        push_recent(&mut self.recent_amounts, tx.amount, keep);
-        push_recent(&mut self.recent_durations, f64::from(tx.duration), keep);
-        // Late events do not move the clock back.
-        self.last_time = Some(self.last_time.map_or(tx.time, |t| t.max(tx.time)));
+        let value = RecentValue {
+            amount: tx.amount,
+            duration: f64::from(tx.duration),
+        };
+        push_recent(&mut self.recent_values, value, keep);
         self.transactions += 1;
         let slots = cfg.frequency_slots;
         let sketches = &mut self.sketches;
@@ -335,6 +352,7 @@ impl AccountState {
         self.login_attempts.add(f64::from(tx.login_attempts));
         let hour = hour_of_day(tx.time);
         self.hours[hour] = self.hours[hour].saturating_add(1);
+        // Late events do not move the clock back: the ring keeps the newest time as its own.
         self.recent.push(tx.time, RECENT_EVENTS);
     }
 
@@ -396,11 +414,11 @@ impl AccountState {
     /// Heap and inline bytes held by this state, not counting the map entry's key.
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + [&self.recent_amounts, &self.recent_durations]
-                .iter()
-                .filter(|v| v.spilled())
-                .map(|v| v.capacity() * 8)
-                .sum::<usize>()
+            + if self.recent_values.spilled() {
+                std::mem::size_of_val(self.recent_values.as_slice())
+            } else {
+                0
+            }
             + std::mem::size_of_val(&*self.recent_scores)
             + self.recent.heap_bytes()
             + self.sketches.heap_bytes()
@@ -439,16 +457,43 @@ fn insert_exact<T>(buf: &mut Box<[T]>, at: usize, v: T) {
 /// times in a deque cost a 32-byte header and a heap chunk of up to 144 bytes, four events cost
 /// nothing more and sixteen a 64-byte buffer. Written as the times themselves, as the deque it
 /// replaced was. An age saturates at about 136 years, far beyond any velocity window.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EventTimes {
+    /// The newest time ever pushed ([`NO_TIME`] before the first): the ages' reference point.
     newest: i64,
     ages: SmallVec<[u32; 4]>,
 }
 
+/// [`EventTimes::newest`] before any time: no event time is that early (decode refuses it).
+const NO_TIME: i64 = i64::MIN;
+
+impl Default for EventTimes {
+    fn default() -> Self {
+        Self {
+            newest: NO_TIME,
+            ages: SmallVec::new(),
+        }
+    }
+}
+
 impl EventTimes {
+    /// The times `times` (oldest first) of a ring whose newest time ever was `newest`.
+    fn restored(newest: Option<i64>, times: &[i64]) -> Self {
+        let newest = times.iter().copied().chain(newest).max().unwrap_or(NO_TIME);
+        Self {
+            newest,
+            ages: times.iter().map(|&t| age(t, newest)).collect(),
+        }
+    }
+
+    /// The newest time ever pushed, also after it left the ring.
+    pub fn newest(&self) -> Option<i64> {
+        (self.newest != NO_TIME).then_some(self.newest)
+    }
+
     /// Appends `time`, keeping the latest `max` (the oldest goes first).
     pub fn push(&mut self, time: i64, max: usize) {
-        if self.ages.is_empty() {
+        if self.newest == NO_TIME {
             self.newest = time;
         } else if time > self.newest {
             let shift = age(self.newest, time);
@@ -482,11 +527,9 @@ impl EventTimes {
     }
 }
 
-/// Equal when they hold the same times: the reference point may differ (it stays at the newest
-/// time ever pushed after that time left the ring; a restored ring takes the newest it holds).
 impl PartialEq for EventTimes {
     fn eq(&self, other: &Self) -> bool {
-        self.iter().eq(other.iter())
+        self.newest == other.newest && self.iter().eq(other.iter())
     }
 }
 
@@ -501,21 +544,93 @@ impl Serialize for EventTimes {
     }
 }
 
-impl<'de> Deserialize<'de> for EventTimes {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let times = Vec::<i64>::deserialize(deserializer)?;
-        let newest = times.iter().copied().max().unwrap_or(0);
-        Ok(Self {
-            newest,
-            ages: times.iter().map(|&t| age(t, newest)).collect(),
-        })
+/// One earlier event's amount and duration, for the original design's rolling means.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecentValue {
+    pub amount: f64,
+    pub duration: f64,
+}
+
+/// An account's last few amounts and durations (`window - 1` of them): inside the state up to
+/// one — what the default window keeps — where a separate buffer would cost a 32-byte header
+/// and a heap chunk for 16 bytes.
+pub type RecentValues = SmallVec<[RecentValue; 1]>;
+
+/// [`AccountState`] as the changelog holds it (format 1): the amounts and the durations as two
+/// sequences, the latest event time on its own, the ring as the times themselves. The state in
+/// memory differs from it only in layout.
+#[derive(Deserialize)]
+struct StateRecord {
+    recent_amounts: Vec<f64>,
+    recent_durations: Vec<f64>,
+    last_time: Option<i64>,
+    transactions: u64,
+    sketches: Sketches,
+    log_debit: Running,
+    log_credit: Running,
+    log_duration: Running,
+    login_attempts: Running,
+    hours: [u16; 24],
+    recent: Vec<i64>,
+    recent_scores: Box<[RecentScore]>,
+}
+
+impl From<StateRecord> for AccountState {
+    /// Pairs the amounts and durations from the newest back (they are pushed together, so a
+    /// record holds as many of one as of the other).
+    fn from(r: StateRecord) -> Self {
+        let pairs = r.recent_amounts.len().min(r.recent_durations.len());
+        let amounts = &r.recent_amounts[r.recent_amounts.len() - pairs..];
+        let durations = &r.recent_durations[r.recent_durations.len() - pairs..];
+        Self {
+            recent_values: amounts
+                .iter()
+                .zip(durations)
+                .map(|(&amount, &duration)| RecentValue { amount, duration })
+                .collect(),
+            transactions: r.transactions,
+            sketches: r.sketches,
+            log_debit: r.log_debit,
+            log_credit: r.log_credit,
+            log_duration: r.log_duration,
+            login_attempts: r.login_attempts,
+            hours: r.hours,
+            recent: EventTimes::restored(r.last_time, &r.recent),
+            recent_scores: r.recent_scores,
+        }
     }
 }
 
-/// An account's last few values of one kind (`window - 1` of them): inside the state up to
-/// two — the default window keeps one — where a separate buffer would cost a 32-byte header and
-/// a heap chunk for 8 bytes. Serialised as a plain sequence, as the deque it replaced.
-pub type RecentValues = SmallVec<[f64; 2]>;
+/// Writes what [`StateRecord`] reads, field by field from the state in place (a conversion
+/// would copy the state for every changelog record).
+impl Serialize for AccountState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut r = serializer.serialize_struct("StateRecord", 12)?;
+        r.serialize_field("recent_amounts", &Sequence(self.recent_amounts()))?;
+        r.serialize_field("recent_durations", &Sequence(self.recent_durations()))?;
+        r.serialize_field("last_time", &self.last_time())?;
+        r.serialize_field("transactions", &self.transactions)?;
+        r.serialize_field("sketches", &self.sketches)?;
+        r.serialize_field("log_debit", &self.log_debit)?;
+        r.serialize_field("log_credit", &self.log_credit)?;
+        r.serialize_field("log_duration", &self.log_duration)?;
+        r.serialize_field("login_attempts", &self.login_attempts)?;
+        r.serialize_field("hours", &self.hours)?;
+        r.serialize_field("recent", &self.recent)?;
+        r.serialize_field("recent_scores", &self.recent_scores)?;
+        r.end()
+    }
+}
+
+/// Serialises an iterator's items as a sequence.
+struct Sequence<I>(I);
+
+impl<I: Iterator<Item = f64> + Clone> Serialize for Sequence<I> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.clone())
+    }
+}
 
 /// [`push_latest`] for the short buffers kept inline ([`RecentValues`], [`EventTimes`]): they
 /// hold at most 64 values, so moving them down by one costs less than a ring's bookkeeping.
@@ -651,7 +766,7 @@ impl PartitionState {
         let mut by_age: Vec<(i64, &CompactString)> = self
             .accounts
             .iter()
-            .map(|(id, a)| (a.last_time.unwrap_or(i64::MIN), id))
+            .map(|(id, a)| (a.last_time().unwrap_or(i64::MIN), id))
             .collect();
         by_age.select_nth_unstable(surplus - 1);
         let victims: Vec<CompactString> = by_age[..surplus]
@@ -688,7 +803,7 @@ impl PartitionState {
     /// A partition's state from its accounts' states: the watermark is the latest event time
     /// among them (the state's clock only ever moved with an account's event).
     pub fn from_accounts(accounts: Accounts, next_offset: i64) -> Self {
-        let watermark = accounts.values().filter_map(|a| a.last_time).max();
+        let watermark = accounts.values().filter_map(|a| a.last_time()).max();
         Self {
             accounts,
             next_offset: Some(next_offset),
@@ -827,6 +942,7 @@ mod tests {
     fn event_times_keep_what_a_deque_of_times_kept_late_events_and_all() {
         let (mut packed, mut plain) = (EventTimes::default(), VecDeque::new());
         let mut t = 1_700_000_000i64;
+        let mut newest = i64::MIN;
         let mut seed = 7u64;
         for _ in 0..500 {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -838,12 +954,15 @@ mod tests {
                 t + step
             };
             t = t.max(time);
+            newest = newest.max(time);
             packed.push(time, RECENT_EVENTS);
             push_bounded(&mut plain, time, RECENT_EVENTS);
             assert!(packed.iter().eq(plain.iter().copied()));
             let bytes = postcard::to_allocvec(&packed).unwrap();
             assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
-            assert_eq!(postcard::from_bytes::<EventTimes>(&bytes).unwrap(), packed);
+            let times: Vec<i64> = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(EventTimes::restored(packed.newest(), &times), packed);
+            assert_eq!(packed.newest(), Some(newest));
         }
         assert_eq!(packed.len(), RECENT_EVENTS);
         // The newest time leaves the ring behind a run of late events, and stays its reference.
@@ -852,8 +971,10 @@ mod tests {
             push_bounded(&mut plain, t - late, RECENT_EVENTS);
         }
         assert!(packed.iter().eq(plain.iter().copied()));
+        assert_eq!(packed.newest(), Some(newest));
         let bytes = postcard::to_allocvec(&packed).unwrap();
-        assert_eq!(postcard::from_bytes::<EventTimes>(&bytes).unwrap(), packed);
+        let times: Vec<i64> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(EventTimes::restored(packed.newest(), &times), packed);
     }
 
     /// An account of three events (a debit, a credit, a debit a day later) and one score.
@@ -943,17 +1064,34 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_state_keeps_its_latest_time_after_that_event_left_the_ring() {
+        let mut a = sample_state();
+        for late in 1..=RECENT_EVENTS as i64 + 1 {
+            a.recent.push(90_000 - late, RECENT_EVENTS);
+        }
+        assert!(a.recent.iter().all(|t| t < 90_000));
+        assert_eq!(a.last_time(), Some(90_000));
+        let restored = AccountState::from_bytes(&a.to_bytes()).unwrap();
+        assert_eq!(restored.last_time(), Some(90_000));
+        assert_eq!(restored, a);
+    }
+
+    #[test]
     fn a_tracked_partition_reports_the_accounts_its_sweeps_forget() {
         let cfg = FeatureConfig {
             state_ttl_secs: 100,
             ..FeatureConfig::default()
         };
         let mut p = PartitionState::default();
-        p.account_mut("A", 1_000, &cfg).last_time = Some(1_000);
+        p.account_mut("A", 1_000, &cfg)
+            .recent
+            .push(1_000, RECENT_EVENTS);
         p.sweep(&cfg);
         assert!(p.take_forgotten().is_empty(), "untracked");
         p.track_forgotten();
-        p.account_mut("B", 5_000, &cfg).last_time = Some(5_000);
+        p.account_mut("B", 5_000, &cfg)
+            .recent
+            .push(5_000, RECENT_EVENTS);
         p.sweep(&cfg);
         assert_eq!(p.take_forgotten(), vec![CompactString::from("A")]);
         assert!(p.take_forgotten().is_empty());
@@ -966,10 +1104,14 @@ mod tests {
             ..FeatureConfig::default()
         };
         let mut p = PartitionState::default();
-        p.account_mut("A", 1_000, &cfg).last_time = Some(1_000);
-        assert_eq!(p.account_mut("A", 1_100, &cfg).last_time, Some(1_000));
-        assert_eq!(p.account_mut("A", 1_101, &cfg).last_time, None);
-        p.account_mut("A", 1_101, &cfg).last_time = Some(1_101);
+        p.account_mut("A", 1_000, &cfg)
+            .recent
+            .push(1_000, RECENT_EVENTS);
+        assert_eq!(p.account_mut("A", 1_100, &cfg).last_time(), Some(1_000));
+        assert_eq!(p.account_mut("A", 1_101, &cfg).last_time(), None);
+        p.account_mut("A", 1_101, &cfg)
+            .recent
+            .push(1_101, RECENT_EVENTS);
         p.account_mut("B", 5_000, &cfg);
         p.sweep(&cfg);
         assert!(!p.accounts.contains_key("A"));
@@ -1013,12 +1155,18 @@ mod tests {
         p.track_forgotten();
         // 128 accounts, the one made at time t active last at t; A-050 was active again lately.
         for t in 0..128 {
-            p.account_mut(&format!("A-{t:03}"), t, &cfg).last_time = Some(t);
+            p.account_mut(&format!("A-{t:03}"), t, &cfg)
+                .recent
+                .push(t, RECENT_EVENTS);
         }
-        p.account_mut("A-050", 1_000, &cfg).last_time = Some(1_000);
+        p.account_mut("A-050", 1_000, &cfg)
+            .recent
+            .push(1_000, RECENT_EVENTS);
         assert_eq!((p.accounts.len(), p.take_evicted()), (128, 0));
         // The 129th makes room: two (a 64th of the limit) go, the two least recently active.
-        p.account_mut("NEW", 2_000, &cfg).last_time = Some(2_000);
+        p.account_mut("NEW", 2_000, &cfg)
+            .recent
+            .push(2_000, RECENT_EVENTS);
         assert_eq!(p.accounts.len(), 127);
         assert_eq!(p.take_evicted(), 2);
         assert_eq!(p.take_evicted(), 0);
@@ -1034,7 +1182,7 @@ mod tests {
         let mut q = PartitionState::default();
         q.limit_accounts(Some(3));
         for id in ["c", "a", "b"] {
-            q.account_mut(id, 7, &cfg).last_time = Some(7);
+            q.account_mut(id, 7, &cfg).recent.push(7, RECENT_EVENTS);
         }
         q.account_mut("d", 8, &cfg);
         let mut kept: Vec<&str> = q.accounts.keys().map(|k| k.as_str()).collect();

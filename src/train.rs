@@ -137,7 +137,7 @@ impl Sampler {
         let Some(state) = self.accounts.get_mut(tx.account_id.as_str()) else {
             return;
         };
-        if state.last_time.is_some_and(|t| t > tx.time) {
+        if state.last_time().is_some_and(|t| t > tx.time) {
             self.out_of_order += 1;
         }
         if state.expired_at(tx.time, cfg) {
