@@ -298,13 +298,13 @@ impl Engine {
             });
             Shadow { verdicts, alert }
         });
+        account.update(&tx, &cfg);
         account.record_score(RecentScore {
             time: tx.time,
             forest: verdicts[0].score as f32,
             lof: verdicts[1].score as f32,
             alert: alert.is_some(),
         });
-        account.update(&tx, &cfg);
         let scored = Scored {
             verdicts,
             features,

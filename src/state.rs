@@ -209,15 +209,24 @@ impl<'de> Deserialize<'de> for Sketches {
 pub const RECENT_SCORES: usize = 5;
 
 /// One scored event of an account. `f32` scores: this is for people, not for the models.
-/// Packed, 17 bytes where alignment would make it 24: five of them fit a 96-byte heap chunk
-/// instead of a 128-byte one. Read its fields by value (`{ score.lof }`), never by reference.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[repr(C, packed)]
 pub struct RecentScore {
     pub time: i64,
     pub forest: f32,
     pub lof: f32,
     pub alert: bool,
+}
+
+/// A [`RecentScore`] as the state keeps it: its time as its age before the account's latest
+/// event time, like the velocity ring's. Packed, 13 bytes where an 8-byte time and alignment
+/// made 24: five fit an 80-byte heap chunk, four a 64-byte one. Read its fields by value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C, packed)]
+struct KeptScore {
+    age: u32,
+    forest: f32,
+    lof: f32,
+    alert: bool,
 }
 
 /// How many of an account's latest events are kept for the velocity features.
@@ -302,10 +311,9 @@ pub struct AccountState {
     /// Event times of the latest [`RECENT_EVENTS`] events, oldest first, and the latest event
     /// time seen ([`Self::last_time`]).
     pub recent: EventTimes,
-    /// The latest [`RECENT_SCORES`] scores, oldest first. Not used by the features; empty
-    /// after a state restore until the account's next event. Exactly sized: 16 bytes in the
-    /// state where a deque's header is 32.
-    pub recent_scores: Box<[RecentScore]>,
+    /// The latest [`RECENT_SCORES`] scores, oldest first ([`Self::recent_scores`]). Not used by
+    /// the features. Exactly sized: 16 bytes in the state where a deque's header is 32.
+    scores: Box<[KeptScore]>,
 }
 
 impl AccountState {
@@ -353,7 +361,12 @@ impl AccountState {
         let hour = hour_of_day(tx.time);
         self.hours[hour] = self.hours[hour].saturating_add(1);
         // Late events do not move the clock back: the ring keeps the newest time as its own.
-        self.recent.push(tx.time, RECENT_EVENTS);
+        let later = self.recent.push(tx.time, RECENT_EVENTS);
+        if later > 0 {
+            for score in &mut self.scores {
+                score.age = { score.age }.saturating_add(later);
+            }
+        }
     }
 
     /// The account's running log-amount of transactions of this type.
@@ -379,8 +392,30 @@ impl AccountState {
         })
     }
 
+    /// Keeps the score of the event [`Self::update`] folded in last, whose time is at most
+    /// the latest event time.
     pub fn record_score(&mut self, score: RecentScore) {
-        push_latest(&mut self.recent_scores, score, RECENT_SCORES);
+        debug_assert!(self.last_time().is_some_and(|t| t >= score.time));
+        let kept = KeptScore {
+            age: age(score.time, self.recent.newest),
+            forest: score.forest,
+            lof: score.lof,
+            alert: score.alert,
+        };
+        push_latest(&mut self.scores, kept, RECENT_SCORES);
+    }
+
+    /// The latest [`RECENT_SCORES`] scores, oldest first.
+    pub fn recent_scores(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = RecentScore> + ExactSizeIterator + Clone + '_ {
+        let newest = self.recent.newest;
+        self.scores.iter().map(move |&s| RecentScore {
+            time: newest - i64::from(s.age),
+            forest: s.forest,
+            lof: s.lof,
+            alert: s.alert,
+        })
     }
 
     /// The state as bytes for the changelog topic: a format byte, then postcard (a compact,
@@ -419,7 +454,7 @@ impl AccountState {
             } else {
                 0
             }
-            + std::mem::size_of_val(&*self.recent_scores)
+            + std::mem::size_of_val(&*self.scores)
             + self.recent.heap_bytes()
             + self.sketches.heap_bytes()
     }
@@ -491,18 +526,21 @@ impl EventTimes {
         (self.newest != NO_TIME).then_some(self.newest)
     }
 
-    /// Appends `time`, keeping the latest `max` (the oldest goes first).
-    pub fn push(&mut self, time: i64, max: usize) {
+    /// Appends `time`, keeping the latest `max` (the oldest goes first); returns how many
+    /// seconds the newest time moved on (0 for the first time).
+    pub fn push(&mut self, time: i64, max: usize) -> u32 {
+        let mut later = 0;
         if self.newest == NO_TIME {
             self.newest = time;
         } else if time > self.newest {
-            let shift = age(self.newest, time);
+            later = age(self.newest, time);
             for a in &mut self.ages {
-                *a = a.saturating_add(shift);
+                *a = a.saturating_add(later);
             }
             self.newest = time;
         }
         push_recent(&mut self.ages, age(time, self.newest), max);
+        later
     }
 
     /// The times, oldest first.
@@ -572,7 +610,7 @@ struct StateRecord {
     login_attempts: Running,
     hours: [u16; 24],
     recent: Vec<i64>,
-    recent_scores: Box<[RecentScore]>,
+    recent_scores: Vec<RecentScore>,
 }
 
 impl From<StateRecord> for AccountState {
@@ -582,6 +620,17 @@ impl From<StateRecord> for AccountState {
         let pairs = r.recent_amounts.len().min(r.recent_durations.len());
         let amounts = &r.recent_amounts[r.recent_amounts.len() - pairs..];
         let durations = &r.recent_durations[r.recent_durations.len() - pairs..];
+        let recent = EventTimes::restored(r.last_time, &r.recent);
+        let scores = r
+            .recent_scores
+            .iter()
+            .map(|score| KeptScore {
+                age: age(score.time, recent.newest),
+                forest: score.forest,
+                lof: score.lof,
+                alert: score.alert,
+            })
+            .collect();
         Self {
             recent_values: amounts
                 .iter()
@@ -595,8 +644,8 @@ impl From<StateRecord> for AccountState {
             log_duration: r.log_duration,
             login_attempts: r.login_attempts,
             hours: r.hours,
-            recent: EventTimes::restored(r.last_time, &r.recent),
-            recent_scores: r.recent_scores,
+            recent,
+            scores,
         }
     }
 }
@@ -618,7 +667,7 @@ impl Serialize for AccountState {
         r.serialize_field("login_attempts", &self.login_attempts)?;
         r.serialize_field("hours", &self.hours)?;
         r.serialize_field("recent", &self.recent)?;
-        r.serialize_field("recent_scores", &self.recent_scores)?;
+        r.serialize_field("recent_scores", &Sequence(self.recent_scores()))?;
         r.end()
     }
 }
@@ -626,7 +675,7 @@ impl Serialize for AccountState {
 /// Serialises an iterator's items as a sequence.
 struct Sequence<I>(I);
 
-impl<I: Iterator<Item = f64> + Clone> Serialize for Sequence<I> {
+impl<I: Iterator<Item: Serialize> + Clone> Serialize for Sequence<I> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.0.clone())
     }
@@ -982,29 +1031,7 @@ mod tests {
         let cfg = FeatureConfig::default();
         let mut a = AccountState::default();
         for (i, t) in [1_000i64, 1_060, 90_000].into_iter().enumerate() {
-            let tx = Transaction {
-                transaction_id: format!("TX{i}").into(),
-                account_id: "AC1".into(),
-                amount: 12.5 * (i + 1) as f64,
-                time: t,
-                transaction_type: if i == 1 {
-                    TransactionType::Credit
-                } else {
-                    TransactionType::Debit
-                },
-                location: "Austin".into(),
-                device_id: "D1".into(),
-                ip_address: format!("10.0.0.{i}").into(),
-                merchant_id: "M1".into(),
-                channel: crate::decode::Channel::Online,
-                customer_age: 40,
-                occupation: crate::decode::Occupation::Engineer,
-                duration: 30 + i as u32,
-                login_attempts: 1,
-                balance: 1000.0,
-                previous_date: None,
-            };
-            a.update(&tx, &cfg);
+            a.update(&sample_tx(i, t), &cfg);
         }
         a.record_score(RecentScore {
             time: 90_000,
@@ -1013,6 +1040,56 @@ mod tests {
             alert: true,
         });
         a
+    }
+
+    /// The sample account's `i`-th event (a credit when `i` is 1), at `time`.
+    fn sample_tx(i: usize, time: i64) -> Transaction {
+        Transaction {
+            transaction_id: format!("TX{i}").into(),
+            account_id: "AC1".into(),
+            amount: 12.5 * (i + 1) as f64,
+            time,
+            transaction_type: if i == 1 {
+                TransactionType::Credit
+            } else {
+                TransactionType::Debit
+            },
+            location: "Austin".into(),
+            device_id: "D1".into(),
+            ip_address: format!("10.0.0.{i}").into(),
+            merchant_id: "M1".into(),
+            channel: crate::decode::Channel::Online,
+            customer_age: 40,
+            occupation: crate::decode::Occupation::Engineer,
+            duration: 30 + i as u32,
+            login_attempts: 1,
+            balance: 1000.0,
+            previous_date: None,
+        }
+    }
+
+    #[test]
+    fn scores_keep_their_event_times_as_later_and_late_events_arrive_and_through_the_bytes() {
+        let cfg = FeatureConfig::default();
+        let (mut a, mut plain) = (AccountState::default(), VecDeque::new());
+        let mut t = 1_700_000_000i64;
+        for i in 0..40 {
+            // Forward by up to a day, every fourth event an hour late.
+            t += (i as i64 * 7_919) % 86_400;
+            let time = if i % 4 == 3 { t - 3_600 } else { t };
+            a.update(&sample_tx(i, time), &cfg);
+            let score = RecentScore {
+                time,
+                forest: i as f32,
+                lof: 1.0,
+                alert: i % 5 == 0,
+            };
+            a.record_score(score);
+            push_bounded(&mut plain, score, RECENT_SCORES);
+            assert!(a.recent_scores().eq(plain.iter().copied()));
+            let restored = AccountState::from_bytes(&a.to_bytes()).unwrap();
+            assert_eq!(restored, a);
+        }
     }
 
     #[test]
@@ -1132,8 +1209,9 @@ mod tests {
         let grow = |p: &mut PartitionState, n: usize| {
             for i in p.accounts.len()..n {
                 let account = p.account_mut(&format!("ACC-{i:06}"), 0, &cfg);
-                for t in 0..(i % 6) {
-                    account.record_score(score(t as i64));
+                for t in 0..(i % 6) as i64 {
+                    account.recent.push(t, RECENT_EVENTS);
+                    account.record_score(score(t));
                 }
             }
         };

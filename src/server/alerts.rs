@@ -44,16 +44,12 @@ pub(super) async fn account(
         "locations": usual(crate::state::Sketch::Location),
         "devices": usual(crate::state::Sketch::Device),
         "merchants": usual(crate::state::Sketch::Merchant),
-        // Fields copied out: the scores are packed, and `json!` would take references.
-        "recent_scores": a.recent_scores.iter().rev().map(|&r| {
-            let (time, forest, lof, alert) = (r.time, r.forest, r.lof, r.alert);
-            json!({
-                "event_time": crate::decode::format_time(time),
-                "isolation_forest": forest,
-                "lof": lof,
-                "alert": alert,
-            })
-        }).collect::<Vec<_>>(),
+        "recent_scores": a.recent_scores().rev().map(|r| json!({
+            "event_time": crate::decode::format_time(r.time),
+            "isolation_forest": r.forest,
+            "lof": r.lof,
+            "alert": r.alert,
+        })).collect::<Vec<_>>(),
     })))
 }
 
