@@ -129,7 +129,7 @@ impl<'a> Context<'a> {
         const PRIOR: f64 = 0.25;
         let h = hour_of_day(self.tx.time);
         let (mut here, mut events) = (0.0, 0.0);
-        for (k, &count) in self.state.hours.iter().enumerate() {
+        for (k, count) in self.state.hours.counts().into_iter().enumerate() {
             let d = h.abs_diff(k).min(24 - h.abs_diff(k));
             here += HOUR_KERNEL[d] * f64::from(count);
             events += f64::from(count);
@@ -143,9 +143,8 @@ impl<'a> Context<'a> {
     /// The account's earlier events within two hours of this event's time of day.
     fn events_near_this_hour(&self) -> u32 {
         let h = hour_of_day(self.tx.time);
-        (h + 22..=h + 26)
-            .map(|k| u32::from(self.state.hours[k % 24]))
-            .sum()
+        let counts = self.state.hours.counts();
+        (h + 22..=h + 26).map(|k| u32::from(counts[k % 24])).sum()
     }
 
     fn events_within(&self, secs: i64) -> f64 {

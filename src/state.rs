@@ -307,7 +307,7 @@ pub struct AccountState {
     pub log_duration: Running,
     pub login_attempts: Running,
     /// Events per hour of day (UTC), saturating.
-    pub hours: [u16; 24],
+    pub hours: HourCounts,
     /// Event times of the latest [`RECENT_EVENTS`] events, oldest first, and the latest event
     /// time seen ([`Self::last_time`]).
     pub recent: EventTimes,
@@ -359,7 +359,7 @@ impl AccountState {
         self.log_duration.add_robust(f64::from(tx.duration).ln_1p());
         self.login_attempts.add(f64::from(tx.login_attempts));
         let hour = hour_of_day(tx.time);
-        self.hours[hour] = self.hours[hour].saturating_add(1);
+        self.hours.add(hour);
         // Late events do not move the clock back: the ring keeps the newest time as its own.
         let later = self.recent.push(tx.time, RECENT_EVENTS);
         if later > 0 {
@@ -456,6 +456,7 @@ impl AccountState {
             }
             + std::mem::size_of_val(&*self.scores)
             + self.recent.heap_bytes()
+            + self.hours.heap_bytes()
             + self.sketches.heap_bytes()
     }
 }
@@ -582,6 +583,68 @@ impl Serialize for EventTimes {
     }
 }
 
+/// An account's events per hour of day (UTC), saturating at `u16::MAX`: a byte an hour inside
+/// the state until an hour's count passes 255 (an account's first years), two on the heap after
+/// — 32 bytes in the state where the 24 two-byte counts took 48. Written as the 24 counts.
+#[derive(Debug, Clone)]
+pub enum HourCounts {
+    Few([u8; 24]),
+    Many(Box<[u16; 24]>),
+}
+
+impl Default for HourCounts {
+    fn default() -> Self {
+        Self::Few([0; 24])
+    }
+}
+
+impl HourCounts {
+    pub fn counts(&self) -> [u16; 24] {
+        match self {
+            Self::Few(few) => few.map(u16::from),
+            Self::Many(many) => **many,
+        }
+    }
+
+    /// Counts one more event at `hour` (0–23).
+    pub fn add(&mut self, hour: usize) {
+        match self {
+            Self::Few(few) => match few[hour].checked_add(1) {
+                Some(count) => few[hour] = count,
+                None => {
+                    let mut many = Box::new(few.map(u16::from));
+                    many[hour] += 1;
+                    *self = Self::Many(many);
+                }
+            },
+            Self::Many(many) => many[hour] = many[hour].saturating_add(1),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Few(_) => 0,
+            Self::Many(many) => std::mem::size_of_val(&**many),
+        }
+    }
+}
+
+impl From<[u16; 24]> for HourCounts {
+    fn from(counts: [u16; 24]) -> Self {
+        if counts.iter().all(|&c| c <= u16::from(u8::MAX)) {
+            Self::Few(counts.map(|c| c as u8))
+        } else {
+            Self::Many(Box::new(counts))
+        }
+    }
+}
+
+impl PartialEq for HourCounts {
+    fn eq(&self, other: &Self) -> bool {
+        self.counts() == other.counts()
+    }
+}
+
 /// One earlier event's amount and duration, for the original design's rolling means.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecentValue {
@@ -643,7 +706,7 @@ impl From<StateRecord> for AccountState {
             log_credit: r.log_credit,
             log_duration: r.log_duration,
             login_attempts: r.login_attempts,
-            hours: r.hours,
+            hours: r.hours.into(),
             recent,
             scores,
         }
@@ -665,7 +728,7 @@ impl Serialize for AccountState {
         r.serialize_field("log_credit", &self.log_credit)?;
         r.serialize_field("log_duration", &self.log_duration)?;
         r.serialize_field("login_attempts", &self.login_attempts)?;
-        r.serialize_field("hours", &self.hours)?;
+        r.serialize_field("hours", &self.hours.counts())?;
         r.serialize_field("recent", &self.recent)?;
         r.serialize_field("recent_scores", &Sequence(self.recent_scores()))?;
         r.end()
@@ -1066,6 +1129,29 @@ mod tests {
             balance: 1000.0,
             previous_date: None,
         }
+    }
+
+    #[test]
+    fn hour_counts_keep_what_two_byte_counts_kept_past_a_byte_and_through_the_bytes() {
+        let (mut counts, mut plain) = (HourCounts::default(), [0u16; 24]);
+        for i in 0..140_000usize {
+            // Hour 3 fills first: it passes 255 (the move to the heap) and then saturates.
+            let hour = if i % 2 == 0 { 3 } else { i % 24 };
+            counts.add(hour);
+            plain[hour] = plain[hour].saturating_add(1);
+            if i % 4_999 == 0 || i == 510 {
+                assert_eq!(counts.counts(), plain);
+                let bytes = postcard::to_allocvec(&counts.counts()).unwrap();
+                assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+                let restored = HourCounts::from(postcard::from_bytes::<[u16; 24]>(&bytes).unwrap());
+                assert_eq!(restored, counts);
+                assert_eq!(
+                    matches!(restored, HourCounts::Many(_)),
+                    matches!(counts, HourCounts::Many(_))
+                );
+            }
+        }
+        assert_eq!((counts.counts()[3], counts.counts()), (u16::MAX, plain));
     }
 
     #[test]
