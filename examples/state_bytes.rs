@@ -53,6 +53,23 @@ fn main() {
         "resident memory grew by {} bytes per account while folding",
         resident_bytes().saturating_sub(rss_before) / b.len().max(1)
     );
+    // The changelog's cost per record: every state written as the stream writes it, then read
+    // back as a restore does.
+    let started = std::time::Instant::now();
+    let records: Vec<Vec<u8>> = p.accounts.values().map(|a| a.to_bytes()).collect();
+    let written = started.elapsed();
+    let started = std::time::Instant::now();
+    let restored = records
+        .iter()
+        .filter(|r| vigil::state::AccountState::from_bytes(r).is_ok())
+        .count();
+    println!(
+        "changelog records: {} bytes mean, written in {:.0} ns each, {} read back in {:.0} ns each",
+        records.iter().map(Vec::len).sum::<usize>() / records.len().max(1),
+        written.as_nanos() as f64 / records.len().max(1) as f64,
+        restored,
+        started.elapsed().as_nanos() as f64 / records.len().max(1) as f64
+    );
 }
 
 /// This process's resident set (Linux), 0 where it cannot be read.

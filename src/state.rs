@@ -411,7 +411,7 @@ impl AccountState {
     ) -> impl DoubleEndedIterator<Item = RecentScore> + ExactSizeIterator + Clone + '_ {
         let newest = self.recent.newest;
         self.scores.iter().map(move |&s| RecentScore {
-            time: newest - i64::from(s.age),
+            time: newest.saturating_sub(i64::from(s.age)),
             forest: s.forest,
             lof: s.lof,
             alert: s.alert,
