@@ -229,6 +229,18 @@ struct KeptScore {
     alert: bool,
 }
 
+impl KeptScore {
+    /// `score` kept in an account whose latest event time is `newest`.
+    fn of(score: &RecentScore, newest: i64) -> Self {
+        Self {
+            age: age(score.time, newest),
+            forest: score.forest,
+            lof: score.lof,
+            alert: score.alert,
+        }
+    }
+}
+
 /// How many of an account's latest events are kept for the velocity features.
 pub const RECENT_EVENTS: usize = 16;
 
@@ -396,12 +408,7 @@ impl AccountState {
     /// the latest event time.
     pub fn record_score(&mut self, score: RecentScore) {
         debug_assert!(self.last_time().is_some_and(|t| t >= score.time));
-        let kept = KeptScore {
-            age: age(score.time, self.recent.newest),
-            forest: score.forest,
-            lof: score.lof,
-            alert: score.alert,
-        };
+        let kept = KeptScore::of(&score, self.recent.newest);
         push_latest(&mut self.scores, kept, RECENT_SCORES);
     }
 
@@ -687,12 +694,7 @@ impl From<StateRecord> for AccountState {
         let scores = r
             .recent_scores
             .iter()
-            .map(|score| KeptScore {
-                age: age(score.time, recent.newest),
-                forest: score.forest,
-                lof: score.lof,
-                alert: score.alert,
-            })
+            .map(|score| KeptScore::of(score, recent.newest))
             .collect();
         Self {
             recent_values: amounts
