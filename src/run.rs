@@ -176,7 +176,7 @@ pub fn load_or_train(cfg: &Config) -> Result<ModelSet, RunError> {
 /// What vigil's producers default to: idempotent, every replica's acknowledgement, small
 /// batches compressed. An event's outcome and then its changelog record each wait up to
 /// `linger.ms` for company: 2 ms rather than 5 halves the median consume → acknowledged for
-/// about 3 % of the drain rate (docs/benchmarks.md, *Through a real broker*).
+/// 1–10 % of the drain rate (docs/benchmarks.md, *Through a real broker*).
 const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
     ("enable.idempotence", "true"),
     ("acks", "all"),

@@ -474,7 +474,7 @@ pub fn feed_in_chunks(
 
 /// A producer's context that counts the deliveries the broker refused for good.
 #[derive(Default)]
-pub struct CountedDeliveries {
+struct CountedDeliveries {
     failed: AtomicUsize,
     first_error: std::sync::Mutex<Option<String>>,
 }
