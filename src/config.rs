@@ -190,6 +190,7 @@ pub struct RawLof {
     pub neighbors: usize,
     pub contamination: f64,
     pub index: LofIndexKind,
+    pub reference_rows: usize,
 }
 
 /// How LOF finds nearest neighbours; all give identical scores. `auto` chooses as
@@ -444,6 +445,8 @@ impl Default for RawLof {
             neighbors: 35,
             contamination: 0.05,
             index: LofIndexKind::Auto,
+            // Every kept row, as scikit-learn: a sample costs recall (docs/benchmarks.md).
+            reference_rows: 0,
         }
     }
 }
@@ -673,6 +676,11 @@ pub struct LofParams {
     pub neighbors: usize,
     pub contamination: f64,
     pub index: LofIndexKind,
+    /// At most this many training rows (a seeded uniform sample of those kept) make up LOF's
+    /// reference set, which every event is compared with: its cost per event grows with it.
+    /// 0: all of them (and in models trained before this setting existed).
+    #[serde(default)]
+    pub reference_rows: usize,
 }
 
 impl Default for ModelConfig {
@@ -878,6 +886,15 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
         ));
     }
     let l = &m.lof;
+    if l.reference_rows != 0 && l.reference_rows <= l.neighbors {
+        return Err(invalid(
+            "models.lof.reference_rows",
+            format!(
+                "{} must be above models.lof.neighbors ({}), or 0 for every training row",
+                l.reference_rows, l.neighbors
+            ),
+        ));
+    }
     if l.neighbors == 0 || l.neighbors > 1000 {
         return Err(invalid(
             "models.lof.neighbors",
@@ -932,6 +949,7 @@ fn validate_models(m: &RawModels) -> Result<ModelConfig, ConfigError> {
             neighbors: l.neighbors,
             contamination: check_contamination("models.lof.contamination", l.contamination)?,
             index: l.index,
+            reference_rows: l.reference_rows,
         },
     })
 }

@@ -508,13 +508,14 @@ async fn main() -> Result<()> {
             set.save(&models.dir)?;
             let m = &set.manifest;
             println!(
-                "trained {} on {} events ({} rejected) from {}\n  isolation_forest threshold {:.4}\n  lof threshold {:.4}\n  written to {}",
+                "trained {} on {} events ({} rejected) from {}\n  isolation_forest threshold {:.4}\n  lof threshold {:.4}, every event compared with {} reference rows (models.lof.reference_rows)\n  written to {}",
                 m.version,
                 m.training.rows_valid,
                 m.training.rows_invalid,
                 m.training.source,
                 m.isolation_forest.threshold,
                 m.lof.threshold,
+                set.lof.model.points.len() / set.lof.model.dims.max(1),
                 models.dir.display()
             );
         }

@@ -521,6 +521,26 @@ impl Fitted {
     }
 }
 
+/// Which of the `keep` rows make up LOF's reference set: all of them up to `limit` (0: no
+/// limit), else a uniform sample of `limit` of them, seeded, in their order. Every event is
+/// compared with every reference row, so this bounds LOF's cost per event whatever the
+/// history's length; a uniform subsample keeps the density LOF compares with (Zimek et al.,
+/// "Subsampling for efficient and effective unsupervised outlier detection ensembles", KDD
+/// 2013).
+fn reference_sample(keep: &[bool], limit: usize, seed: u64) -> Vec<bool> {
+    use rand::SeedableRng;
+    let kept: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
+    if limit == 0 || kept.len() <= limit {
+        return keep.to_vec();
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut in_sample = vec![false; keep.len()];
+    for i in rand::seq::index::sample(&mut rng, kept.len(), limit) {
+        in_sample[kept[i]] = true;
+    }
+    in_sample
+}
+
 fn fit(
     forest_rows: &[Vec<f64>],
     lof_rows: &[Vec<f64>],
@@ -545,11 +565,17 @@ fn fit(
         p.seed,
     );
     let forest = forest::train(&forest_kept, &opts)?;
-    let points: Vec<f64> = kept(lof_rows).concat();
+    let in_reference = reference_sample(keep, models.lof.reference_rows, p.seed);
+    let points: Vec<f64> = lof_rows
+        .iter()
+        .zip(&in_reference)
+        .filter(|(_, k)| **k)
+        .flat_map(|(r, _)| r.iter().copied())
+        .collect();
     let index = KnnIndex::build(models.lof.index, &points, dims, models.lof.neighbors);
     let lof = LofModel::fit(points, dims, models.lof.neighbors, &index)?;
     let mut next = 0;
-    let reference = keep
+    let reference = in_reference
         .iter()
         .map(|&k| {
             k.then(|| {
@@ -737,10 +763,12 @@ fn fit_history(
 
     // Training data and every setting: two models of the same data with different settings (a
     // champion and its challenger) get different versions; the same ones, the same version.
+    // Without a reference-set bound the settings read as they did before it existed, so a model
+    // retrained on the same data keeps its version (and its alerts their ids).
+    let lof_settings = format!("{:?}", models.lof).replace(", reference_rows: 0 }", " }");
     let settings = sha256_hex(
         format!(
-            "{p:?}|{:?}|{features:?}|{forest_numeric:?}|{lof_numeric:?}|{:?}|{:?}|{}|{}",
-            models.lof,
+            "{p:?}|{lof_settings}|{features:?}|{forest_numeric:?}|{lof_numeric:?}|{:?}|{:?}|{}|{}",
             models.forest_features.categorical,
             models.lof_features.categorical,
             models.target_alert_rate,
@@ -856,6 +884,41 @@ mod tests {
         for r in rows.iter().take(200) {
             assert_eq!(loaded.assess(r, &mut scratch), set.assess(r, &mut scratch));
         }
+    }
+
+    /// The reference set is a seeded uniform sample of the kept rows when there are more than
+    /// the limit, else those rows; every training row still gets a score (as a new event when
+    /// it is not in the sample), so the threshold is a quantile over all of them.
+    #[test]
+    fn lof_compares_events_with_at_most_reference_rows_kept_training_rows() {
+        let keep: Vec<bool> = (0..1_000).map(|i| i % 3 != 0).collect();
+        let kept = keep.iter().filter(|k| **k).count();
+        assert_eq!(reference_sample(&keep, 0, 1), keep);
+        assert_eq!(reference_sample(&keep, kept, 1), keep);
+        let sample = reference_sample(&keep, 100, 1);
+        assert_eq!(sample.iter().filter(|s| **s).count(), 100);
+        assert!(sample.iter().zip(&keep).all(|(s, k)| !s || *k));
+        assert_eq!(reference_sample(&keep, 100, 1), sample);
+        assert_ne!(reference_sample(&keep, 100, 2), sample);
+        // Spread over the history, not its first rows.
+        assert!(sample[500..].iter().filter(|s| **s).count() > 30);
+
+        let h = bundled_history().unwrap_or_else(|e| panic!("{e}"));
+        let mut models = ModelConfig::default();
+        let all = train(&h, &models, &FeatureConfig::default(), Policy::All)
+            .unwrap_or_else(|e| panic!("{e}"));
+        models.lof.reference_rows = 1_000;
+        let sampled = train(&h, &models, &FeatureConfig::default(), Policy::All)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let rows = |set: &ModelSet| set.lof.model.points.len() / set.lof.model.dims;
+        assert!(rows(&all) > 2_000, "{} reference rows", rows(&all));
+        assert_eq!(rows(&sampled), 1_000);
+        assert_eq!(sampled.lof.model.training_lof.len(), 1_000);
+        assert_eq!(
+            sampled.lof.threshold.get(),
+            sampled.manifest.lof.training_scores.p95
+        );
+        assert_ne!(sampled.version(), all.version());
     }
 
     fn simulated(count: usize) -> Vec<Vec<u8>> {
