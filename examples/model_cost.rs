@@ -22,7 +22,7 @@ fn main() {
         &in_event_time_order(history.events),
         &FeatureConfig::default(),
     );
-    let reference = set.lof.model.points.len() / set.lof.model.dims.max(1);
+    let reference = set.lof.model.reference_rows();
     println!(
         "{dir}: LOF reference set of {reference} rows, {} events",
         rows.len()

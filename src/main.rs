@@ -515,7 +515,7 @@ async fn main() -> Result<()> {
                 m.training.source,
                 m.isolation_forest.threshold,
                 m.lof.threshold,
-                set.lof.model.points.len() / set.lof.model.dims.max(1),
+                set.lof.model.reference_rows(),
                 models.dir.display()
             );
         }

@@ -910,7 +910,7 @@ mod tests {
         models.lof.reference_rows = 1_000;
         let sampled = train(&h, &models, &FeatureConfig::default(), Policy::All)
             .unwrap_or_else(|e| panic!("{e}"));
-        let rows = |set: &ModelSet| set.lof.model.points.len() / set.lof.model.dims;
+        let rows = |set: &ModelSet| set.lof.model.reference_rows();
         assert!(rows(&all) > 2_000, "{} reference rows", rows(&all));
         assert_eq!(rows(&sampled), 1_000);
         assert_eq!(sampled.lof.model.training_lof.len(), 1_000);

@@ -699,6 +699,12 @@ impl LofModel {
         })
     }
 
+    /// How many training rows every event is compared with: what most of LOF's cost per event
+    /// grows with.
+    pub fn reference_rows(&self) -> usize {
+        self.points.len().checked_div(self.dims).unwrap_or(0)
+    }
+
     /// Each column's part in `q`'s distance from its neighbours, beyond what those neighbours
     /// show among their own: the mean squared gap to the neighbours on the column, less the
     /// neighbours' own mean squared gap on it, clipped at 0. A column on which `q` sits as close
