@@ -135,6 +135,12 @@ async fn models_lists_both_detectors_with_parameters_thresholds_and_columns() {
     let lof = &v["models"][1];
     assert_eq!(lof["name"], "lof");
     assert_eq!(lof["k"], 35);
+    // What every event is compared with: what LOF's cost per event grows with.
+    assert_eq!(
+        lof["reference_rows"],
+        s.models().unwrap().lof.model.reference_rows()
+    );
+    assert_eq!(lof["parameters"]["reference_rows"], 0);
     // `auto` (the default) resolves as scikit-learn does: brute force above 15 columns.
     assert_eq!(lof["parameters"]["index"], "auto");
     assert_eq!(lof["index"], "brute");

@@ -328,6 +328,7 @@ fn model_entry(models: &ModelSet, name: &str) -> Option<serde_json::Value> {
             "version": m.version,
             "parameters": m.lof.params,
             "k": m.lof.k,
+            "reference_rows": models.lof.model.reference_rows(),
             "index": models.lof.index.kind(),
             "threshold": models.lof.threshold.get(),
             "trained_threshold": m.lof.threshold,
