@@ -7,7 +7,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{FeatureConfig, ModelConfig, Policy};
+use crate::config::{FeatureConfig, LofParams, ModelConfig, Policy};
 use crate::decode::{DecodeError, Decoder, RawTransaction, Transaction, format_time, validate};
 use crate::features::{FEATURES, Features, numeric_index, observe};
 use crate::models::encoding::{CategoricalEncoding, Encoder, percentile};
@@ -521,6 +521,13 @@ impl Fitted {
     }
 }
 
+/// LOF's settings as the model version's hash reads them. Without a reference-set bound they
+/// read as they did before the bound existed, so a model retrained on the same data keeps its
+/// version (and its alerts their ids).
+fn lof_settings(lof: &LofParams) -> String {
+    format!("{lof:?}").replace(", reference_rows: 0 }", " }")
+}
+
 /// Which of the `keep` rows make up LOF's reference set: all of them up to `limit` (0: no
 /// limit), else a uniform sample of `limit` of them, seeded, in their order. Every event is
 /// compared with every reference row, so this bounds LOF's cost per event whatever the
@@ -548,15 +555,15 @@ fn fit(
     keep: &[bool],
     models: &ModelConfig,
 ) -> Result<Fitted, ModelError> {
-    let kept = |rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
+    let chosen = |rows: &[Vec<f64>], mask: &[bool]| -> Vec<Vec<f64>> {
         rows.iter()
-            .zip(keep)
+            .zip(mask)
             .filter(|(_, k)| **k)
             .map(|(r, _)| r.clone())
             .collect()
     };
     let p = models.forest;
-    let forest_kept = kept(forest_rows);
+    let forest_kept = chosen(forest_rows, keep);
     let opts = forest::options(
         p.trees,
         p.samples,
@@ -566,12 +573,7 @@ fn fit(
     );
     let forest = forest::train(&forest_kept, &opts)?;
     let in_reference = reference_sample(keep, models.lof.reference_rows, p.seed);
-    let points: Vec<f64> = lof_rows
-        .iter()
-        .zip(&in_reference)
-        .filter(|(_, k)| **k)
-        .flat_map(|(r, _)| r.iter().copied())
-        .collect();
+    let points: Vec<f64> = chosen(lof_rows, &in_reference).concat();
     let index = KnnIndex::build(models.lof.index, &points, dims, models.lof.neighbors);
     let lof = LofModel::fit(points, dims, models.lof.neighbors, &index)?;
     let mut next = 0;
@@ -763,9 +765,7 @@ fn fit_history(
 
     // Training data and every setting: two models of the same data with different settings (a
     // champion and its challenger) get different versions; the same ones, the same version.
-    // Without a reference-set bound the settings read as they did before it existed, so a model
-    // retrained on the same data keeps its version (and its alerts their ids).
-    let lof_settings = format!("{:?}", models.lof).replace(", reference_rows: 0 }", " }");
+    let lof_settings = lof_settings(&models.lof);
     let settings = sha256_hex(
         format!(
             "{p:?}|{lof_settings}|{features:?}|{forest_numeric:?}|{lof_numeric:?}|{:?}|{:?}|{}|{}",
@@ -919,6 +919,10 @@ mod tests {
             sampled.manifest.lof.training_scores.p95
         );
         assert_ne!(sampled.version(), all.version());
+        // The default hashes as the settings did before the bound existed (the field is the
+        // last one, which the version's stability rests on).
+        assert!(lof_settings(&all.manifest.lof.params).ends_with("index: Auto }"));
+        assert!(lof_settings(&sampled.manifest.lof.params).ends_with("reference_rows: 1000 }"));
     }
 
     fn simulated(count: usize) -> Vec<Vec<u8>> {
